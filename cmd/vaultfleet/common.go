@@ -1,0 +1,274 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
+	"github.com/vaultfleet/vaultfleet/state"
+)
+
+// Environment variables every process reads.
+const (
+	envRedisURL  = "REDIS_URL"
+	envCatalog   = "VAULTFLEET_CATALOG"
+	envAddr      = "VAULTFLEET_ADDR"
+	envLogFormat = "VAULTFLEET_LOG_FORMAT"
+	envLogLevel  = "VAULTFLEET_LOG_LEVEL"
+	envShards    = "VAULTFLEET_SHARDS"
+
+	defaultRedisURL = "redis://127.0.0.1:6379/0"
+)
+
+// knownEnv lists every environment variable the binary reads; the compose
+// test checks docker-compose.yml sets no other. Subcommands add theirs.
+var knownEnv = map[string]bool{
+	envRedisURL: true, envCatalog: true, envAddr: true, envLogFormat: true,
+	envLogLevel: true, envShards: true, secrets.EnvKeys: true,
+}
+
+// common holds the flags every process shares.
+type common struct {
+	redisURL  string
+	catalog   string
+	addr      string
+	logFormat string
+	logLevel  string
+	shards    int
+	keys      string
+}
+
+// newFlagSet returns a flag set whose usage lists flags and environment.
+func newFlagSet(name, synopsis string, env Env, envHelp [][2]string) *flag.FlagSet {
+	fs := flag.NewFlagSet("vaultfleet "+name, flag.ContinueOnError)
+	fs.SetOutput(env.Stderr)
+	fs.Usage = func() {
+		w := fs.Output()
+		fmt.Fprintf(w, "usage: vaultfleet %s [flags]\n\n%s\n\nflags:\n", name, synopsis)
+		fs.PrintDefaults()
+		fmt.Fprintln(w, "\nenvironment (a flag wins over its variable):")
+		for _, e := range envHelp {
+			fmt.Fprintf(w, "  %-28s %s\n", e[0], e[1])
+		}
+	}
+	return fs
+}
+
+// commonEnvHelp documents the shared variables.
+var commonEnvHelp = [][2]string{
+	{envRedisURL, "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS, redis-sentinel://, or redis-cluster://host1:port,host2:port (default " + defaultRedisURL + ")"},
+	{secrets.EnvKeys, "credential encryption keys id:base64(32 bytes)[,...]: the first encrypts, all decrypt (required)"},
+	{envCatalog, "path to an integration catalog YAML (default: the built-in catalog)"},
+	{envAddr, "listen address (same as --addr)"},
+	{envLogFormat, "json or text (default json)"},
+	{envLogLevel, "debug, info, warn or error (default info)"},
+	{envShards, "index shards (default 16; must match across the fleet)"},
+}
+
+func (c *common) register(fs *flag.FlagSet, env Env, defaultAddr string) {
+	fs.StringVar(&c.redisURL, "redis", or(env.Getenv(envRedisURL), defaultRedisURL), "Redis URL ($"+envRedisURL+")")
+	fs.StringVar(&c.catalog, "catalog", env.Getenv(envCatalog), "integration catalog file ($"+envCatalog+"; default built-in)")
+	fs.StringVar(&c.addr, "addr", or(env.Getenv(envAddr), defaultAddr), "listen address for /metrics, /healthz, /readyz ($"+envAddr+")")
+	fs.StringVar(&c.logFormat, "log-format", or(env.Getenv(envLogFormat), "json"), "log format: json or text ($"+envLogFormat+")")
+	fs.StringVar(&c.logLevel, "log-level", or(env.Getenv(envLogLevel), "info"), "log level ($"+envLogLevel+")")
+	fs.IntVar(&c.shards, "shards", atoiOr(env.Getenv(envShards), state.DefaultShards), "index shards ($"+envShards+")")
+	c.keys = env.Getenv(secrets.EnvKeys)
+}
+
+// parse runs fs.Parse and maps its errors to the exit codes run expects.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(fs.Output(), "unexpected argument %q\n", fs.Arg(0))
+		return errUsage
+	}
+	return nil
+}
+
+// app is what a process is built from.
+type app struct {
+	Logger   *slog.Logger
+	Redis    redis.UniversalClient
+	Catalog  *catalog.Catalog
+	Keys     *secrets.Keyring
+	Store    *state.Store
+	Registry *prometheus.Registry
+}
+
+// setup validates the shared configuration and opens Redis, the catalog,
+// the keyring and the store. Errors are one line, never a secret.
+func (c *common) setup(w io.Writer) (*app, error) {
+	logger, err := newLogger(w, c.logFormat, c.logLevel)
+	if err != nil {
+		return nil, err
+	}
+	keys, err := secrets.ParseKeyring(c.keys)
+	if err != nil {
+		return nil, err
+	}
+	var cat *catalog.Catalog
+	if c.catalog != "" {
+		cat, err = catalog.Load(c.catalog)
+	} else {
+		cat, err = catalog.Default()
+	}
+	if err != nil {
+		return nil, err
+	}
+	if c.shards < 1 || c.shards > 1024 {
+		return nil, fmt.Errorf("--shards must be between 1 and 1024, got %d", c.shards)
+	}
+	rdb, err := openRedis(c.redisURL)
+	if err != nil {
+		return nil, err
+	}
+	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: c.shards, Logger: logger})
+	if err != nil {
+		_ = rdb.Close()
+		return nil, err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: st, Registry: reg}, nil
+}
+
+func (a *app) Close() { _ = a.Redis.Close() }
+
+// openRedis parses REDIS_URL into a UniversalClient: one Redis, Sentinel
+// (redis-sentinel://[:pw@]host:port[,host:port]/db?master=name) or Cluster
+// (redis-cluster://[:pw@]host:port[,host:port]).
+func openRedis(raw string) (redis.UniversalClient, error) {
+	switch {
+	case strings.HasPrefix(raw, "redis-cluster://"):
+		opt, err := redis.ParseClusterURL("redis://" + strings.TrimPrefix(raw, "redis-cluster://"))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+		}
+		return redis.NewClusterClient(opt), nil
+	case strings.HasPrefix(raw, "redis-sentinel://"):
+		opt, err := redis.ParseFailoverURL("redis://" + strings.TrimPrefix(raw, "redis-sentinel://"))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+		}
+		return redis.NewFailoverClient(opt), nil
+	}
+	opt, err := redis.ParseURL(raw)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+	}
+	return redis.NewClient(opt), nil
+}
+
+// redactURLErr keeps the reason of a URL parse error but not the URL, which
+// may hold a password.
+func redactURLErr(err error) string {
+	msg := err.Error()
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		msg = msg[i+2:]
+	}
+	return "not a valid Redis URL (" + msg + ")"
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("log format %q: want json or text", format)
+}
+
+// serveOps serves /metrics, /healthz and /readyz (ready when ready returns
+// nil) plus any extra routes on addr until ctx is done. It returns once the
+// listener is bound, with a channel that reports the server's end.
+func serveOps(ctx context.Context, addr string, reg *prometheus.Registry, ready func(context.Context) error, logger *slog.Logger, extra func(*http.ServeMux)) (net.Addr, <-chan error, error) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		rctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := ready(rctx); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, "ready\n")
+	})
+	if extra != nil {
+		extra(mux)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listen on %s: %v", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan error, 1)
+	go func() {
+		err := srv.Serve(ln)
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		done <- err
+	}()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			logger.Warn("http shutdown", slog.String("error", err.Error()))
+		}
+	}()
+	return ln.Addr(), done, nil
+}
+
+// redisReady is the /readyz check of a process that needs Redis.
+func redisReady(rdb redis.UniversalClient) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := rdb.Ping(ctx).Err(); err != nil {
+			return errors.New("redis unreachable")
+		}
+		return nil
+	}
+}
+
+func or(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+func atoiOr(s string, def int) int {
+	var n int
+	if _, err := fmt.Sscanf(s, "%d", &n); err != nil {
+		return def
+	}
+	return n
+}

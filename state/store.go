@@ -1,0 +1,262 @@
+package state
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
+)
+
+// Defaults of Config.
+const (
+	DefaultShards      = 16
+	DefaultPrefix      = "vf"
+	DefaultEventStream = "vaultfleet:events"
+	DefaultEventMaxLen = 100_000
+)
+
+// Config configures a Store. The zero value of every field but Client,
+// Catalog and Keys works.
+type Config struct {
+	// Client is one Redis, a Sentinel failover client or a Cluster client.
+	Client redis.UniversalClient
+	// Catalog resolves each connection's integration.
+	Catalog *catalog.Catalog
+	// Keys encrypts credentials at rest.
+	Keys *secrets.Keyring
+	// Shards splits the fleet-wide indexes. If zero, DefaultShards.
+	Shards int
+	// Prefix of every key. If empty, DefaultPrefix.
+	Prefix string
+	// EventStream is the Redis stream that state changes are appended to.
+	// If empty, DefaultEventStream.
+	EventStream string
+	// EventMaxLen caps the stream (MAXLEN ~). If zero, DefaultEventMaxLen.
+	EventMaxLen int64
+	// NowFunc is the clock. If nil, time.Now.
+	NowFunc func() time.Time
+	// Logger, if nil, discards.
+	Logger *slog.Logger
+}
+
+// Store keeps connections in Redis with their derived state, their due
+// indexes and per-integration-per-state counts, all updated in one atomic
+// step with every write.
+type Store struct {
+	cfg Config
+}
+
+// Input is what a consumer-side write sets. Nil fields are left alone.
+type Input struct {
+	Enabled *bool
+	// Credentials by catalog field name; an empty value clears the field.
+	Credentials map[string]string
+	// Settings by name; an empty value clears the setting.
+	Settings map[string]string
+}
+
+// Tokens is what a token endpoint returned.
+type Tokens struct {
+	AccessToken string
+	// RefreshToken, if empty, keeps the stored one.
+	RefreshToken string
+	ExpiresAt    time.Time
+	IssuedAt     time.Time
+}
+
+// Index names a due index.
+type Index string
+
+// Due indexes.
+const (
+	IndexCheck   Index = "check"
+	IndexRefresh Index = "refresh"
+)
+
+// Filter selects connections for List. Empty fields match everything.
+type Filter struct {
+	State      State
+	ServiceID  string
+	UnifiedAPI string
+}
+
+// CountKey is one cell of the per-integration-per-state counts.
+type CountKey struct {
+	ServiceID string
+	State     State
+}
+
+// Change is the result of a write: the connection before (nil when it was
+// created) and after (nil when it was deleted), and the events it appended.
+type Change struct {
+	Before *Connection
+	After  *Connection
+	Events []Event
+}
+
+// Event is one entry of the state-change stream.
+type Event struct {
+	// ID is the stream entry id, set when read back.
+	ID           string    `json:"id,omitempty"`
+	Type         string    `json:"type"`
+	ConnectionID string    `json:"connection_id"`
+	ConsumerID   string    `json:"consumer_id"`
+	ServiceID    string    `json:"service_id"`
+	UnifiedAPI   string    `json:"unified_api"`
+	StateBefore  State     `json:"state_before,omitempty"`
+	StateAfter   State     `json:"state_after,omitempty"`
+	HealthBefore Health    `json:"health_before,omitempty"`
+	HealthAfter  Health    `json:"health_after,omitempty"`
+	Reason       string    `json:"reason,omitempty"`
+	Version      int64     `json:"version"`
+	Time         time.Time `json:"time"`
+}
+
+// Event types, as Apideck Vault names them.
+const (
+	EventCreated               = "vault.connection.created"
+	EventUpdated               = "vault.connection.updated"
+	EventCallable              = "vault.connection.callable"
+	EventInvalid               = "vault.connection.invalid"
+	EventDisabled              = "vault.connection.disabled"
+	EventDeleted               = "vault.connection.deleted"
+	EventRevoked               = "vault.connection.revoked"
+	EventTokenRefreshFailed    = "vault.connection.token_refresh.failed"
+	EventTokenRefreshRecovered = "vault.connection.token_refresh.recovered"
+	EventDownstreamDegraded    = "vault.connection.downstream.degraded"
+	EventDownstreamRecovered   = "vault.connection.downstream.recovered"
+)
+
+// EventTypes lists every event type.
+var EventTypes = []string{EventCreated, EventUpdated, EventCallable, EventInvalid,
+	EventDisabled, EventDeleted, EventRevoked, EventTokenRefreshFailed,
+	EventTokenRefreshRecovered, EventDownstreamDegraded, EventDownstreamRecovered}
+
+// New validates cfg, applies defaults and returns a Store.
+func New(cfg Config) (*Store, error) { panic("unimplemented") }
+
+// Shards returns the number of index shards.
+func (s *Store) Shards() int { return s.cfg.Shards }
+
+// Catalog returns the store's catalog.
+func (s *Store) Catalog() *catalog.Catalog { return s.cfg.Catalog }
+
+// --- reads ---
+
+// Get returns one connection, or ErrNotFound.
+func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) { panic("unimplemented") }
+
+// ListConsumer returns every stored connection of one consumer, sorted by id.
+func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
+	panic("unimplemented")
+}
+
+// List returns up to limit connections matching f, starting after cursor
+// ("" for the first page), and the cursor of the next page ("" at the end).
+// A connection that exists for the whole walk and keeps matching is
+// returned exactly once, whatever is written meanwhile.
+func (s *Store) List(ctx context.Context, f Filter, cursor string, limit int) ([]*Connection, string, error) {
+	panic("unimplemented")
+}
+
+// Counts returns the number of connections per integration and state, from
+// counters kept with every write (never a SCAN).
+func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) { panic("unimplemented") }
+
+// --- consumer-side writes ---
+
+// Put adds a connection or replaces its enabled flag, credentials and
+// settings. ifVersion > 0 requires the stored version to match
+// (ErrVersionConflict). The service id must be in the catalog with this
+// unified API (catalog.ErrUnknownIntegration) and settings must pass
+// ValidateSettings. A new connection is enabled unless in.Enabled says no.
+func (s *Store) Put(ctx context.Context, ref Ref, in Input, ifVersion int64) (Change, error) {
+	panic("unimplemented")
+}
+
+// Patch changes the fields in set (nil ones are kept) of an existing
+// connection (ErrNotFound otherwise). ifVersion as for Put.
+func (s *Store) Patch(ctx context.Context, ref Ref, in Input, ifVersion int64) (Change, error) {
+	panic("unimplemented")
+}
+
+// Delete removes a connection and its index entries (it becomes
+// `available`). ifVersion as for Put.
+func (s *Store) Delete(ctx context.Context, ref Ref, ifVersion int64) (Change, error) {
+	panic("unimplemented")
+}
+
+// --- fleet-side writes ---
+
+// ApplyVerdict records a definitive result computed for the credentials
+// revision rev. If the connection's revision is no longer rev the write is
+// refused with ErrStale. An invalid verdict for an integration with
+// ConfirmInvalid > 0 is held in Confirmation until enough invalid results
+// arrive; a valid one clears Confirmation and Transient.
+func (s *Store) ApplyVerdict(ctx context.Context, ref Ref, rev int64, v Verdict) (Change, error) {
+	panic("unimplemented")
+}
+
+// RecordTransient notes a transient failure (provider trouble) for rev
+// without changing the state; ErrStale if the revision moved.
+func (s *Store) RecordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
+	panic("unimplemented")
+}
+
+// StoreTokens persists refreshed tokens. usedRefreshToken is the refresh
+// token the exchange was made with: if the stored one differs, another
+// refresh or the consumer changed it and the write is refused (ErrStale).
+// An empty t.RefreshToken keeps the stored one. Clears Refresh failures.
+func (s *Store) StoreTokens(ctx context.Context, ref Ref, usedRefreshToken string, t Tokens) (Change, error) {
+	panic("unimplemented")
+}
+
+// RecordRefreshFailure notes a transient refresh failure (health
+// pending_refresh, one token_refresh.failed event per episode).
+func (s *Store) RecordRefreshFailure(ctx context.Context, ref Ref, usedRefreshToken string, msg string) (Change, error) {
+	panic("unimplemented")
+}
+
+// --- scheduling ---
+
+// ClaimDue atomically takes up to max members of one shard of idx whose due
+// time is at or before now and pushes them to now+lease, so that a replica
+// claiming at the same time gets other members, and a claim whose enqueue
+// never happened is due again after the lease. It returns the refs with the
+// due time each was claimed at.
+func (s *Store) ClaimDue(ctx context.Context, idx Index, shard int, now time.Time, lease time.Duration, max int) ([]Claim, error) {
+	panic("unimplemented")
+}
+
+// Reschedule sets the next due time of a claimed member, only if the member
+// still carries the claim's lease score (a write meanwhile wins).
+func (s *Store) Reschedule(ctx context.Context, idx Index, c Claim, next time.Time) error {
+	panic("unimplemented")
+}
+
+// OldestDue returns the earliest due time in idx across all shards that is
+// at or before now, excluding leased members; ok is false if none.
+func (s *Store) OldestDue(ctx context.Context, idx Index, now time.Time) (t time.Time, ok bool, err error) {
+	panic("unimplemented")
+}
+
+// Claim is a due member taken by ClaimDue.
+type Claim struct {
+	Ref Ref
+	// Due is the due time the member had when claimed.
+	Due time.Time
+	// Lease is the score it was pushed to.
+	Lease time.Time
+}
+
+// --- events ---
+
+// ReadEvents returns up to count stream entries after id ("0" or "" from the
+// start), for tests and followers that do not use consumer groups.
+func (s *Store) ReadEvents(ctx context.Context, afterID string, count int64) ([]Event, error) {
+	panic("unimplemented")
+}

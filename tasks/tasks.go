@@ -1,0 +1,259 @@
+// Package tasks is the contract between vaultfleet and the services that
+// enqueue its work: task type names, payloads and constructors with the
+// right queue, dedupe and timeouts. Another service imports it and enqueues
+// with its own asynq client.
+//
+// Payloads carry ids and a payload version only, never a secret: the Asynq
+// web monitor shows them. Type names are a wire format: new ones are added,
+// old ones are never renamed.
+package tasks
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// Task types.
+const (
+	TypeValidate       = "connection:validate"
+	TypeRefreshToken   = "connection:refresh_token"
+	TypeWebhookDeliver = "webhook:deliver"
+)
+
+// Queues, most urgent first, with the weights the worker serves them with.
+const (
+	QueueCritical = "critical"
+	QueueDefault  = "default"
+	QueueLow      = "low"
+	QueueEvents   = "events"
+)
+
+// Queues maps each queue to its priority weight.
+var Queues = map[string]int{QueueCritical: 6, QueueDefault: 3, QueueLow: 1, QueueEvents: 2}
+
+// PayloadVersion is the version of the payloads this package writes.
+const PayloadVersion = 1
+
+// Timeouts and retries. Timeouts are whole seconds: asynq drops a timeout
+// under one second.
+const (
+	ValidateTimeout  = 60 * time.Second
+	ValidateMaxRetry = 12
+	RefreshTimeout   = 60 * time.Second
+	RefreshMaxRetry  = 10
+	WebhookTimeout   = 30 * time.Second
+	WebhookMaxRetry  = 16
+)
+
+// ErrMalformed wraps every payload parse error. The worker archives such a
+// task at once instead of retrying it.
+var ErrMalformed = errors.New("tasks: malformed payload")
+
+// Reason says why a task was enqueued; it picks the queue.
+type Reason string
+
+// Reasons.
+const (
+	// ReasonScheduled: a periodic check or refresh-ahead from the scheduler.
+	ReasonScheduled Reason = "scheduled"
+	// ReasonCredentialsChanged: credentials or a check setting changed.
+	ReasonCredentialsChanged Reason = "credentials_changed"
+	// ReasonEnabled: the connection was enabled again.
+	ReasonEnabled Reason = "enabled"
+	// ReasonOnDemand: somebody asked ("validate now", vaultfleet enqueue).
+	ReasonOnDemand Reason = "on_demand"
+	// ReasonConfirm: a check confirming an invalid verdict.
+	ReasonConfirm Reason = "confirm"
+	// ReasonExpired: the access token has expired (refresh).
+	ReasonExpired Reason = "expired"
+)
+
+var reasons = map[Reason]bool{ReasonScheduled: true, ReasonCredentialsChanged: true,
+	ReasonEnabled: true, ReasonOnDemand: true, ReasonConfirm: true, ReasonExpired: true}
+
+// ConnectionPayload is the payload of connection:validate and
+// connection:refresh_token.
+type ConnectionPayload struct {
+	// V is the payload version.
+	V            int    `json:"v"`
+	ConsumerID   string `json:"consumer_id"`
+	ConnectionID string `json:"connection_id"`
+	Reason       Reason `json:"reason"`
+	// Key makes the task id: the due time (unix seconds) of a scheduled
+	// task, the credentials revision of a change, the token expiry of a
+	// refresh. Tasks with the same type, connection and key are one.
+	Key string `json:"key,omitempty"`
+}
+
+// WebhookPayload is the payload of webhook:deliver.
+type WebhookPayload struct {
+	V int `json:"v"`
+	// EventID is the event's stream entry id.
+	EventID string `json:"event_id"`
+	// Subscription names the webhook subscription.
+	Subscription string `json:"subscription"`
+}
+
+var (
+	consumerRE     = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$`)
+	connectionRE   = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}\+[a-z0-9][a-z0-9_-]{0,63}$`)
+	keyRE          = regexp.MustCompile(`^[A-Za-z0-9._:-]{0,64}$`)
+	eventIDRE      = regexp.MustCompile(`^[0-9]{1,20}-[0-9]{1,20}$`)
+	subscriptionRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+)
+
+// ValidConsumerID reports whether id is a valid consumer id: 1 to 128
+// characters of letters, digits and . _ : @ -, starting with a letter or
+// digit.
+func ValidConsumerID(id string) bool { return consumerRE.MatchString(id) }
+
+// ValidConnectionID reports whether id is "{unified_api}+{service_id}" in
+// lower case.
+func ValidConnectionID(id string) bool { return connectionRE.MatchString(id) }
+
+func (p ConnectionPayload) validate() error {
+	switch {
+	case p.V != PayloadVersion:
+		return fmt.Errorf("%w: unsupported payload version %d (want %d)", ErrMalformed, p.V, PayloadVersion)
+	case !consumerRE.MatchString(p.ConsumerID):
+		return fmt.Errorf("%w: consumer_id missing or not a valid id", ErrMalformed)
+	case !connectionRE.MatchString(p.ConnectionID):
+		return fmt.Errorf("%w: connection_id must look like unified_api+service_id", ErrMalformed)
+	case !reasons[p.Reason]:
+		return fmt.Errorf("%w: unknown reason %q", ErrMalformed, truncate(string(p.Reason)))
+	case !keyRE.MatchString(p.Key):
+		return fmt.Errorf("%w: key not a valid dedupe key", ErrMalformed)
+	}
+	return nil
+}
+
+// queueFor picks the queue: what a user is waiting for is critical, refresh
+// of an expired token is critical, refresh-ahead default, periodic low.
+func queueFor(typ string, r Reason) string {
+	switch r {
+	case ReasonCredentialsChanged, ReasonEnabled, ReasonOnDemand, ReasonExpired:
+		return QueueCritical
+	case ReasonConfirm:
+		return QueueDefault
+	}
+	if typ == TypeRefreshToken {
+		return QueueDefault
+	}
+	return QueueLow
+}
+
+// NewValidateTask returns a connection:validate task. key dedupes (see
+// ConnectionPayload.Key); an empty key means no dedupe (on-demand).
+func NewValidateTask(consumerID, connectionID string, reason Reason, key string) (*asynq.Task, error) {
+	return newConnectionTask(TypeValidate, consumerID, connectionID, reason, key,
+		asynq.Timeout(ValidateTimeout), asynq.MaxRetry(ValidateMaxRetry))
+}
+
+// NewRefreshTask returns a connection:refresh_token task. Use the token's
+// expiry (unix seconds) as key, so every trigger for one token is one task.
+func NewRefreshTask(consumerID, connectionID string, reason Reason, key string) (*asynq.Task, error) {
+	return newConnectionTask(TypeRefreshToken, consumerID, connectionID, reason, key,
+		asynq.Timeout(RefreshTimeout), asynq.MaxRetry(RefreshMaxRetry))
+}
+
+func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key string, opts ...asynq.Option) (*asynq.Task, error) {
+	p := ConnectionPayload{V: PayloadVersion, ConsumerID: consumerID, ConnectionID: connectionID, Reason: reason, Key: key}
+	if err := p.validate(); err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, asynq.Queue(queueFor(typ, reason)))
+	if key != "" {
+		opts = append(opts, asynq.TaskID(TaskID(typ, consumerID, connectionID, key)))
+	}
+	return asynq.NewTask(typ, b, opts...), nil
+}
+
+// TaskID is the dedupe id of a connection task: a second enqueue with the
+// same id is refused with asynq.ErrTaskIDConflict while the first is
+// pending, scheduled, retrying or archived (treat that as "already queued").
+func TaskID(typ, consumerID, connectionID, key string) string {
+	return typ + ":" + consumerID + "|" + connectionID + ":" + key
+}
+
+// ParseConnectionPayload decodes and checks a validate or refresh payload.
+// Errors wrap ErrMalformed and never echo secrets (payloads hold none).
+func ParseConnectionPayload(b []byte) (ConnectionPayload, error) {
+	var p ConnectionPayload
+	if err := json.Unmarshal(b, &p); err != nil {
+		return p, fmt.Errorf("%w: %s", ErrMalformed, jsonErr(err))
+	}
+	return p, p.validate()
+}
+
+// NewWebhookTask returns a webhook:deliver task on the events queue. The
+// task id is the delivery's idempotency key: one per event and subscription.
+func NewWebhookTask(eventID, subscription string) (*asynq.Task, error) {
+	p := WebhookPayload{V: PayloadVersion, EventID: eventID, Subscription: subscription}
+	if err := p.validate(); err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return nil, err
+	}
+	return asynq.NewTask(TypeWebhookDeliver, b,
+		asynq.Queue(QueueEvents), asynq.TaskID(IdempotencyKey(eventID, subscription)),
+		asynq.Timeout(WebhookTimeout), asynq.MaxRetry(WebhookMaxRetry)), nil
+}
+
+// IdempotencyKey identifies one delivery of one event to one subscription;
+// it is sent with every attempt so receivers can drop repeats.
+func IdempotencyKey(eventID, subscription string) string {
+	return "webhook:" + subscription + ":" + eventID
+}
+
+func (p WebhookPayload) validate() error {
+	switch {
+	case p.V != PayloadVersion:
+		return fmt.Errorf("%w: unsupported payload version %d (want %d)", ErrMalformed, p.V, PayloadVersion)
+	case !eventIDRE.MatchString(p.EventID):
+		return fmt.Errorf("%w: event_id must be a stream id like 1700000000000-0", ErrMalformed)
+	case !subscriptionRE.MatchString(p.Subscription):
+		return fmt.Errorf("%w: subscription missing or not a valid name", ErrMalformed)
+	}
+	return nil
+}
+
+// ParseWebhookPayload decodes and checks a webhook:deliver payload.
+func ParseWebhookPayload(b []byte) (WebhookPayload, error) {
+	var p WebhookPayload
+	if err := json.Unmarshal(b, &p); err != nil {
+		return p, fmt.Errorf("%w: %s", ErrMalformed, jsonErr(err))
+	}
+	return p, p.validate()
+}
+
+// jsonErr describes a decode error without quoting the input.
+func jsonErr(err error) string {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return "invalid JSON at offset " + strconv.FormatInt(se.Offset, 10)
+	case errors.As(err, &te):
+		return "field " + te.Field + " has the wrong type"
+	}
+	return "invalid JSON"
+}
+
+func truncate(s string) string {
+	if len(s) > 32 {
+		return s[:32] + "..."
+	}
+	return s
+}
