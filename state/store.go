@@ -251,6 +251,10 @@ type Claim struct {
 	Due time.Time
 	// Lease is the score it was pushed to.
 	Lease time.Time
+	// ServiceID and State are read from the record in the same atomic
+	// step, so the scheduler can pick the interval without another read.
+	ServiceID string
+	State     State
 }
 
 // --- events ---
