@@ -113,15 +113,26 @@ type Setting struct {
 	// integrations it is required after authorization (state `authorized`
 	// until set); for others it is needed like a credential (state `added`).
 	Required bool `yaml:"required"`
-	// URL means the value is a whole URL (Salesforce instance_url), checked
-	// against AllowedHosts when used; otherwise it is substituted as one
-	// escaped path segment or host label.
-	URL bool `yaml:"url"`
+	// Type says what the value is and how it is checked and substituted:
+	// SettingURL (a whole URL such as Salesforce's instance_url: scheme and
+	// host come from it, checked against AllowedHosts; only at the very
+	// start of a template), SettingHost (a whole host name such as
+	// Workday's host, checked against AllowedHosts) or SettingText (the
+	// default: one escaped path segment, or a DNS label when it sits in the
+	// host part of a template, e.g. https://{subdomain}.zendesk.com).
+	Type string `yaml:"type"`
 	// AffectsCheck means changing the value bumps the credentials revision
 	// (old verdicts no longer apply). Settings used in a URL template always
 	// affect the check.
 	AffectsCheck bool `yaml:"affects_check"`
 }
+
+// Setting types (Setting.Type).
+const (
+	SettingURL  = "url"
+	SettingHost = "host"
+	SettingText = "text"
+)
 
 // Check describes the validation request.
 type Check struct {
