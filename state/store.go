@@ -48,6 +48,10 @@ type Config struct {
 // step with every write.
 type Store struct {
 	cfg Config
+	// cluster: the event stream lives in another slot, so events are
+	// appended right after the write instead of inside its script.
+	cluster    bool
+	shardWidth int
 }
 
 // Input is what a consumer-side write sets. Nil fields are left alone.
@@ -137,7 +141,14 @@ var EventTypes = []string{EventCreated, EventUpdated, EventCallable, EventInvali
 	EventTokenRefreshRecovered, EventDownstreamDegraded, EventDownstreamRecovered}
 
 // New validates cfg, applies defaults and returns a Store.
-func New(cfg Config) (*Store, error) { panic("unimplemented") }
+func New(cfg Config) (*Store, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	_, cluster := cfg.Client.(*redis.ClusterClient)
+	return &Store{cfg: cfg, cluster: cluster, shardWidth: shardWidthFor(cfg.Shards)}, nil
+}
 
 // Shards returns the number of index shards.
 func (s *Store) Shards() int { return s.cfg.Shards }
@@ -148,11 +159,23 @@ func (s *Store) Catalog() *catalog.Catalog { return s.cfg.Catalog }
 // --- reads ---
 
 // Get returns one connection, or ErrNotFound.
-func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) { panic("unimplemented") }
+func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
+	if err := validateRef(ref); err != nil {
+		return nil, err
+	}
+	c, err := s.read(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	if c == nil {
+		return nil, ErrNotFound
+	}
+	return c, nil
+}
 
 // ListConsumer returns every stored connection of one consumer, sorted by id.
 func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
-	panic("unimplemented")
+	return s.listConsumer(ctx, consumerID)
 }
 
 // List returns up to limit connections matching f, starting after cursor
@@ -160,12 +183,14 @@ func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connect
 // A connection that exists for the whole walk and keeps matching is
 // returned exactly once, whatever is written meanwhile.
 func (s *Store) List(ctx context.Context, f Filter, cursor string, limit int) ([]*Connection, string, error) {
-	panic("unimplemented")
+	return s.list(ctx, f, cursor, limit)
 }
 
 // Counts returns the number of connections per integration and state, from
 // counters kept with every write (never a SCAN).
-func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) { panic("unimplemented") }
+func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
+	return s.counts(ctx)
+}
 
 // --- consumer-side writes ---
 
@@ -175,19 +200,19 @@ func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) { panic(
 // unified API (catalog.ErrUnknownIntegration) and settings must pass
 // ValidateSettings. A new connection is enabled unless in.Enabled says no.
 func (s *Store) Put(ctx context.Context, ref Ref, in Input, ifVersion int64) (Change, error) {
-	panic("unimplemented")
+	return s.consumerWrite(ctx, ref, in, ifVersion, modePut)
 }
 
 // Patch changes the fields in set (nil ones are kept) of an existing
 // connection (ErrNotFound otherwise). ifVersion as for Put.
 func (s *Store) Patch(ctx context.Context, ref Ref, in Input, ifVersion int64) (Change, error) {
-	panic("unimplemented")
+	return s.consumerWrite(ctx, ref, in, ifVersion, modePatch)
 }
 
 // Delete removes a connection and its index entries (it becomes
 // `available`). ifVersion as for Put.
 func (s *Store) Delete(ctx context.Context, ref Ref, ifVersion int64) (Change, error) {
-	panic("unimplemented")
+	return s.delete(ctx, ref, ifVersion)
 }
 
 // --- fleet-side writes ---
@@ -198,13 +223,13 @@ func (s *Store) Delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 // ConfirmInvalid > 0 is held in Confirmation until enough invalid results
 // arrive; a valid one clears Confirmation and Transient.
 func (s *Store) ApplyVerdict(ctx context.Context, ref Ref, rev int64, v Verdict) (Change, error) {
-	panic("unimplemented")
+	return s.applyVerdict(ctx, ref, rev, v)
 }
 
 // RecordTransient notes a transient failure (provider trouble) for rev
 // without changing the state; ErrStale if the revision moved.
 func (s *Store) RecordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
-	panic("unimplemented")
+	return s.recordTransient(ctx, ref, rev, msg)
 }
 
 // StoreTokens persists refreshed tokens. usedRefreshToken is the refresh
@@ -212,13 +237,13 @@ func (s *Store) RecordTransient(ctx context.Context, ref Ref, rev int64, msg str
 // refresh or the consumer changed it and the write is refused (ErrStale).
 // An empty t.RefreshToken keeps the stored one. Clears Refresh failures.
 func (s *Store) StoreTokens(ctx context.Context, ref Ref, usedRefreshToken string, t Tokens) (Change, error) {
-	panic("unimplemented")
+	return s.storeTokens(ctx, ref, usedRefreshToken, t)
 }
 
 // RecordRefreshFailure notes a transient refresh failure (health
 // pending_refresh, one token_refresh.failed event per episode).
 func (s *Store) RecordRefreshFailure(ctx context.Context, ref Ref, usedRefreshToken string, msg string) (Change, error) {
-	panic("unimplemented")
+	return s.recordRefreshFailure(ctx, ref, usedRefreshToken, msg)
 }
 
 // --- scheduling ---
@@ -229,19 +254,20 @@ func (s *Store) RecordRefreshFailure(ctx context.Context, ref Ref, usedRefreshTo
 // never happened is due again after the lease. It returns the refs with the
 // due time each was claimed at.
 func (s *Store) ClaimDue(ctx context.Context, idx Index, shard int, now time.Time, lease time.Duration, max int) ([]Claim, error) {
-	panic("unimplemented")
+	return s.claimDue(ctx, idx, shard, now, lease, max)
 }
 
 // Reschedule sets the next due time of a claimed member, only if the member
 // still carries the claim's lease score (a write meanwhile wins).
 func (s *Store) Reschedule(ctx context.Context, idx Index, c Claim, next time.Time) error {
-	panic("unimplemented")
+	_, err := s.reschedule(ctx, idx, c, next)
+	return err
 }
 
 // OldestDue returns the earliest due time in idx across all shards that is
 // at or before now, excluding leased members; ok is false if none.
 func (s *Store) OldestDue(ctx context.Context, idx Index, now time.Time) (t time.Time, ok bool, err error) {
-	panic("unimplemented")
+	return s.oldestDue(ctx, idx, now)
 }
 
 // Claim is a due member taken by ClaimDue.
@@ -262,5 +288,5 @@ type Claim struct {
 // ReadEvents returns up to count stream entries after id ("0" or "" from the
 // start), for tests and followers that do not use consumer groups.
 func (s *Store) ReadEvents(ctx context.Context, afterID string, count int64) ([]Event, error) {
-	panic("unimplemented")
+	return s.readEvents(ctx, afterID, count)
 }

@@ -1,0 +1,85 @@
+-- write.lua: compare-and-set one connection record and every index entry
+-- of it in one atomic step.
+--
+-- KEYS: 1 record, 2 all index, 3 service index, 4 old state index,
+--       5 new state index, 6 counts, 7 due:check, 8 due:refresh,
+--       9 event stream (optional: absent on Redis Cluster)
+-- ARGV: 1 expected version ("0": must not exist), 2 op ("s" set, "d" delete),
+--       3 member, 4 new version, 5 new state, 6 old state ("" when created),
+--       7 service id, 8 data, 9 credentials mode ("k" keep, "s" set, "d" drop),
+--       10 sealed credentials, 11 check mode ("d" remove, "s" set, "n" set if
+--       absent), 12 check score, 13 refresh mode (as 11), 14 refresh score,
+--       15 stream max length, 16 number of events, then per event the number
+--       of field/value strings followed by them.
+-- Returns {1, stream ids...} or {0, current version}.
+local cur = redis.call('HGET', KEYS[1], 'v')
+if not cur then cur = '0' end
+if cur ~= ARGV[1] then
+  return {0, cur}
+end
+
+local member, svc = ARGV[3], ARGV[7]
+local newst, oldst = ARGV[5], ARGV[6]
+
+local function count(st, by)
+  local f = svc .. '|' .. st
+  if redis.call('HINCRBY', KEYS[6], f, by) <= 0 then
+    redis.call('HDEL', KEYS[6], f)
+  end
+end
+
+local function due(key, mode, score)
+  if mode == 'd' then
+    redis.call('ZREM', key, member)
+  elseif mode == 's' then
+    redis.call('ZADD', key, score, member)
+  elseif mode == 'n' then
+    redis.call('ZADD', key, 'NX', score, member)
+  end
+end
+
+if ARGV[2] == 'd' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('ZREM', KEYS[4], member)
+  redis.call('ZREM', KEYS[7], member)
+  redis.call('ZREM', KEYS[8], member)
+  count(oldst, -1)
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[4], 'st', newst, 'svc', svc, 'd', ARGV[8])
+  if ARGV[9] == 's' then
+    redis.call('HSET', KEYS[1], 'c', ARGV[10])
+  elseif ARGV[9] == 'd' then
+    redis.call('HDEL', KEYS[1], 'c')
+  end
+  if oldst == '' then
+    redis.call('ZADD', KEYS[2], 0, member)
+    redis.call('ZADD', KEYS[3], 0, member)
+    redis.call('ZADD', KEYS[5], 0, member)
+    count(newst, 1)
+  elseif oldst ~= newst then
+    redis.call('ZREM', KEYS[4], member)
+    redis.call('ZADD', KEYS[5], 0, member)
+    count(oldst, -1)
+    count(newst, 1)
+  end
+  due(KEYS[7], ARGV[11], ARGV[12])
+  due(KEYS[8], ARGV[13], ARGV[14])
+end
+
+local out = {1}
+local n = tonumber(ARGV[16])
+if n > 0 and KEYS[9] then
+  local i = 17
+  for _ = 1, n do
+    local k = tonumber(ARGV[i])
+    local fields = {}
+    for j = 1, k do
+      fields[j] = ARGV[i + j]
+    end
+    i = i + k + 1
+    out[#out + 1] = redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[15], '*', unpack(fields))
+  end
+end
+return out

@@ -1,0 +1,239 @@
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"strconv"
+	"time"
+
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
+)
+
+// The record is kept compact (memory per connection is a design goal):
+// short JSON names, times as unix milliseconds, zero values omitted, and
+// nothing that the key already says (consumer id, connection id, unified
+// API) or that has a field of its own (version, state, service id).
+
+// recData is the field d of a record: the non-secret facts.
+type recData struct {
+	Disabled     bool              `json:"x,omitempty"`
+	Settings     map[string]string `json:"s,omitempty"`
+	Verdict      *recVerdict       `json:"vd,omitempty"`
+	Transient    *recFailures      `json:"tr,omitempty"`
+	Confirmation *recConfirmation  `json:"cf,omitempty"`
+	Refresh      *recRefresh       `json:"rf,omitempty"`
+	Revision     int64             `json:"rv"`
+	Health       Health            `json:"h,omitempty"`
+	CreatedAt    int64             `json:"ca,omitempty"`
+	UpdatedAt    int64             `json:"ua,omitempty"`
+}
+
+type recVerdict struct {
+	Outcome    Outcome `json:"o"`
+	Reason     string  `json:"r,omitempty"`
+	HTTPStatus int     `json:"hs,omitempty"`
+	CheckedAt  int64   `json:"t,omitempty"`
+	// Revision is left out when it is the record's (the usual case);
+	// revisions are never zero.
+	Revision int64 `json:"rv,omitempty"`
+}
+
+type recFailures struct {
+	Failures  int    `json:"n,omitempty"`
+	LastError string `json:"e,omitempty"`
+	LastAt    int64  `json:"t,omitempty"`
+}
+
+type recConfirmation struct {
+	Invalids int    `json:"n,omitempty"`
+	Revision int64  `json:"rv,omitempty"`
+	Reason   string `json:"r,omitempty"`
+	Status   int    `json:"hs,omitempty"`
+	FirstAt  int64  `json:"t,omitempty"`
+}
+
+type recRefresh struct {
+	recFailures
+	RefreshedAt int64 `json:"ra,omitempty"`
+}
+
+// recCreds is the plaintext of field c before sealing.
+type recCreds struct {
+	AccessToken  string            `json:"a,omitempty"`
+	RefreshToken string            `json:"r,omitempty"`
+	ExpiresAt    int64             `json:"e,omitempty"`
+	IssuedAt     int64             `json:"i,omitempty"`
+	APIKey       string            `json:"k,omitempty"`
+	Username     string            `json:"u,omitempty"`
+	Password     string            `json:"p,omitempty"`
+	Extra        map[string]string `json:"x,omitempty"`
+}
+
+// ms is a time as unix milliseconds, 0 for the zero time.
+func ms(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixMilli()
+}
+
+// fromMS is the inverse of ms, in UTC.
+func fromMS(v int64) time.Time {
+	if v == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(v).UTC()
+}
+
+func encodeData(c *Connection) ([]byte, error) {
+	d := recData{
+		Disabled:  !c.Enabled,
+		Revision:  c.Revision,
+		Health:    c.Health,
+		CreatedAt: ms(c.CreatedAt),
+		UpdatedAt: ms(c.UpdatedAt),
+	}
+	if len(c.Settings) > 0 {
+		d.Settings = c.Settings
+	}
+	if v := c.Verdict; v != nil {
+		d.Verdict = &recVerdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
+			CheckedAt: ms(v.CheckedAt), Revision: v.Revision}
+		if v.Revision == c.Revision {
+			d.Verdict.Revision = 0
+		}
+	}
+	if t := c.Transient; t != (Transient{}) {
+		d.Transient = &recFailures{Failures: t.Failures, LastError: t.LastError, LastAt: ms(t.LastAt)}
+	}
+	if f := c.Confirmation; f != (Confirmation{}) {
+		d.Confirmation = &recConfirmation{Invalids: f.Invalids, Revision: f.Revision, Reason: f.Reason,
+			Status: f.Status, FirstAt: ms(f.FirstAt)}
+	}
+	if r := c.Refresh; r != (RefreshStatus{}) {
+		d.Refresh = &recRefresh{recFailures: recFailures{Failures: r.Failures, LastError: r.LastError,
+			LastAt: ms(r.LastAt)}, RefreshedAt: ms(r.RefreshedAt)}
+	}
+	return json.Marshal(d)
+}
+
+func decodeData(b []byte, c *Connection) error {
+	var d recData
+	if err := json.Unmarshal(b, &d); err != nil {
+		return err
+	}
+	c.Enabled = !d.Disabled
+	c.Settings = d.Settings
+	c.Revision = d.Revision
+	c.Health = d.Health
+	c.CreatedAt = fromMS(d.CreatedAt)
+	c.UpdatedAt = fromMS(d.UpdatedAt)
+	if v := d.Verdict; v != nil {
+		c.Verdict = &Verdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
+			CheckedAt: fromMS(v.CheckedAt), Revision: v.Revision}
+		if v.Revision == 0 {
+			c.Verdict.Revision = d.Revision
+		}
+	}
+	if t := d.Transient; t != nil {
+		c.Transient = Transient{Failures: t.Failures, LastError: t.LastError, LastAt: fromMS(t.LastAt)}
+	}
+	if f := d.Confirmation; f != nil {
+		c.Confirmation = Confirmation{Invalids: f.Invalids, Revision: f.Revision, Reason: f.Reason,
+			Status: f.Status, FirstAt: fromMS(f.FirstAt)}
+	}
+	if r := d.Refresh; r != nil {
+		c.Refresh = RefreshStatus{Failures: r.Failures, LastError: r.LastError, LastAt: fromMS(r.LastAt),
+			RefreshedAt: fromMS(r.RefreshedAt)}
+	}
+	return nil
+}
+
+// hasAny reports whether any credential is set.
+func (c Credentials) hasAny() bool { return !c.Equal(Credentials{}) }
+
+func encodeCreds(c Credentials) ([]byte, error) {
+	rc := recCreds{AccessToken: c.AccessToken, RefreshToken: c.RefreshToken, ExpiresAt: ms(c.ExpiresAt),
+		IssuedAt: ms(c.IssuedAt), APIKey: c.APIKey, Username: c.Username, Password: c.Password}
+	if len(c.Extra) > 0 {
+		rc.Extra = c.Extra
+	}
+	return json.Marshal(rc)
+}
+
+func decodeCreds(b []byte) (Credentials, error) {
+	var rc recCreds
+	if err := json.Unmarshal(b, &rc); err != nil {
+		return Credentials{}, err
+	}
+	return Credentials{AccessToken: rc.AccessToken, RefreshToken: rc.RefreshToken, ExpiresAt: fromMS(rc.ExpiresAt),
+		IssuedAt: fromMS(rc.IssuedAt), APIKey: rc.APIKey, Username: rc.Username, Password: rc.Password,
+		Extra: rc.Extra}, nil
+}
+
+// ErrDecrypt means a record's credentials could not be decrypted: the key
+// that sealed them is no longer in the keyring, or the value is corrupt or
+// was copied from another record. The error names the connection and the
+// key id, never a secret.
+var ErrDecrypt = errors.New("state: cannot decrypt credentials")
+
+// sealCreds encrypts credentials for the record key.
+func sealCreds(k *secrets.Keyring, recordKey string, c Credentials) ([]byte, error) {
+	pt, err := encodeCreds(c)
+	if err != nil {
+		return nil, err
+	}
+	return k.Seal(pt, []byte(recordKey)), nil
+}
+
+// openCreds decrypts the credentials of a record.
+func openCreds(k *secrets.Keyring, ref Ref, recordKey string, sealed []byte) (Credentials, error) {
+	pt, err := k.Open(sealed, []byte(recordKey))
+	if err != nil {
+		id, _ := secrets.KeyID(sealed)
+		return Credentials{}, fmt.Errorf("%w of connection %s (sealed with key id %q): %w", ErrDecrypt, ref, id, err)
+	}
+	c, err := decodeCreds(pt)
+	if err != nil {
+		return Credentials{}, fmt.Errorf("%w of connection %s: malformed plaintext", ErrDecrypt, ref)
+	}
+	return c, nil
+}
+
+// decodeRecord builds a connection from the fields of its record.
+// sealed == nil means no credentials.
+func (s *Store) decodeRecord(ref Ref, recordKey, version, st, svc string, data, sealed []byte) (*Connection, error) {
+	c := &Connection{ID: ref.ConnectionID, ConsumerID: ref.ConsumerID, ServiceID: svc, State: State(st)}
+	c.UnifiedAPI, _, _ = SplitConnectionID(ref.ConnectionID)
+	v, err := strconv.ParseInt(version, 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("state: connection %s: malformed record version", ref)
+	}
+	c.Version = v
+	if err := decodeData(data, c); err != nil {
+		return nil, fmt.Errorf("state: connection %s: malformed record: %v", ref, err)
+	}
+	if len(sealed) > 0 {
+		if c.Credentials, err = openCreds(s.cfg.Keys, ref, recordKey, sealed); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// clone returns a deep copy of c.
+func (c *Connection) clone() *Connection {
+	if c == nil {
+		return nil
+	}
+	n := *c
+	n.Settings = maps.Clone(c.Settings)
+	n.Credentials.Extra = maps.Clone(c.Credentials.Extra)
+	if c.Verdict != nil {
+		v := *c.Verdict
+		n.Verdict = &v
+	}
+	return &n
+}

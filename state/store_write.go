@@ -1,0 +1,684 @@
+package state
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"strconv"
+	"time"
+	"unicode/utf8"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
+)
+
+//go:embed lua/write.lua
+var writeLua string
+
+var writeScript = redis.NewScript(writeLua)
+
+// ErrEmptyAccessToken means StoreTokens was given no access token: an empty
+// value never overwrites a stored one.
+var ErrEmptyAccessToken = errors.New("state: refusing to store an empty access token")
+
+// Reasons the store puts on events it derives from consumer-side and
+// token writes (verdict events carry the verdict's reason).
+const (
+	ReasonCreated            = "created"
+	ReasonDeleted            = "deleted"
+	ReasonCredentialsChanged = "credentials_changed"
+	ReasonSettingsChanged    = "settings_changed"
+	ReasonEnabled            = "enabled"
+	ReasonDisabled           = "disabled"
+	ReasonTokenRefreshed     = "token_refreshed"
+)
+
+// hints tell the write machinery what kind of change a mutation made, for
+// the events and due times it derives.
+type hints struct {
+	// reason goes on the events of this write.
+	reason string
+	// consumer: a consumer-side change of credentials, settings or enabled.
+	consumer bool
+	// verdict: ApplyVerdict; a state change reschedules the check at the
+	// interval of the new state.
+	verdict bool
+	// confirm: an invalid result held for confirmation; the next check is
+	// due after the integration's ConfirmSpacing.
+	confirm bool
+	// noop: nothing changed, write nothing.
+	noop bool
+	// reseal: seal the credentials again (under the primary key) even
+	// though they did not change.
+	reseal bool
+}
+
+// mutation builds the next connection from the current one (nil when there
+// is no record; a private copy the function may change). It returns nil to
+// delete, or an error that ends the write without writing.
+type mutation func(cur *Connection, now time.Time) (*Connection, hints, error)
+
+// write runs one optimistic read-modify-write: read the record, apply fn,
+// derive state and health, events and due times, and write record, indexes,
+// counts and events in one Lua call that compares and sets the version. A
+// concurrent write of the same connection makes it read again and retry.
+func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, fn mutation) (Change, error) {
+	k := s.keysOf(ref)
+	for attempt := range maxAttempts {
+		if attempt > 0 {
+			if err := backoff(ctx, attempt); err != nil {
+				return Change{}, err
+			}
+		}
+		cur, err := s.read(ctx, ref)
+		if err != nil {
+			return Change{}, err
+		}
+		now := s.now()
+		next, h, err := fn(cur.clone(), now)
+		if err != nil {
+			return Change{}, err
+		}
+		if h.noop {
+			return Change{Before: cur, After: cur}, nil
+		}
+		if next != nil {
+			s.finish(cur, next, in, ref, now)
+		}
+		events := s.deriveEvents(cur, next, h, now)
+
+		ks, args, err := s.scriptArgs(k, ref, in, cur, next, h, events, now)
+		if err != nil {
+			return Change{}, err
+		}
+		res, err := writeScript.Run(ctx, s.cfg.Client, ks, args...).Slice()
+		if err != nil {
+			return Change{}, fmt.Errorf("state: write connection %s: %w", ref, err)
+		}
+		if len(res) == 0 {
+			return Change{}, fmt.Errorf("state: write connection %s: empty reply", ref)
+		}
+		if ok, _ := res[0].(int64); ok != 1 {
+			s.cfg.Logger.DebugContext(ctx, "state: write conflict, retrying",
+				slog.String("connection", ref.String()), slog.Int("attempt", attempt+1))
+			continue
+		}
+		if s.cluster {
+			s.appendEvents(ctx, events)
+		} else {
+			for i := range events {
+				if i+1 < len(res) {
+					events[i].ID, _ = res[i+1].(string)
+				}
+			}
+		}
+		return Change{Before: cur, After: next, Events: events}, nil
+	}
+	return Change{}, fmt.Errorf("%w: %s after %d attempts", ErrContention, ref, maxAttempts)
+}
+
+// scriptArgs lays out the keys and arguments of write.lua (documented
+// there) for the change from cur to next (nil: delete).
+func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *Connection, h hints,
+	events []Event, now time.Time) ([]string, []any, error) {
+	member := ref.String()
+	recKey := k.record(member)
+	ks := []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh)}
+	args := make([]any, 0, 16+len(events)*25)
+	expected := "0"
+	if cur != nil {
+		expected = strconv.FormatInt(cur.Version, 10)
+	}
+	if next == nil {
+		ks[2], ks[3], ks[4] = k.service(cur.ServiceID), k.state(cur.State), k.state(cur.State)
+		args = append(args, expected, "d", member, "", "", string(cur.State), cur.ServiceID, "", "k", "",
+			dueRemove, 0, dueRemove, 0)
+	} else {
+		oldState := ""
+		ks[2], ks[3], ks[4] = k.service(next.ServiceID), k.state(next.State), k.state(next.State)
+		if cur != nil {
+			oldState = string(cur.State)
+			ks[3] = k.state(cur.State)
+		}
+		data, err := encodeData(next)
+		if err != nil {
+			return nil, nil, fmt.Errorf("state: connection %s: encode: %v", ref, err)
+		}
+		credMode, sealed := "k", []byte(nil)
+		if cur == nil || h.reseal || !sameCredentials(cur.Credentials, next.Credentials) {
+			switch {
+			case next.Credentials.hasAny():
+				if sealed, err = sealCreds(s.cfg.Keys, recKey, next.Credentials); err != nil {
+					return nil, nil, fmt.Errorf("state: connection %s: encode credentials", ref)
+				}
+				credMode = "s"
+			case cur != nil:
+				credMode = "d"
+			}
+		}
+		checkMode, checkAt := s.dueCheck(cur, next, in, h, now)
+		refreshMode, refreshAt := s.dueRefresh(cur, next, in)
+		args = append(args, expected, "s", member, strconv.FormatInt(next.Version, 10), string(next.State),
+			oldState, next.ServiceID, data, credMode, sealed,
+			checkMode, ms(checkAt), refreshMode, ms(refreshAt))
+	}
+	args = append(args, s.cfg.EventMaxLen, len(events))
+	if !s.cluster && len(events) > 0 {
+		ks = append(ks, s.cfg.EventStream)
+	}
+	for _, e := range events {
+		f := eventFields(e)
+		args = append(args, len(f))
+		for _, v := range f {
+			args = append(args, v)
+		}
+	}
+	return ks, args, nil
+}
+
+// backoff sleeps a random time that grows with the attempt (at most 10ms).
+func backoff(ctx context.Context, attempt int) error {
+	limit := min(time.Duration(1<<min(attempt, 10))*100*time.Microsecond, 10*time.Millisecond)
+	t := time.NewTimer(rand.N(limit) + 50*time.Microsecond)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// finish fills what every write sets: identity, version, times, and the
+// derived state and health.
+func (s *Store) finish(cur, next *Connection, in *catalog.Integration, ref Ref, now time.Time) {
+	next.ID, next.ConsumerID = ref.ConnectionID, ref.ConsumerID
+	next.UnifiedAPI, next.ServiceID, _ = SplitConnectionID(ref.ConnectionID)
+	next.UpdatedAt = now
+	if cur == nil {
+		// Version and revision start at the creation time in unix ms, not
+		// at 1: a connection deleted and added again never repeats a
+		// version or revision of its predecessor, so neither an If-Match
+		// nor a verdict computed for the old record applies to the new one.
+		initial := max(now.UnixMilli(), 1)
+		next.Version, next.Revision, next.CreatedAt = initial, initial, now
+	} else {
+		next.Version = cur.Version + 1
+	}
+	if in != nil {
+		next.State, next.Health = Derive(next, in, now)
+	}
+}
+
+// sameCredentials compares credentials including IssuedAt (Equal leaves
+// it out: it does not make credentials different, but it is stored).
+func sameCredentials(a, b Credentials) bool { return a.Equal(b) && a.IssuedAt.Equal(b.IssuedAt) }
+
+// checkEligible reports whether a connection belongs in due:check.
+func checkEligible(c *Connection, in *catalog.Integration) bool {
+	if c == nil || in == nil || !c.Enabled || !in.Checkable() {
+		return false
+	}
+	switch c.State {
+	case Available, Authorized:
+		return false
+	case Added:
+		return hasCredentials(c, in)
+	}
+	return true
+}
+
+// refreshEligible reports whether a connection belongs in due:refresh.
+func refreshEligible(c *Connection, in *catalog.Integration) bool {
+	return c != nil && in != nil && c.Enabled && in.Checkable() && in.AuthType == catalog.AuthOAuth2 &&
+		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked
+}
+
+// Due modes of the write script.
+const (
+	dueRemove = "d"
+	dueSet    = "s"
+	dueIfNone = "n"
+)
+
+// dueCheck decides the due:check entry of a written connection.
+func (s *Store) dueCheck(cur, next *Connection, in *catalog.Integration, h hints, now time.Time) (string, time.Time) {
+	if !checkEligible(next, in) {
+		return dueRemove, time.Time{}
+	}
+	switch {
+	case cur == nil, !cur.Enabled, cur.Revision != next.Revision, !checkEligible(cur, in):
+		// New, enabled again, new credentials, or checkable again: the
+		// caller enqueues a validation now; this is the safety net.
+		return dueSet, now.Add(safetyNet)
+	case h.confirm:
+		return dueSet, now.Add(cmp0(in.ConfirmSpacing.D(), defaultConfirmSpacing))
+	case h.verdict && cur.State != next.State:
+		return dueSet, now.Add(jittered(in.Interval(string(next.State))))
+	}
+	return dueIfNone, now.Add(jittered(in.Interval(string(next.State))))
+}
+
+// dueRefresh decides the due:refresh entry of a written connection. The
+// score is only rewritten when the expiry changed or the connection just
+// became eligible, so a scheduler's lease survives unrelated writes.
+func (s *Store) dueRefresh(cur, next *Connection, in *catalog.Integration) (string, time.Time) {
+	if !refreshEligible(next, in) {
+		return dueRemove, time.Time{}
+	}
+	at := RefreshAt(next.Credentials, in)
+	if !refreshEligible(cur, in) || !cur.Credentials.ExpiresAt.Equal(next.Credentials.ExpiresAt) {
+		return dueSet, at
+	}
+	return dueIfNone, at
+}
+
+// RefreshAt is when a token is due for refresh ahead of expiry: ExpiresAt
+// minus the integration's refresh window for the token's lifetime
+// (ExpiresAt - IssuedAt, or the catalog's TokenLifetime when IssuedAt is
+// unknown).
+func RefreshAt(c Credentials, in *catalog.Integration) time.Time {
+	lifetime := cmp0(in.TokenLifetime.D(), defaultTokenLifetime)
+	if !c.IssuedAt.IsZero() && c.ExpiresAt.After(c.IssuedAt) {
+		lifetime = c.ExpiresAt.Sub(c.IssuedAt)
+	}
+	return c.ExpiresAt.Add(-in.RefreshWindowFor(lifetime))
+}
+
+// defaultExpiry gives an OAuth access token without a known expiry the
+// catalog's TokenLifetime from when it was issued (Salesforce's token
+// responses carry no expires_in), so that it is refreshed ahead of time
+// and a 401 after its real expiry is seen as an expired token, not as
+// rejected credentials.
+func defaultExpiry(c *Credentials, in *catalog.Integration) {
+	if in.AuthType != catalog.AuthOAuth2 || c.AccessToken == "" || !c.ExpiresAt.IsZero() || c.IssuedAt.IsZero() {
+		return
+	}
+	c.ExpiresAt = c.IssuedAt.Add(cmp0(in.TokenLifetime.D(), defaultTokenLifetime))
+}
+
+func cmp0(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// jittered spreads an interval by up to +10% so that connections that
+// changed together do not come due together.
+func jittered(d time.Duration) time.Duration {
+	if d <= 0 {
+		return d
+	}
+	return d + rand.N(d/10+1)
+}
+
+// truncateText keeps at most maxErrorLen characters of a message.
+func truncateText(s string) string {
+	if utf8.RuneCountInString(s) <= maxErrorLen {
+		return s
+	}
+	r := []rune(s)
+	return string(r[:maxErrorLen])
+}
+
+// integration resolves the catalog entry of a connection id.
+func (s *Store) integration(connectionID string) (*catalog.Integration, error) {
+	api, svc, ok := SplitConnectionID(connectionID)
+	if !ok {
+		return nil, fmt.Errorf("state: connection %s: %w", connectionID, catalog.ErrUnknownIntegration)
+	}
+	in, err := s.cfg.Catalog.Lookup(api, svc)
+	if err != nil {
+		return nil, fmt.Errorf("state: %w", err)
+	}
+	return in, nil
+}
+
+// --- consumer-side writes ---
+
+type writeMode int
+
+const (
+	modePut writeMode = iota
+	modePatch
+	modeCreate
+)
+
+// Create adds a connection that must not exist yet (ErrExists otherwise),
+// with the same validation as Put.
+func (s *Store) Create(ctx context.Context, ref Ref, in Input) (Change, error) {
+	return s.consumerWrite(ctx, ref, in, 0, modeCreate)
+}
+
+// SetEnabled enables or disables a connection (ErrNotFound if absent).
+func (s *Store) SetEnabled(ctx context.Context, ref Ref, enabled bool, ifVersion int64) (Change, error) {
+	return s.Patch(ctx, ref, Input{Enabled: &enabled}, ifVersion)
+}
+
+func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion int64, mode writeMode) (Change, error) {
+	if err := validateRef(ref); err != nil {
+		return Change{}, err
+	}
+	integ, err := s.integration(ref.ConnectionID)
+	if err != nil {
+		return Change{}, err
+	}
+	if err := validateCredentialFields(integ, in.Credentials); err != nil {
+		return Change{}, err
+	}
+	if in.Settings != nil && mode != modePatch {
+		if err := validateSettings(integ, ref, nonEmpty(in.Settings)); err != nil {
+			return Change{}, err
+		}
+	}
+	return s.write(ctx, ref, integ, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+		switch {
+		case mode == modeCreate && cur != nil:
+			return nil, hints{}, ErrExists
+		case cur == nil && mode == modePatch:
+			return nil, hints{}, ErrNotFound
+		case ifVersion > 0 && (cur == nil || cur.Version != ifVersion):
+			return nil, hints{}, ErrVersionConflict
+		}
+		next := cur.clone() // cur stays as read, for the comparisons below
+		if next == nil {
+			next = &Connection{Enabled: true}
+		}
+		if in.Credentials != nil {
+			var creds Credentials
+			if mode == modePatch {
+				creds = next.Credentials
+			}
+			for _, f := range slices.Sorted(maps.Keys(in.Credentials)) {
+				if err := creds.Set(f, in.Credentials[f]); err != nil {
+					return nil, hints{}, err
+				}
+			}
+			if len(creds.Extra) == 0 {
+				creds.Extra = nil
+			}
+			switch {
+			case creds.AccessToken == "":
+				creds.IssuedAt = time.Time{}
+			case creds.AccessToken != next.Credentials.AccessToken:
+				creds.IssuedAt = now
+			default:
+				creds.IssuedAt = next.Credentials.IssuedAt
+			}
+			defaultExpiry(&creds, integ)
+			next.Credentials = creds
+		}
+		if in.Settings != nil {
+			settings := map[string]string{}
+			if mode == modePatch {
+				maps.Copy(settings, next.Settings)
+			}
+			for k, v := range in.Settings {
+				if v == "" {
+					delete(settings, k)
+				} else {
+					settings[k] = v
+				}
+			}
+			if mode == modePatch {
+				if err := validateSettings(integ, ref, settings); err != nil {
+					return nil, hints{}, err
+				}
+			}
+			if len(settings) == 0 {
+				settings = nil
+			}
+			next.Settings = settings
+		}
+		if in.Enabled != nil {
+			next.Enabled = *in.Enabled
+		}
+		h := hints{consumer: true}
+		if cur == nil {
+			h.reason = ReasonCreated
+			return next, h, nil
+		}
+		credsChanged := !cur.Credentials.Equal(next.Credentials)
+		settingsChanged, checkSettingChanged := false, false
+		for k := range cur.Settings {
+			if cur.Settings[k] != next.Settings[k] {
+				settingsChanged = true
+				checkSettingChanged = checkSettingChanged || integ.SettingAffectsCheck(k)
+			}
+		}
+		for k := range next.Settings {
+			if _, had := cur.Settings[k]; !had {
+				settingsChanged = true
+				checkSettingChanged = checkSettingChanged || integ.SettingAffectsCheck(k)
+			}
+		}
+		switch {
+		case credsChanged:
+			h.reason = ReasonCredentialsChanged
+		case settingsChanged:
+			h.reason = ReasonSettingsChanged
+		case cur.Enabled != next.Enabled && next.Enabled:
+			h.reason = ReasonEnabled
+		case cur.Enabled != next.Enabled:
+			h.reason = ReasonDisabled
+		default:
+			h.noop = true
+			return next, h, nil
+		}
+		if credsChanged || checkSettingChanged {
+			next.Revision++
+			next.Confirmation = Confirmation{}
+		}
+		if cur.Credentials.RefreshToken != next.Credentials.RefreshToken {
+			// The failing refresh token is gone with its failures.
+			next.Refresh.Failures, next.Refresh.LastError = 0, ""
+		}
+		return next, h, nil
+	})
+}
+
+func nonEmpty(m map[string]string) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		if v != "" {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// validateCredentialFields accepts the integration's credential fields,
+// and for OAuth the token fields.
+func validateCredentialFields(in *catalog.Integration, creds map[string]string) error {
+	for f := range creds {
+		ok := slices.Contains(in.CredentialFields, f)
+		if in.AuthType == catalog.AuthOAuth2 {
+			ok = ok || f == catalog.FieldAccessToken || f == catalog.FieldRefreshToken || f == catalog.FieldExpiresAt
+		}
+		if !ok {
+			if fieldNameRE(f) {
+				return &FieldError{Field: "credentials." + f, Msg: "not a credential field of " + in.ID}
+			}
+			return &FieldError{Field: "credentials", Msg: "unknown credential field of " + in.ID}
+		}
+	}
+	return nil
+}
+
+// fieldNameRE reports whether a field name is safe to echo in an error
+// (a short snake_case name, not a pasted value).
+func fieldNameRE(f string) bool {
+	if f == "" || len(f) > 64 {
+		return false
+	}
+	for _, r := range f {
+		if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+func validateSettings(in *catalog.Integration, ref Ref, settings map[string]string) error {
+	if err := in.ValidateSettings(settings); err != nil {
+		return fmt.Errorf("state: settings of %s: %w", ref.ConnectionID, err)
+	}
+	return nil
+}
+
+func (s *Store) delete(ctx context.Context, ref Ref, ifVersion int64) (Change, error) {
+	if err := validateRef(ref); err != nil {
+		return Change{}, err
+	}
+	in, _ := s.integration(ref.ConnectionID) // a connection whose integration left the catalog can still go
+	return s.write(ctx, ref, in, func(cur *Connection, _ time.Time) (*Connection, hints, error) {
+		switch {
+		case cur == nil:
+			return nil, hints{}, ErrNotFound
+		case ifVersion > 0 && cur.Version != ifVersion:
+			return nil, hints{}, ErrVersionConflict
+		}
+		return nil, hints{reason: ReasonDeleted, consumer: true}, nil
+	})
+}
+
+// --- fleet-side writes ---
+
+func (s *Store) fleetWrite(ctx context.Context, ref Ref, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
+	if err := validateRef(ref); err != nil {
+		return Change{}, err
+	}
+	in, err := s.integration(ref.ConnectionID)
+	if err != nil {
+		return Change{}, err
+	}
+	return s.write(ctx, ref, in, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+		if cur == nil {
+			return nil, hints{}, ErrNotFound
+		}
+		h, err := fn(cur, in, now)
+		return cur, h, err
+	})
+}
+
+func (s *Store) applyVerdict(ctx context.Context, ref Ref, rev int64, v Verdict) (Change, error) {
+	if v.Outcome != Valid && v.Outcome != InvalidCred {
+		return Change{}, &FieldError{Field: "verdict.outcome", Msg: `must be "valid" or "invalid"`}
+	}
+	return s.fleetWrite(ctx, ref, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+		if c.Revision != rev {
+			return hints{}, ErrStale
+		}
+		v.Revision = rev
+		if v.CheckedAt.IsZero() {
+			v.CheckedAt = now
+		}
+		h := hints{reason: v.Reason, verdict: true}
+		c.Transient = Transient{}
+		if v.Outcome == Valid {
+			c.Verdict, c.Confirmation = &v, Confirmation{}
+			return h, nil
+		}
+		alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == InvalidCred
+		invalids := 0
+		if c.Confirmation.Revision == rev {
+			invalids = c.Confirmation.Invalids
+		}
+		if in.ConfirmInvalid > 0 && !alreadyInvalid && invalids < in.ConfirmInvalid {
+			if invalids == 0 {
+				c.Confirmation = Confirmation{Revision: rev, FirstAt: now}
+			}
+			c.Confirmation.Invalids = invalids + 1
+			c.Confirmation.Reason, c.Confirmation.Status = v.Reason, v.HTTPStatus
+			h.confirm = true
+			return h, nil
+		}
+		c.Verdict, c.Confirmation = &v, Confirmation{}
+		return h, nil
+	})
+}
+
+func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
+	msg = truncateText(msg)
+	return s.fleetWrite(ctx, ref, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
+		if c.Revision != rev {
+			return hints{}, ErrStale
+		}
+		c.Transient.Failures++
+		c.Transient.LastError, c.Transient.LastAt = msg, now
+		return hints{reason: msg}, nil
+	})
+}
+
+func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens) (Change, error) {
+	if t.AccessToken == "" {
+		return Change{}, ErrEmptyAccessToken
+	}
+	return s.fleetWrite(ctx, ref, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+		if c.Credentials.RefreshToken != used {
+			return hints{}, ErrStale
+		}
+		c.Credentials.AccessToken = t.AccessToken
+		if t.RefreshToken != "" {
+			c.Credentials.RefreshToken = t.RefreshToken
+		}
+		c.Credentials.ExpiresAt = time.Time{}
+		if !t.ExpiresAt.IsZero() {
+			c.Credentials.ExpiresAt = t.ExpiresAt.UTC()
+		}
+		c.Credentials.IssuedAt = now
+		if !t.IssuedAt.IsZero() {
+			c.Credentials.IssuedAt = t.IssuedAt.UTC()
+		}
+		defaultExpiry(&c.Credentials, in)
+		c.Refresh = RefreshStatus{RefreshedAt: now}
+		return hints{reason: ReasonTokenRefreshed}, nil
+	})
+}
+
+func (s *Store) recordRefreshFailure(ctx context.Context, ref Ref, used string, msg string) (Change, error) {
+	msg = truncateText(msg)
+	return s.fleetWrite(ctx, ref, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
+		if c.Credentials.RefreshToken != used {
+			return hints{}, ErrStale
+		}
+		c.Refresh.Failures++
+		c.Refresh.LastError, c.Refresh.LastAt = msg, now
+		return hints{reason: msg}, nil
+	})
+}
+
+// Reseal seals a connection's credentials again under the keyring's
+// primary key if another key sealed them, so that the old key can leave
+// the keyring after a rotation. It reports whether it rewrote them; the
+// write bumps the version but appends no event.
+func (s *Store) Reseal(ctx context.Context, ref Ref) (bool, error) {
+	if err := validateRef(ref); err != nil {
+		return false, err
+	}
+	sealed, err := s.cfg.Client.HGet(ctx, s.keysOf(ref).record(ref.String()), fieldCreds).Bytes()
+	switch {
+	case errors.Is(err, redis.Nil):
+		return false, nil // no record, or no credentials
+	case err != nil:
+		return false, fmt.Errorf("state: reseal %s: %w", ref, err)
+	}
+	if id, err := secrets.KeyID(sealed); err == nil && id == s.cfg.Keys.PrimaryID() {
+		return false, nil
+	}
+	_, err = s.fleetWrite(ctx, ref, func(c *Connection, _ *catalog.Integration, _ time.Time) (hints, error) {
+		return hints{reseal: true}, nil
+	})
+	if err != nil {
+		return false, err
+	}
+	return true, nil
+}
