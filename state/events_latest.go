@@ -1,0 +1,27 @@
+package state
+
+import (
+	"context"
+	"fmt"
+)
+
+// LatestEvents returns up to n of the newest stream entries, newest first
+// (for the status page).
+func (s *Store) LatestEvents(ctx context.Context, n int64) ([]Event, error) {
+	if n <= 0 {
+		return nil, nil
+	}
+	msgs, err := s.cfg.Client.XRevRangeN(ctx, s.cfg.EventStream, "+", "-", n).Result()
+	if err != nil {
+		return nil, fmt.Errorf("state: read latest events: %w", err)
+	}
+	out := make([]Event, 0, len(msgs))
+	for _, m := range msgs {
+		e, err := ParseEvent(m)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
