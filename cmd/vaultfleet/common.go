@@ -10,8 +10,10 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 	"time"
 
+	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -146,12 +148,42 @@ func (c *common) setup(w io.Writer) (*app, error) {
 		_ = rdb.Close()
 		return nil, err
 	}
+	return &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: st, Registry: newRegistry()}, nil
+}
+
+// newRegistry returns a registry with the Go and process collectors.
+func newRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: st, Registry: reg}, nil
+	return reg
 }
 
 func (a *app) Close() { _ = a.Redis.Close() }
+
+// asynqConnOpt turns REDIS_URL into the connection option asynqmon needs
+// (it makes its own client).
+func asynqConnOpt(raw string) (asynq.RedisConnOpt, error) {
+	if rest, ok := strings.CutPrefix(raw, "redis-cluster://"); ok {
+		opt, err := redis.ParseClusterURL("redis://" + rest)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+		}
+		return asynq.RedisClusterClientOpt{Addrs: opt.Addrs, Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLSConfig}, nil
+	}
+	if rest, ok := strings.CutPrefix(raw, "redis-sentinel://"); ok {
+		opt, err := redis.ParseFailoverURL("redis://" + rest)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+		}
+		return asynq.RedisFailoverClientOpt{MasterName: opt.MasterName, SentinelAddrs: opt.SentinelAddrs,
+			SentinelPassword: opt.SentinelPassword, Username: opt.Username, Password: opt.Password, DB: opt.DB, TLSConfig: opt.TLSConfig}, nil
+	}
+	opt, err := redis.ParseURL(raw)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+	}
+	return asynq.RedisClientOpt{Network: opt.Network, Addr: opt.Addr, Username: opt.Username, Password: opt.Password, DB: opt.DB, TLSConfig: opt.TLSConfig}, nil
+}
 
 // openRedis parses REDIS_URL into a UniversalClient: one Redis, Sentinel
 // (redis-sentinel://[:pw@]host:port[,host:port]/db?master=name) or Cluster
@@ -207,6 +239,27 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 // nil) plus any extra routes on addr until ctx is done. It returns once the
 // listener is bound, with a channel that reports the server's end.
 func serveOps(ctx context.Context, addr string, reg *prometheus.Registry, ready func(context.Context) error, logger *slog.Logger, extra func(*http.ServeMux)) (net.Addr, <-chan error, error) {
+	ln, err := listen(addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	return ln.Addr(), serveOpsOn(ctx, ln, reg, ready, logger, extra), nil
+}
+
+// listen binds addr with an error that says what to do when it is taken.
+func listen(addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, fmt.Errorf("address %s is already in use (another vaultfleet running?): pick another with --addr", addr)
+		}
+		return nil, fmt.Errorf("listen on %s: %v", addr, err)
+	}
+	return ln, nil
+}
+
+// serveOpsOn is serveOps on a listener the caller bound.
+func serveOpsOn(ctx context.Context, ln net.Listener, reg *prometheus.Registry, ready func(context.Context) error, logger *slog.Logger, extra func(*http.ServeMux)) <-chan error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -223,10 +276,6 @@ func serveOps(ctx context.Context, addr string, reg *prometheus.Registry, ready 
 	})
 	if extra != nil {
 		extra(mux)
-	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, nil, fmt.Errorf("listen on %s: %v", addr, err)
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	done := make(chan error, 1)
@@ -245,7 +294,7 @@ func serveOps(ctx context.Context, addr string, reg *prometheus.Registry, ready 
 			logger.Warn("http shutdown", slog.String("error", err.Error()))
 		}
 	}()
-	return ln.Addr(), done, nil
+	return done
 }
 
 // redisReady is the /readyz check of a process that needs Redis.

@@ -3,9 +3,418 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/api"
+	"github.com/vaultfleet/vaultfleet/internal/auth"
+	"github.com/vaultfleet/vaultfleet/internal/events"
+	"github.com/vaultfleet/vaultfleet/internal/monitor"
+	"github.com/vaultfleet/vaultfleet/internal/obs"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
+	"github.com/vaultfleet/vaultfleet/internal/sim"
+	"github.com/vaultfleet/vaultfleet/internal/ui"
+	"github.com/vaultfleet/vaultfleet/scheduler"
+	"github.com/vaultfleet/vaultfleet/state"
+	"github.com/vaultfleet/vaultfleet/tasks"
+	"github.com/vaultfleet/vaultfleet/worker"
 )
 
-// runDev is replaced by its issue's implementation.
-func runDev(ctx context.Context, args []string, env Env) error {
-	return errors.New("not built yet")
+const defaultDevAddr = "127.0.0.1:8080"
+
+var devEnvHelp = [][2]string{
+	{envRedisURL, "use this Redis instead of the embedded one"},
+	{secrets.EnvKeys, "credential encryption keys (default: a fresh key for this run only)"},
+	{envAPITokens, "require these API tokens (default: none, and dev listens on loopback only)"},
+	{envAddr, "listen address (same as --addr; default " + defaultDevAddr + ")"},
+	{envWebhooks, "webhook subscriptions file (optional)"},
 }
+
+// devOptions are the dev command's flags.
+type devOptions struct {
+	addr          string
+	consumers     int
+	speed         float64
+	concurrency   int
+	summaryEvery  time.Duration
+	logLevel      string
+	tenantAfter   time.Duration
+	providersOnly bool
+}
+
+// runDev runs the whole fleet in one process: an embedded Redis (or
+// REDIS_URL), simulated providers, demo connections, scheduler, worker,
+// API, Asynq monitor, status page and metrics.
+func runDev(ctx context.Context, args []string, env Env) error {
+	fs := newFlagSet("dev", "Run the whole fleet in one process on an embedded Redis, with simulated providers and demo connections.", env, devEnvHelp)
+	var o devOptions
+	fs.StringVar(&o.addr, "addr", or(env.Getenv(envAddr), defaultDevAddr), "listen address for the API, monitor, status page and metrics ($"+envAddr+")")
+	fs.IntVar(&o.consumers, "consumers", sim.DefaultConsumers, "demo consumers to seed")
+	fs.Float64Var(&o.speed, "speed", sim.DefaultSpeed, "time scale of the simulated providers (2 = twice as fast; above 1 is for tests)")
+	fs.IntVar(&o.concurrency, "concurrency", 20, "worker concurrency")
+	fs.DurationVar(&o.summaryEvery, "summary", 5*time.Second, "how often to print the summary line (0: never)")
+	fs.StringVar(&o.logLevel, "log-level", "error", "log level (warn shows retries, info every task)")
+	fs.DurationVar(&o.tenantAfter, "tenant-after", 40*time.Second, "when demo Xero connections get their tenant chosen (some stay authorized)")
+	fs.BoolVar(&o.providersOnly, "providers-only", false, "run only the simulated providers and print their catalog (for docker-compose's sim profile)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if o.consumers < sim.MinConsumers {
+		return fmt.Errorf("--consumers must be at least %d", sim.MinConsumers)
+	}
+	if o.speed <= 0 {
+		return errors.New("--speed must be positive")
+	}
+	if o.concurrency < 1 {
+		return errors.New("--concurrency must be at least 1")
+	}
+	logger, err := newLogger(env.Stderr, "text", o.logLevel)
+	if err != nil {
+		return err
+	}
+	if o.providersOnly {
+		return runProvidersOnly(ctx, o, env, logger)
+	}
+
+	// Bind first: a second dev on the same port fails before it starts
+	// anything else.
+	tokenSpec := env.Getenv(envAPITokens)
+	var tokens *auth.Tokens
+	if strings.TrimSpace(tokenSpec) != "" {
+		if tokens, err = auth.ParseTokens(tokenSpec); err != nil {
+			return err
+		}
+	} else if !loopbackAddr(o.addr) {
+		return fmt.Errorf("--addr %s is not a loopback address: set %s to serve the API there", o.addr, envAPITokens)
+	}
+	ln, err := listen(o.addr)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+
+	rdb, connOpt, stopRedis, embedded, err := devRedis(env.Getenv(envRedisURL))
+	if err != nil {
+		return err
+	}
+	defer stopRedis()
+
+	keySpec := env.Getenv(secrets.EnvKeys)
+	if keySpec == "" {
+		keySpec = secrets.NewKey("dev")
+	}
+	keys, err := secrets.ParseKeyring(keySpec)
+	if err != nil {
+		return err
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	providers, err := sim.Start(gctx, sim.Config{Speed: o.speed, Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer providers.Close()
+	cat, err := catalog.Parse(providers.CatalogYAML())
+	if err != nil {
+		return fmt.Errorf("dev catalog: %w", err)
+	}
+	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Logger: logger})
+	if err != nil {
+		return err
+	}
+
+	a := &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: store}
+	reg := newRegistry()
+	a.Registry = reg
+	client := asynq.NewClientFromRedisClient(rdb)
+	defer client.Close()
+	inspector := asynq.NewInspectorFromRedisClient(rdb)
+	defer inspector.Close()
+
+	clientEnv := providers.ClientEnv()
+	getenv := func(k string) string {
+		if v, ok := clientEnv[k]; ok {
+			return v
+		}
+		return env.Getenv(k)
+	}
+	subs, err := loadSubscriptions(env.Getenv(envWebhooks), env.Getenv)
+	if err != nil {
+		return err
+	}
+	delivery, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Subscriptions: subs, Logger: logger, Registerer: reg})
+	if err != nil {
+		return err
+	}
+	wk, err := worker.New(worker.Config{
+		Store: store, Catalog: cat, Redis: rdb, Concurrency: o.concurrency,
+		ShutdownTimeout: 3 * time.Second, Getenv: getenv, Logger: logger, Registerer: reg,
+		Extra: map[string]asynq.Handler{tasks.TypeWebhookDeliver: delivery},
+	})
+	if err != nil {
+		return err
+	}
+	relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: client, Subscriptions: subs, StartID: "$", Logger: logger, Registerer: reg})
+	if err != nil {
+		return err
+	}
+	sched, err := scheduler.New(scheduler.Config{
+		Store: store, Catalog: cat, Client: client, Inspector: inspector,
+		Tick: time.Second, Lease: 30 * time.Second, Logger: logger, Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	notifier := scheduler.NewNotifier(client, cat)
+	apiCfg := api.Config{Store: store, Catalog: cat, Notifier: notifier, Enqueuer: client, Logger: logger, Registerer: reg}
+	var browser func(*http.Request) bool
+	if tokens != nil {
+		apiCfg.Tokens = parseTokens(tokenSpec)
+		browser = tokens.Browser
+	} else {
+		apiCfg.AllowNoAuth = true
+	}
+	apiHandler, err := api.New(apiCfg)
+	if err != nil {
+		return err
+	}
+	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, Authorize: browser,
+		PrometheusAddress: env.Getenv(envPrometheusURL)})
+	if err != nil {
+		return err
+	}
+	defer mon.Close()
+	page := ui.New(ui.Config{Store: store, Catalog: cat, QueuesFunc: queueDepths(inspector),
+		MonitorPath: monitor.DefaultRootPath, Authorize: browser, Title: "vaultfleet dev", Logger: logger})
+	reg.MustRegister(obs.NewConnectionsCollector(store, cat, logger))
+	if err := obs.RegisterQueueMetrics(reg, inspector); err != nil {
+		return err
+	}
+
+	done := serveOpsOn(gctx, ln, reg, redisReady(rdb), logger, func(mux *http.ServeMux) {
+		mountAPI(mux, apiHandler)
+		mux.Handle(monitor.DefaultRootPath+"/", mon)
+		mux.Handle(monitor.DefaultRootPath, mon)
+		mux.Handle("GET /{$}", page)
+	})
+	g.Go(func() error { return <-done })
+	g.Go(func() error { return wk.Run(gctx) })
+	g.Go(func() error { return sched.Run(gctx) })
+	g.Go(func() error { return relay.Run(gctx) })
+
+	seeded, err := sim.Seed(gctx, store, providers, o.consumers)
+	if err != nil {
+		return fmt.Errorf("seed demo connections: %w", err)
+	}
+	// Validate what was seeded at once, as the API does after a write.
+	for _, sc := range seeded {
+		if !sc.Written {
+			continue
+		}
+		t, err := tasks.NewValidateTask(sc.Ref.ConsumerID, sc.Ref.ConnectionID, tasks.ReasonCredentialsChanged, fmt.Sprintf("rev%d", sc.Version))
+		if err == nil {
+			_, err = client.EnqueueContext(gctx, t)
+		}
+		if err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
+			logger.Warn("enqueue first validation", slog.String("connection_id", sc.Ref.ConnectionID), slog.String("error", err.Error()))
+		}
+	}
+	g.Go(func() error { return chooseTenants(gctx, o.tenantAfter, store, notifier, seeded, logger) })
+
+	base := "http://" + ln.Addr().String()
+	printBanner(env.Stdout, base, embedded, tokens != nil, len(seeded))
+	if o.summaryEvery > 0 {
+		g.Go(func() error { return printSummaries(gctx, env.Stdout, o.summaryEvery, store, inspector, providers) })
+	}
+
+	err = g.Wait()
+	if ctx.Err() != nil {
+		fmt.Fprintln(env.Stdout, "vaultfleet dev: stopped")
+		return nil
+	}
+	return err
+}
+
+const envPrometheusURL = "VAULTFLEET_PROMETHEUS_URL"
+
+func init() { knownEnv[envPrometheusURL] = true }
+
+// mountAPI puts the API handler on its routes.
+func mountAPI(mux *http.ServeMux, h http.Handler) {
+	mux.Handle("/v1/", h)
+	mux.Handle("GET /openapi.yaml", h)
+}
+
+// devRedis opens REDIS_URL when set, else starts an embedded miniredis on
+// loopback.
+func devRedis(url string) (rdb redis.UniversalClient, opt asynq.RedisConnOpt, stop func(), embedded bool, err error) {
+	if url != "" {
+		if rdb, err = openRedis(url); err != nil {
+			return nil, nil, nil, false, err
+		}
+		if opt, err = asynqConnOpt(url); err != nil {
+			_ = rdb.Close()
+			return nil, nil, nil, false, err
+		}
+		return rdb, opt, func() { _ = rdb.Close() }, false, nil
+	}
+	m := miniredis.NewMiniRedis()
+	if err := m.StartAddr("127.0.0.1:0"); err != nil {
+		return nil, nil, nil, false, fmt.Errorf("start embedded redis: %v", err)
+	}
+	c := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	return c, asynq.RedisClientOpt{Addr: m.Addr()}, func() { _ = c.Close(); m.Close() }, true, nil
+}
+
+// loopbackAddr reports whether addr binds only to a loopback address.
+func loopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func loadSubscriptions(path string, getenv func(string) string) ([]events.Subscription, error) {
+	if path == "" {
+		return nil, nil
+	}
+	return events.LoadSubscriptions(path, getenv)
+}
+
+// queueDepths reads the queues for the status page.
+func queueDepths(in *asynq.Inspector) func(context.Context) ([]ui.Queue, error) {
+	return func(context.Context) ([]ui.Queue, error) {
+		var out []ui.Queue
+		for _, q := range []string{tasks.QueueCritical, tasks.QueueDefault, tasks.QueueLow, tasks.QueueEvents} {
+			info, err := in.GetQueueInfo(q)
+			if err != nil {
+				if errors.Is(err, asynq.ErrQueueNotFound) {
+					out = append(out, ui.Queue{Name: q})
+					continue
+				}
+				return out, err
+			}
+			out = append(out, ui.Queue{Name: q, Pending: info.Pending, Active: info.Active, Scheduled: info.Scheduled,
+				Retry: info.Retry, Archived: info.Archived, Processed: info.Processed, Failed: info.Failed})
+		}
+		return out, nil
+	}
+}
+
+// chooseTenants picks the Xero tenant of the demo connections that are to
+// become callable, after a while, as a consumer would.
+func chooseTenants(ctx context.Context, after time.Duration, store *state.Store, n *scheduler.Notifier, seeded []sim.SeededConnection, logger *slog.Logger) error {
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-time.After(after):
+	}
+	kept := false
+	for _, sc := range seeded {
+		if sc.TenantID == "" || sc.Then != state.Callable {
+			continue
+		}
+		if !kept { // one stays authorized, so the state keeps showing
+			kept = true
+			continue
+		}
+		ch, err := sim.ChooseTenant(ctx, store, sc)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			logger.Warn("choose tenant", slog.String("connection_id", sc.Ref.ConnectionID), slog.String("error", err.Error()))
+			continue
+		}
+		if err := n.Notify(ctx, ch); err != nil {
+			logger.Warn("notify", slog.String("error", err.Error()))
+		}
+	}
+	return nil
+}
+
+func printBanner(w io.Writer, base string, embedded, authOn bool, seeded int) {
+	redisNote := "embedded Redis (miniredis; nothing is kept after exit)"
+	if !embedded {
+		redisNote = "Redis from " + envRedisURL
+	}
+	authNote := "no token needed (loopback only; set " + envAPITokens + " to require one)"
+	if authOn {
+		authNote = "Authorization: Bearer <one of " + envAPITokens + ">; browsers: any user, a token as password"
+	}
+	fmt.Fprintf(w, `vaultfleet dev: the whole fleet in one process on %s
+  status page  %s/
+  API          %s/v1/connections      (%s)
+  one consumer %s/v1/consumers/acme/connections
+  OpenAPI      %s/openapi.yaml
+  monitor      %s/monitor/
+  metrics      %s/metrics
+seeded %d demo connections; simulated providers: Salesforce-like, BambooHR-like, Xero-like, and a flaky Pipedrive-like one.
+Ctrl-C stops.
+`, redisNote, base, base, authNote, base, base, base, base, seeded)
+}
+
+// printSummaries prints one line every interval: connections per state,
+// provider calls, tasks queued.
+func printSummaries(ctx context.Context, w io.Writer, every time.Duration, store *state.Store, in *asynq.Inspector, p *sim.Providers) error {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var mu sync.Mutex
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		counts, err := store.Counts(ctx)
+		if err != nil {
+			continue
+		}
+		per := map[state.State]int64{}
+		for k, n := range counts {
+			per[k.State] += n
+		}
+		queued := 0
+		qs, _ := queueDepths(in)(ctx)
+		for _, q := range qs {
+			queued += q.Pending + q.Scheduled + q.Retry + q.Active
+		}
+		tot := p.Stats().Total()
+		mu.Lock()
+		fmt.Fprintf(w, "%s  added=%d authorized=%d invalid=%d callable=%d | checks=%d refreshes=%d rotations=%d | provider 5xx=%d 429=%d | tasks queued=%d\n",
+			time.Now().Format("15:04:05"), per[state.Added], per[state.Authorized], per[state.Invalid], per[state.Callable],
+			tot.Checks, tot.Refreshes, tot.Rotations, tot.ServerErrors, tot.Throttled, queued)
+		mu.Unlock()
+	}
+}
+
+// runProvidersOnly serves the simulated providers and prints the catalog
+// that points at them, for docker-compose's sim profile.
+func runProvidersOnly(ctx context.Context, o devOptions, env Env, logger *slog.Logger) error {
+	p, err := sim.Start(ctx, sim.Config{Speed: o.speed, Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	fmt.Fprintf(env.Stdout, "# simulated providers; catalog:\n%s", p.CatalogYAML())
+	<-ctx.Done()
+	return nil
+}
+
