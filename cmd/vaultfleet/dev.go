@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -302,13 +303,17 @@ func loadSubscriptions(path string, getenv func(string) string) ([]events.Subscr
 func queueDepths(in *asynq.Inspector) func(context.Context) ([]ui.Queue, error) {
 	return func(context.Context) ([]ui.Queue, error) {
 		var out []ui.Queue
+		known, err := in.Queues()
+		if err != nil {
+			return nil, err
+		}
 		for _, q := range []string{tasks.QueueCritical, tasks.QueueDefault, tasks.QueueLow, tasks.QueueEvents} {
+			if !slices.Contains(known, q) {
+				out = append(out, ui.Queue{Name: q}) // nothing enqueued there yet
+				continue
+			}
 			info, err := in.GetQueueInfo(q)
 			if err != nil {
-				if errors.Is(err, asynq.ErrQueueNotFound) {
-					out = append(out, ui.Queue{Name: q})
-					continue
-				}
 				return out, err
 			}
 			out = append(out, ui.Queue{Name: q, Pending: info.Pending, Active: info.Active, Scheduled: info.Scheduled,
