@@ -422,4 +422,3 @@ func runProvidersOnly(ctx context.Context, o devOptions, env Env, logger *slog.L
 	<-ctx.Done()
 	return nil
 }
-

@@ -1,0 +1,307 @@
+// Package api is the HTTP API of vaultfleet (`vaultfleet serve`): the
+// Vault-style reads of connections and the writes a consumer's actions
+// produce, behind bearer-token authentication.
+//
+// Routes (all under /v1 need a token; /openapi.yaml does not):
+//
+//	GET    /v1/consumers/{consumer_id}/connections
+//	GET    /v1/connections?state=&service_id=&unified_api=&limit=&cursor=
+//	GET    /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}
+//	PUT    /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}
+//	PATCH  /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}
+//	DELETE /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}
+//	POST   /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}/validate
+//	POST   /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}/refresh
+//	GET    /openapi.yaml
+//
+// The OpenAPI document (openapi.yaml, embedded) describes every route,
+// body and status. Every error has one envelope,
+// {"error":{"code":"...","message":"..."}}, and no response ever carries a
+// credential value: a connection shows which credential fields are set,
+// never what they hold.
+package api
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/state"
+)
+
+//go:embed openapi.yaml
+var openAPIDoc []byte
+
+// OpenAPI returns the embedded OpenAPI 3 document served at /openapi.yaml.
+func OpenAPI() []byte { return append([]byte(nil), openAPIDoc...) }
+
+// Defaults of Config.
+const (
+	// DefaultMaxBodyBytes caps a request body (1 MiB).
+	DefaultMaxBodyBytes = 1 << 20
+	// DefaultListLimit is the page size of GET /v1/connections without limit.
+	DefaultListLimit = 100
+	// MaxListLimit is the largest page size a caller may ask for.
+	MaxListLimit = 1000
+	// DefaultNotifyTimeout bounds the Notifier call after a write.
+	DefaultNotifyTimeout = 5 * time.Second
+)
+
+// Store is what the API uses of *state.Store.
+type Store interface {
+	Get(ctx context.Context, ref state.Ref) (*state.Connection, error)
+	ListConsumer(ctx context.Context, consumerID string) ([]*state.Connection, error)
+	List(ctx context.Context, f state.Filter, cursor string, limit int) ([]*state.Connection, string, error)
+	Put(ctx context.Context, ref state.Ref, in state.Input, ifVersion int64) (state.Change, error)
+	Patch(ctx context.Context, ref state.Ref, in state.Input, ifVersion int64) (state.Change, error)
+	Delete(ctx context.Context, ref state.Ref, ifVersion int64) (state.Change, error)
+}
+
+var _ Store = (*state.Store)(nil)
+
+// Notifier enqueues what a successful write calls for (a validation after a
+// credential change or an enable). scheduler.Notifier is the real one.
+type Notifier interface {
+	Notify(ctx context.Context, ch state.Change) error
+}
+
+// Enqueuer enqueues tasks; *asynq.Client is one.
+type Enqueuer interface {
+	EnqueueContext(ctx context.Context, task *asynq.Task, opts ...asynq.Option) (*asynq.TaskInfo, error)
+}
+
+var _ Enqueuer = (*asynq.Client)(nil)
+
+// Config configures the handler. Store, Catalog, Notifier and Enqueuer are
+// required; so is at least one token unless AllowNoAuth.
+type Config struct {
+	// Store reads and writes connections.
+	Store Store
+	// Catalog resolves integrations.
+	Catalog *catalog.Catalog
+	// Notifier is called after every successful write; a failure is
+	// logged (the store's due indexes catch a lost enqueue).
+	Notifier Notifier
+	// Enqueuer enqueues the validate and refresh tasks of POST .../validate
+	// and .../refresh.
+	Enqueuer Enqueuer
+	// Tokens are the accepted bearer tokens.
+	Tokens []string
+	// AllowNoAuth, with no Tokens, lets requests from loopback addresses
+	// through without a token (development only). Requests from any other
+	// address still get 401.
+	AllowNoAuth bool
+	// Logger, if nil, discards.
+	Logger *slog.Logger
+	// Registerer receives the HTTP metrics. If nil, they are not exported.
+	Registerer prometheus.Registerer
+	// MaxBodyBytes caps request bodies. If zero, DefaultMaxBodyBytes.
+	MaxBodyBytes int64
+	// NotifyTimeout bounds a Notify call. If zero, DefaultNotifyTimeout.
+	NotifyTimeout time.Duration
+	// NowFunc is the clock health is derived at. If nil, time.Now.
+	NowFunc func() time.Time
+}
+
+func (c Config) withDefaults() Config {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if c.Registerer == nil {
+		c.Registerer = prometheus.NewRegistry()
+	}
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if c.NotifyTimeout <= 0 {
+		c.NotifyTimeout = DefaultNotifyTimeout
+	}
+	if c.NowFunc == nil {
+		c.NowFunc = time.Now
+	}
+	return c
+}
+
+func (c Config) validate() error {
+	switch {
+	case c.Store == nil:
+		return errors.New("api: Config.Store is required")
+	case c.Catalog == nil:
+		return errors.New("api: Config.Catalog is required")
+	case c.Notifier == nil:
+		return errors.New("api: Config.Notifier is required")
+	case c.Enqueuer == nil:
+		return errors.New("api: Config.Enqueuer is required")
+	case len(c.Tokens) == 0 && !c.AllowNoAuth:
+		return errors.New("api: no API token configured")
+	}
+	for i, t := range c.Tokens {
+		if strings.TrimSpace(t) == "" || strings.ContainsAny(t, " \t\r\n,") {
+			return fmt.Errorf("api: token %d is empty or contains spaces or commas", i+1)
+		}
+	}
+	return nil
+}
+
+// server holds the handler's dependencies.
+type server struct {
+	cfg     Config
+	tokens  [][sha256.Size]byte
+	metrics *metrics
+	log     *slog.Logger
+}
+
+// route is one pattern the handler serves.
+type route struct {
+	method, path string
+	// auth is false only for /openapi.yaml.
+	auth bool
+	h    http.HandlerFunc
+}
+
+// Path patterns.
+const (
+	pathConsumerConnections = "/v1/consumers/{consumer_id}/connections"
+	pathConnections         = "/v1/connections"
+	pathConnection          = "/v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}"
+	pathValidate            = pathConnection + "/validate"
+	pathRefresh             = pathConnection + "/refresh"
+	pathOpenAPI             = "/openapi.yaml"
+)
+
+func (s *server) routes() []route {
+	return []route{
+		{http.MethodGet, pathConsumerConnections, true, s.listConsumer},
+		{http.MethodGet, pathConnections, true, s.listAll},
+		{http.MethodGet, pathConnection, true, s.getConnection},
+		{http.MethodPut, pathConnection, true, s.putConnection},
+		{http.MethodPatch, pathConnection, true, s.patchConnection},
+		{http.MethodDelete, pathConnection, true, s.deleteConnection},
+		{http.MethodPost, pathValidate, true, s.validateNow},
+		{http.MethodPost, pathRefresh, true, s.refreshNow},
+		{http.MethodGet, pathOpenAPI, false, s.openAPI},
+	}
+}
+
+// Routes lists the "METHOD /path" patterns the handler serves (for tests
+// and documentation checks).
+func Routes() []string {
+	var out []string
+	for _, r := range (&server{}).routes() {
+		out = append(out, r.method+" "+r.path)
+	}
+	return out
+}
+
+// New returns the API handler. Mount it at /v1/ and /openapi.yaml; it
+// answers every other path with 404.
+func New(cfg Config) (http.Handler, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	s := &server{cfg: cfg, log: cfg.Logger}
+	for _, t := range cfg.Tokens {
+		s.tokens = append(s.tokens, sha256.Sum256([]byte(t)))
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	s.metrics = m
+
+	mux := http.NewServeMux()
+	allowed := map[string][]string{}
+	var paths []string
+	for _, r := range s.routes() {
+		h := http.Handler(r.h)
+		if r.auth {
+			h = s.authenticate(h)
+		}
+		mux.Handle(r.method+" "+r.path, s.instrument(r.path, h))
+		if _, ok := allowed[r.path]; !ok {
+			paths = append(paths, r.path)
+		}
+		allowed[r.path] = append(allowed[r.path], r.method)
+	}
+	// A known path with another method: 405 in the envelope (after auth).
+	for _, p := range paths {
+		methods := allowed[p]
+		if slices.Contains(methods, http.MethodGet) {
+			methods = append(methods, http.MethodHead)
+		}
+		allow := strings.Join(methods, ", ")
+		h := http.Handler(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, codeMethodNotAllowed, "method not allowed; allowed: "+allow)
+		}))
+		if p != pathOpenAPI {
+			h = s.authenticate(h)
+		}
+		mux.Handle(p, s.instrument(p, h))
+	}
+	notFound := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		writeError(w, http.StatusNotFound, codeNotFound, "no such route")
+	})
+	mux.Handle("/v1/", s.instrument("unmatched", s.authenticate(notFound)))
+	mux.Handle("/", s.instrument("unmatched", notFound))
+	return mux, nil
+}
+
+// authenticate requires a valid bearer token. Every configured token is
+// compared (SHA-256 digests in constant time, so neither the token nor its
+// length leaks through timing).
+func (s *server) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(s.tokens) == 0 && s.cfg.AllowNoAuth && isLoopback(r.RemoteAddr) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		h := r.Header.Get("Authorization")
+		scheme, tok, ok := strings.Cut(h, " ")
+		if h == "" || !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet"`)
+			writeError(w, http.StatusUnauthorized, codeUnauthorized, "missing bearer token")
+			return
+		}
+		sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+		match := 0
+		for i := range s.tokens {
+			match |= subtle.ConstantTimeCompare(sum[:], s.tokens[i][:])
+		}
+		if match != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet", error="invalid_token"`)
+			writeError(w, http.StatusUnauthorized, codeUnauthorized, "invalid bearer token")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func isLoopback(remoteAddr string) bool {
+	host, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		host = remoteAddr
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func (s *server) openAPI(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/yaml")
+	_, _ = w.Write(openAPIDoc)
+}

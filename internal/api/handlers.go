@@ -1,0 +1,575 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"maps"
+	"mime"
+	"net/http"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/state"
+	"github.com/vaultfleet/vaultfleet/tasks"
+)
+
+// idRE is the shape of a unified API or service id.
+var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+
+type dataBody struct {
+	Data any `json:"data"`
+}
+
+type listBody struct {
+	Data []connectionView `json:"data"`
+	Meta listMeta         `json:"meta"`
+}
+
+type listMeta struct {
+	// NextCursor is null on the last page.
+	NextCursor *string `json:"next_cursor"`
+}
+
+type taskView struct {
+	TaskID string `json:"task_id"`
+	Queue  string `json:"queue"`
+	// AlreadyQueued is true when the same task was already waiting.
+	AlreadyQueued bool `json:"already_queued"`
+}
+
+// writeBody is the body of PUT and PATCH.
+type writeBody struct {
+	Enabled     *bool             `json:"enabled"`
+	Credentials map[string]string `json:"credentials"`
+	Settings    map[string]string `json:"settings"`
+}
+
+// target is the connection a request names.
+type target struct {
+	ref state.Ref
+	in  *catalog.Integration
+}
+
+// consumerID reads and checks {consumer_id}.
+func consumerID(r *http.Request) (string, error) {
+	id := r.PathValue("consumer_id")
+	if !tasks.ValidConsumerID(id) {
+		return "", errf(http.StatusBadRequest, codeInvalidID,
+			"consumer_id must be 1 to 128 letters, digits or . _ : @ -, starting with a letter or digit")
+	}
+	return id, nil
+}
+
+// lookup finds an integration by unified API and service id.
+func (s *server) lookup(unifiedAPI, serviceID string) (*catalog.Integration, bool) {
+	in, ok := s.cfg.Catalog.Get(serviceID)
+	if !ok || in.UnifiedAPI != unifiedAPI {
+		return nil, false
+	}
+	return in, true
+}
+
+// target reads and checks the consumer, unified API and service of a
+// connection route.
+func (s *server) target(r *http.Request) (target, error) {
+	cid, err := consumerID(r)
+	if err != nil {
+		return target{}, err
+	}
+	u, sid := r.PathValue("unified_api"), r.PathValue("service_id")
+	if !idRE.MatchString(u) || !idRE.MatchString(sid) {
+		return target{}, errf(http.StatusBadRequest, codeInvalidID,
+			"unified_api and service_id must be lower-case letters, digits, _ or -")
+	}
+	in, ok := s.lookup(u, sid)
+	if !ok {
+		return target{}, errf(http.StatusNotFound, codeUnknownIntegration,
+			"no integration "+sid+" in unified API "+u)
+	}
+	return target{ref: state.Ref{ConsumerID: cid, ConnectionID: state.ConnectionID(u, sid)}, in: in}, nil
+}
+
+func (s *server) listConsumer(w http.ResponseWriter, r *http.Request) {
+	cid, err := consumerID(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	conns, err := s.cfg.Store.ListConsumer(r.Context(), cid)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	now := s.cfg.NowFunc()
+	stored := make(map[string]*state.Connection, len(conns))
+	for _, c := range conns {
+		stored[c.ID] = c
+	}
+	out := make([]connectionView, 0, len(s.cfg.Catalog.Integrations)+len(conns))
+	for _, in := range s.cfg.Catalog.Integrations {
+		id := state.ConnectionID(in.UnifiedAPI, in.ID)
+		out = append(out, view(cid, stored[id], in, now))
+		delete(stored, id)
+	}
+	// Connections whose integration left the catalog are still shown.
+	for _, c := range stored {
+		out = append(out, view(cid, c, nil, now))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	writeJSON(w, http.StatusOK, dataBody{Data: out})
+}
+
+var listParams = []string{"state", "service_id", "unified_api", "limit", "cursor"}
+
+func (s *server) listAll(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	for k, v := range q {
+		if !slices.Contains(listParams, k) {
+			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
+				"unknown query parameter "+strconv.Quote(truncate(k))+"; known: "+strings.Join(listParams, ", ")))
+			return
+		}
+		if len(v) > 1 {
+			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery, "query parameter "+k+" given more than once"))
+			return
+		}
+	}
+	var f state.Filter
+	if v := q.Get("state"); v != "" {
+		st := state.State(v)
+		if !slices.Contains(state.States, st) || st == state.Available {
+			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
+				"state must be one of added, authorized, invalid, callable (available connections are not stored: list a consumer's connections to see them)"))
+			return
+		}
+		f.State = st
+	}
+	for _, p := range []struct {
+		name string
+		dst  *string
+	}{{"service_id", &f.ServiceID}, {"unified_api", &f.UnifiedAPI}} {
+		if v := q.Get(p.name); v != "" {
+			if !idRE.MatchString(v) {
+				s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery, p.name+" must be lower-case letters, digits, _ or -"))
+				return
+			}
+			*p.dst = v
+		}
+	}
+	limit := DefaultListLimit
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > MaxListLimit {
+			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
+				"limit must be an integer from 1 to "+strconv.Itoa(MaxListLimit)))
+			return
+		}
+		limit = n
+	}
+	conns, next, err := s.cfg.Store.List(r.Context(), f, q.Get("cursor"), limit)
+	if err != nil {
+		var fe *state.FieldError
+		if errors.As(err, &fe) {
+			err = errf(http.StatusBadRequest, codeInvalidQuery, fe.Field+": "+fe.Msg)
+		}
+		s.fail(w, r, err)
+		return
+	}
+	now := s.cfg.NowFunc()
+	out := listBody{Data: make([]connectionView, 0, len(conns))}
+	for _, c := range conns {
+		in, _ := s.lookup(c.UnifiedAPI, c.ServiceID)
+		out.Data = append(out.Data, view(c.ConsumerID, c, in, now))
+	}
+	if next != "" {
+		out.Meta.NextCursor = &next
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *server) getConnection(w http.ResponseWriter, r *http.Request) {
+	t, err := s.target(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	c, err := s.cfg.Store.Get(r.Context(), t.ref)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.writeConnection(w, http.StatusOK, t, c)
+}
+
+func (s *server) writeConnection(w http.ResponseWriter, status int, t target, c *state.Connection) {
+	if c != nil {
+		w.Header().Set("ETag", etag(c.Version))
+	}
+	writeJSON(w, status, dataBody{Data: view(t.ref.ConsumerID, c, t.in, s.cfg.NowFunc())})
+}
+
+func etag(version int64) string { return `"` + strconv.FormatInt(version, 10) + `"` }
+
+func (s *server) putConnection(w http.ResponseWriter, r *http.Request) {
+	s.write(w, r, false)
+}
+
+func (s *server) patchConnection(w http.ResponseWriter, r *http.Request) {
+	s.write(w, r, true)
+}
+
+// write serves PUT (patch false) and PATCH. Everything is checked before
+// the store is called, and the store writes in one atomic step, so an
+// error leaves nothing half-written.
+func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
+	t, err := s.target(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ifVersion, err := ifMatch(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	var body writeBody
+	if err := s.decode(w, r, &body); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if err := checkInput(t.in, body); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	in := state.Input{Enabled: body.Enabled, Credentials: body.Credentials, Settings: body.Settings}
+	var ch state.Change
+	if patch {
+		ch, err = s.cfg.Store.Patch(r.Context(), t.ref, in, ifVersion)
+	} else {
+		ch, err = s.cfg.Store.Put(r.Context(), t.ref, in, ifVersion)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.notify(r, ch)
+	status := http.StatusOK
+	if ch.Before == nil {
+		status = http.StatusCreated
+		w.Header().Set("Location", r.URL.EscapedPath())
+	}
+	s.writeConnection(w, status, t, ch.After)
+}
+
+func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request) {
+	t, err := s.target(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ifVersion, err := ifMatch(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ch, err := s.cfg.Store.Delete(r.Context(), t.ref, ifVersion)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.notify(r, ch)
+	s.writeConnection(w, http.StatusOK, t, nil)
+}
+
+// notify hands a successful write to the Notifier. The write is done: a
+// failure is logged, not returned (the due indexes catch a lost enqueue),
+// and a client that went away does not cancel it.
+func (s *server) notify(r *http.Request, ch state.Change) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), s.cfg.NotifyTimeout)
+	defer cancel()
+	if err := s.cfg.Notifier.Notify(ctx, ch); err != nil {
+		c := ch.After
+		if c == nil {
+			c = ch.Before
+		}
+		attrs := []any{slog.String("error", err.Error())}
+		if c != nil {
+			attrs = append(attrs, slog.String("consumer_id", c.ConsumerID), slog.String("connection_id", c.ID))
+		}
+		s.log.WarnContext(ctx, "api: notify after write failed", attrs...)
+	}
+}
+
+func (s *server) validateNow(w http.ResponseWriter, r *http.Request) {
+	s.enqueueNow(w, r, tasks.TypeValidate)
+}
+
+func (s *server) refreshNow(w http.ResponseWriter, r *http.Request) {
+	s.enqueueNow(w, r, tasks.TypeRefreshToken)
+}
+
+// enqueueNow serves POST .../validate and .../refresh: an on-demand task on
+// the critical queue. A validation is deduped per connection version, a
+// refresh per access token (its expiry, as the scheduler does), so that
+// repeated clicks queue one task.
+func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) {
+	t, err := s.target(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	c, err := s.cfg.Store.Get(r.Context(), t.ref)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	switch {
+	case typ == tasks.TypeRefreshToken && t.in.AuthType != catalog.AuthOAuth2:
+		s.fail(w, r, errf(http.StatusUnprocessableEntity, codeNotOAuth,
+			t.in.ID+" authenticates with "+string(t.in.AuthType)+": it has no token to refresh"))
+		return
+	case typ == tasks.TypeRefreshToken && c.Credentials.RefreshToken == "":
+		s.fail(w, r, errf(http.StatusUnprocessableEntity, codeNoRefreshToken, "the connection has no refresh token"))
+		return
+	case !c.Enabled:
+		s.fail(w, r, errf(http.StatusConflict, codeConnectionDisabled, "the connection is disabled; enable it first"))
+		return
+	case !t.in.Checkable():
+		s.fail(w, r, errf(http.StatusUnprocessableEntity, codeIntegrationInactive,
+			"connector status "+string(t.in.Status)+" is not checked or refreshed (only live and beta are)"))
+		return
+	}
+	if typ == tasks.TypeValidate {
+		switch st, health := state.Derive(c, t.in, s.cfg.NowFunc()); {
+		case st == state.Added && health == state.HealthNeedsAuth:
+			s.fail(w, r, errf(http.StatusUnprocessableEntity, codeIncomplete, "the connection has no credentials to validate"))
+			return
+		case health == state.HealthMissingSettings:
+			s.fail(w, r, errf(http.StatusUnprocessableEntity, codeIncomplete, "a required setting is missing; set it first"))
+			return
+		}
+	}
+	var task *asynq.Task
+	var key string
+	if typ == tasks.TypeValidate {
+		key = "od" + strconv.FormatInt(c.Version, 10)
+		task, err = tasks.NewValidateTask(c.ConsumerID, c.ID, tasks.ReasonOnDemand, key)
+	} else {
+		key = strconv.FormatInt(c.Credentials.ExpiresAt.Unix(), 10)
+		if c.Credentials.ExpiresAt.IsZero() {
+			key = "0"
+		}
+		task, err = tasks.NewRefreshTask(c.ConsumerID, c.ID, tasks.ReasonOnDemand, key)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := taskView{TaskID: tasks.TaskID(typ, c.ConsumerID, c.ID, key), Queue: tasks.QueueCritical}
+	info, err := s.cfg.Enqueuer.EnqueueContext(r.Context(), task)
+	switch {
+	case errors.Is(err, asynq.ErrTaskIDConflict):
+		out.AlreadyQueued = true
+	case err != nil:
+		s.log.ErrorContext(r.Context(), "api: enqueue failed", slog.String("task_type", typ),
+			slog.String("consumer_id", c.ConsumerID), slog.String("connection_id", c.ID), slog.String("error", err.Error()))
+		s.fail(w, r, errf(http.StatusServiceUnavailable, codeEnqueueFailed, "the task could not be enqueued; try again"))
+		return
+	default:
+		out.TaskID, out.Queue = info.ID, info.Queue
+	}
+	writeJSON(w, http.StatusAccepted, dataBody{Data: out})
+}
+
+// ifMatch reads If-Match: a connection version, bare or quoted. Absent is 0.
+func ifMatch(r *http.Request) (int64, error) {
+	vals := r.Header.Values("If-Match")
+	if len(vals) == 0 {
+		return 0, nil
+	}
+	bad := errf(http.StatusBadRequest, codeInvalidIfMatch, `If-Match must be one connection version, e.g. If-Match: "3"`)
+	if len(vals) > 1 {
+		return 0, bad
+	}
+	v := strings.TrimSpace(vals[0])
+	if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+		v = v[1 : len(v)-1]
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < 1 {
+		return 0, bad
+	}
+	return n, nil
+}
+
+// decode reads a JSON object body into dst: JSON content type, at most
+// MaxBodyBytes, no unknown fields, one value. Error messages never quote
+// the body (it holds credentials).
+func (s *server) decode(w http.ResponseWriter, r *http.Request, dst any) error {
+	if !isJSON(r.Header.Get("Content-Type")) {
+		return errf(http.StatusUnsupportedMediaType, codeUnsupportedMedia, "the body must be JSON (Content-Type: application/json)")
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil {
+		return s.decodeError(err)
+	}
+	var extra json.RawMessage
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return s.decodeError(err)
+		}
+		return errf(http.StatusBadRequest, codeInvalidJSON, "the body must hold exactly one JSON object")
+	}
+	return nil
+}
+
+func (s *server) decodeError(err error) error {
+	var mbe *http.MaxBytesError
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &mbe):
+		return errf(http.StatusRequestEntityTooLarge, codePayloadTooLarge,
+			"the body is larger than "+strconv.FormatInt(mbe.Limit, 10)+" bytes")
+	case errors.Is(err, io.EOF):
+		return errf(http.StatusBadRequest, codeInvalidJSON, "the body is empty; send a JSON object")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return errf(http.StatusBadRequest, codeInvalidJSON, "the body ends in the middle of a JSON value")
+	case errors.As(err, &se):
+		return errf(http.StatusBadRequest, codeInvalidJSON, "malformed JSON at offset "+strconv.FormatInt(se.Offset, 10))
+	case errors.As(err, &te):
+		field := te.Field
+		if field == "" {
+			return errf(http.StatusBadRequest, codeInvalidJSON, "the body must be a JSON object")
+		}
+		parts := strings.Split(field, ".")
+		for i := range parts {
+			parts[i] = safeName(parts[i])
+		}
+		return errf(http.StatusBadRequest, codeInvalidField, strings.Join(parts, ".")+": wrong type (want "+jsonType(te.Type.Kind().String())+")")
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		name, _ := strconv.Unquote(strings.TrimPrefix(err.Error(), "json: unknown field "))
+		return errf(http.StatusBadRequest, codeInvalidField,
+			"unknown field "+strconv.Quote(safeName(name))+"; known: enabled, credentials, settings")
+	}
+	return errf(http.StatusBadRequest, codeInvalidJSON, "the body is not valid JSON")
+}
+
+func jsonType(kind string) string {
+	switch kind {
+	case "bool":
+		return "boolean"
+	case "map", "struct":
+		return "object"
+	case "string":
+		return "string"
+	}
+	return kind
+}
+
+// isJSON accepts application/json and any application/*+json type.
+func isJSON(ct string) bool {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return false
+	}
+	return mt == "application/json" || (strings.HasPrefix(mt, "application/") && strings.HasSuffix(mt, "+json"))
+}
+
+// checkInput checks credential field names and settings before the store
+// sees them (which checks again in its atomic write). Messages name the
+// field when it looks like a field name, never a value.
+func checkInput(in *catalog.Integration, b writeBody) error {
+	allowed := credentialFields(in)
+	for _, k := range slices.Sorted(maps.Keys(b.Credentials)) {
+		if !slices.Contains(allowed, k) {
+			return errf(http.StatusBadRequest, codeInvalidField, "credentials."+safeName(k)+": not a credential field of "+
+				in.ID+" (known: "+strings.Join(allowed, ", ")+")")
+		}
+	}
+	for _, k := range slices.Sorted(maps.Keys(b.Settings)) {
+		i := slices.IndexFunc(in.Settings, func(st catalog.Setting) bool { return st.Name == k })
+		if i < 0 {
+			known := "it has none"
+			if len(in.Settings) > 0 {
+				known = "known: " + strings.Join(settingNames(in), ", ")
+			}
+			return errf(http.StatusBadRequest, codeInvalidSetting, "settings."+safeName(k)+": not a setting of "+in.ID+" ("+known+")")
+		}
+		if b.Settings[k] == "" {
+			continue // clears the setting
+		}
+		if err := in.ValidateSettings(map[string]string{k: b.Settings[k]}); err != nil {
+			if errors.Is(err, catalog.ErrHostNotAllowed) {
+				return errf(http.StatusUnprocessableEntity, codeHostNotAllowed,
+					"settings."+k+": points at a scheme, host or port "+in.ID+" does not allow")
+			}
+			return errf(http.StatusBadRequest, codeInvalidSetting, "settings."+k+": "+settingHint(in.Settings[i].Type))
+		}
+	}
+	return nil
+}
+
+// settingHint says what a setting of a type must look like, without
+// echoing the value (a consumer may have pasted a secret into it).
+func settingHint(typ string) string {
+	switch typ {
+	case catalog.SettingURL:
+		return "want an https://host URL of a host the integration allows, without path, query or user info"
+	case catalog.SettingHost:
+		return "want a plain host name the integration allows"
+	}
+	return "want a single path segment or host label without '/', spaces or control characters"
+}
+
+func settingNames(in *catalog.Integration) []string {
+	out := make([]string, 0, len(in.Settings))
+	for _, st := range in.Settings {
+		out = append(out, st.Name)
+	}
+	return out
+}
+
+var safeNameRE = regexp.MustCompile(`^[a-z0-9_]{1,64}$`)
+
+// safeName echoes a caller's field name only when it looks like one (a
+// short snake_case name), not like a value pasted in the wrong place.
+func safeName(k string) string {
+	if safeNameRE.MatchString(k) {
+		return k
+	}
+	return "(name withheld)"
+}
+
+// credentialFields lists the credential fields a consumer may set.
+func credentialFields(in *catalog.Integration) []string {
+	out := slices.Clone(in.CredentialFields)
+	if in.AuthType == catalog.AuthOAuth2 {
+		for _, f := range []string{catalog.FieldAccessToken, catalog.FieldRefreshToken, catalog.FieldExpiresAt} {
+			if !slices.Contains(out, f) {
+				out = append(out, f)
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
+}

@@ -1,0 +1,389 @@
+package events
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/state"
+	"github.com/vaultfleet/vaultfleet/tasks"
+)
+
+// Defaults of RelayConfig.
+const (
+	DefaultGroup         = "webhooks"
+	DefaultBatch         = 100
+	DefaultBlock         = 2 * time.Second
+	DefaultClaimIdle     = time.Minute
+	DefaultClaimInterval = 30 * time.Second
+	DefaultMaxBackoff    = 30 * time.Second
+	// DefaultConsumerExpiry is how long a consumer of the group with no
+	// pending entries may stay idle before the relay removes it.
+	DefaultConsumerExpiry = 24 * time.Hour
+)
+
+// Enqueuer enqueues tasks; *asynq.Client is one.
+type Enqueuer interface {
+	EnqueueContext(ctx context.Context, task *asynq.Task, opts ...asynq.Option) (*asynq.TaskInfo, error)
+}
+
+var _ Enqueuer = (*asynq.Client)(nil)
+
+// RelayConfig configures a Relay. Client, Enqueuer and Subscriptions are
+// required.
+type RelayConfig struct {
+	// Client reads the stream.
+	Client redis.UniversalClient
+	// Enqueuer enqueues webhook:deliver tasks.
+	Enqueuer Enqueuer
+	// Subscriptions to relay to. With none, Run still acknowledges every
+	// entry, so nothing piles up in the group.
+	Subscriptions []Subscription
+	// Stream is the event stream. If empty, state.DefaultEventStream.
+	Stream string
+	// Group is the consumer group. If empty, DefaultGroup.
+	Group string
+	// StartID is where a newly created group starts: "0" (the default:
+	// every entry still in the stream) or "$" (only new entries).
+	StartID string
+	// Consumer names this relay in the group. If empty,
+	// "<hostname>-<pid>-<random>".
+	Consumer string
+	// Batch is how many entries one read takes. If zero, DefaultBatch.
+	Batch int64
+	// Block is how long one read waits for new entries (and bounds how
+	// long Run takes to return after ctx is done). If zero, DefaultBlock.
+	Block time.Duration
+	// ClaimIdle is how long an entry read by another relay may stay
+	// unacknowledged before this one claims it (XAUTOCLAIM). If zero,
+	// DefaultClaimIdle.
+	ClaimIdle time.Duration
+	// ClaimInterval is how often pending entries of others are claimed.
+	// If zero, DefaultClaimInterval.
+	ClaimInterval time.Duration
+	// ConsumerExpiry: consumers of the group with nothing pending and idle
+	// for longer are deleted. If zero, DefaultConsumerExpiry.
+	ConsumerExpiry time.Duration
+	// MaxBackoff caps the wait after a Redis or enqueue error. If zero,
+	// DefaultMaxBackoff.
+	MaxBackoff time.Duration
+	// Logger, if nil, discards.
+	Logger *slog.Logger
+	// Registerer receives the relay metrics. If nil, not exported.
+	Registerer prometheus.Registerer
+}
+
+// Relay follows the event stream in a consumer group and turns each entry
+// into one webhook:deliver task per matching subscription. An entry is
+// acknowledged only after all its tasks are enqueued (a task id conflict
+// means already enqueued), and entries a dead relay read but never
+// acknowledged are claimed after ClaimIdle: delivery is at least once,
+// and the task ids make it once per event and subscription while the task
+// lives.
+type Relay struct {
+	cfg      RelayConfig
+	log      *slog.Logger
+	enqueued *prometheus.CounterVec
+	entries  prometheus.Counter
+	errors   prometheus.Counter
+}
+
+// NewRelay validates cfg and returns a Relay.
+func NewRelay(cfg RelayConfig) (*Relay, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("events: RelayConfig.Client is required")
+	}
+	if cfg.Enqueuer == nil {
+		return nil, errors.New("events: RelayConfig.Enqueuer is required")
+	}
+	if cfg.Stream == "" {
+		cfg.Stream = state.DefaultEventStream
+	}
+	if cfg.Group == "" {
+		cfg.Group = DefaultGroup
+	}
+	if cfg.StartID == "" {
+		cfg.StartID = "0"
+	}
+	if cfg.Consumer == "" {
+		cfg.Consumer = consumerName()
+	}
+	if cfg.Batch <= 0 {
+		cfg.Batch = DefaultBatch
+	}
+	if cfg.Block <= 0 {
+		cfg.Block = DefaultBlock
+	}
+	if cfg.ClaimIdle <= 0 {
+		cfg.ClaimIdle = DefaultClaimIdle
+	}
+	if cfg.ClaimInterval <= 0 {
+		cfg.ClaimInterval = DefaultClaimInterval
+	}
+	if cfg.ConsumerExpiry <= 0 {
+		cfg.ConsumerExpiry = DefaultConsumerExpiry
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = DefaultMaxBackoff
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	seen := map[string]bool{}
+	for _, s := range cfg.Subscriptions {
+		if !subscriptionNameRE.MatchString(s.Name) || seen[s.Name] {
+			return nil, fmt.Errorf("events: subscription name %q invalid or listed twice", s.Name)
+		}
+		seen[s.Name] = true
+	}
+	r := &Relay{
+		cfg: cfg,
+		log: cfg.Logger.With(slog.String("component", "webhook_relay"), slog.String("consumer", cfg.Consumer)),
+		enqueued: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vaultfleet_webhook_relay_tasks_total",
+			Help: "webhook:deliver tasks the relay enqueued (outcome enqueued, duplicate).",
+		}, []string{"outcome"}),
+		entries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vaultfleet_webhook_relay_entries_total",
+			Help: "Event stream entries the relay acknowledged.",
+		}),
+		errors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vaultfleet_webhook_relay_errors_total",
+			Help: "Redis or enqueue errors the relay backed off on.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{r.enqueued, r.entries, r.errors} {
+		if err := cfg.Registerer.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// Consumer returns the relay's consumer name in the group.
+func (r *Relay) Consumer() string { return r.cfg.Consumer }
+
+func consumerName() string {
+	host, _ := os.Hostname()
+	if host == "" {
+		host = "relay"
+	}
+	b := make([]byte, 4)
+	_, _ = crand.Read(b)
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
+}
+
+// Run relays until ctx is done, then returns nil. Redis and enqueue errors
+// are logged and retried with exponential backoff; nothing read is lost,
+// since an entry is acknowledged only once its tasks are enqueued.
+func (r *Relay) Run(ctx context.Context) error {
+	var failures int
+	groupReady := false
+	var nextClaim time.Time
+	for ctx.Err() == nil {
+		err := func() error {
+			if !groupReady {
+				if err := r.ensureGroup(ctx); err != nil {
+					return err
+				}
+				groupReady = true
+			}
+			if now := time.Now(); !now.Before(nextClaim) {
+				if err := r.claim(ctx); err != nil {
+					return err
+				}
+				r.expireConsumers(ctx)
+				nextClaim = now.Add(r.cfg.ClaimInterval)
+			}
+			return r.step(ctx)
+		}()
+		if err == nil {
+			failures = 0
+			continue
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		if isNoGroup(err) {
+			groupReady = false
+		}
+		failures++
+		r.errors.Inc()
+		d := backoff(failures, r.cfg.MaxBackoff)
+		if failures == 1 || failures%10 == 0 {
+			r.log.WarnContext(ctx, "webhook relay: backing off", slog.String("error", err.Error()),
+				slog.Int("failures", failures), slog.Duration("backoff", d))
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// backoff is 100ms doubling up to max, with ±25% jitter.
+func backoff(n int, maxD time.Duration) time.Duration {
+	d := 100 * time.Millisecond
+	for i := 1; i < n && d < maxD; i++ {
+		d *= 2
+	}
+	d = min(d, maxD)
+	return d - d/4 + time.Duration(rand.Int64N(int64(d/2)+1))
+}
+
+func isNoGroup(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "NOGROUP") }
+
+// ensureGroup creates the group (and the stream) if missing.
+func (r *Relay) ensureGroup(ctx context.Context) error {
+	err := r.cfg.Client.XGroupCreateMkStream(ctx, r.cfg.Stream, r.cfg.Group, r.cfg.StartID).Err()
+	if err != nil && !strings.HasPrefix(err.Error(), "BUSYGROUP") {
+		return fmt.Errorf("create group: %w", err)
+	}
+	return nil
+}
+
+// step handles this consumer's own pending entries first (left over from
+// a failed enqueue), then reads new ones, blocking up to Block.
+func (r *Relay) step(ctx context.Context) error {
+	for _, id := range []string{"0", ">"} {
+		args := &redis.XReadGroupArgs{Group: r.cfg.Group, Consumer: r.cfg.Consumer,
+			Streams: []string{r.cfg.Stream, id}, Count: r.cfg.Batch}
+		if id == ">" {
+			args.Block = r.cfg.Block
+		}
+		res, err := r.cfg.Client.XReadGroup(ctx, args).Result()
+		if errors.Is(err, redis.Nil) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("xreadgroup: %w", err)
+		}
+		var msgs []redis.XMessage
+		for _, s := range res {
+			msgs = append(msgs, s.Messages...)
+		}
+		if len(msgs) == 0 {
+			continue
+		}
+		return r.handle(ctx, msgs)
+	}
+	return nil
+}
+
+// claim takes over entries other consumers read but did not acknowledge
+// within ClaimIdle, and relays them.
+func (r *Relay) claim(ctx context.Context) error {
+	start := "0-0"
+	for {
+		msgs, next, err := r.cfg.Client.XAutoClaim(ctx, &redis.XAutoClaimArgs{
+			Stream: r.cfg.Stream, Group: r.cfg.Group, Consumer: r.cfg.Consumer,
+			MinIdle: r.cfg.ClaimIdle, Start: start, Count: r.cfg.Batch,
+		}).Result()
+		if err != nil {
+			return fmt.Errorf("xautoclaim: %w", err)
+		}
+		if len(msgs) > 0 {
+			r.log.InfoContext(ctx, "webhook relay: claimed entries of another relay", slog.Int("entries", len(msgs)))
+			if err := r.handle(ctx, msgs); err != nil {
+				return err
+			}
+		}
+		if next == "0-0" || next == "" {
+			return nil
+		}
+		start = next
+	}
+}
+
+// expireConsumers deletes consumers with nothing pending that have been
+// idle for ConsumerExpiry (relays that went away). Errors are only logged.
+func (r *Relay) expireConsumers(ctx context.Context) {
+	cs, err := r.cfg.Client.XInfoConsumers(ctx, r.cfg.Stream, r.cfg.Group).Result()
+	if err != nil {
+		return
+	}
+	for _, c := range cs {
+		if c.Name == r.cfg.Consumer || c.Pending > 0 || c.Idle < r.cfg.ConsumerExpiry {
+			continue
+		}
+		if err := r.cfg.Client.XGroupDelConsumer(ctx, r.cfg.Stream, r.cfg.Group, c.Name).Err(); err == nil {
+			r.log.InfoContext(ctx, "webhook relay: removed idle consumer", slog.String("removed", c.Name))
+		}
+	}
+}
+
+// handle enqueues the tasks of msgs in order and acknowledges the entries
+// done; on an enqueue error it acknowledges what was done and returns.
+func (r *Relay) handle(ctx context.Context, msgs []redis.XMessage) error {
+	var done []string
+	var failed error
+	for _, m := range msgs {
+		if err := r.relay(ctx, m); err != nil {
+			failed = err
+			break
+		}
+		done = append(done, m.ID)
+	}
+	if len(done) > 0 {
+		// The acknowledgement must not be lost to a cancelled ctx: the
+		// tasks are enqueued already.
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		err := r.cfg.Client.XAck(actx, r.cfg.Stream, r.cfg.Group, done...).Err()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("xack: %w", err)
+		}
+		r.entries.Add(float64(len(done)))
+	}
+	return failed
+}
+
+// relay enqueues one entry's tasks.
+func (r *Relay) relay(ctx context.Context, m redis.XMessage) error {
+	if len(m.Values) == 0 {
+		return nil // deleted from the stream meanwhile
+	}
+	typ, _ := m.Values["type"].(string)
+	for i := range r.cfg.Subscriptions {
+		sub := &r.cfg.Subscriptions[i]
+		if !sub.Matches(typ) {
+			continue
+		}
+		t, err := tasks.NewWebhookTask(m.ID, sub.Name)
+		if err != nil {
+			// Cannot happen for a stream id and a validated name; log
+			// and skip rather than block the stream forever.
+			r.log.ErrorContext(ctx, "webhook relay: cannot build task", slog.String("event_id", m.ID),
+				slog.String("subscription", sub.Name), slog.String("error", err.Error()))
+			continue
+		}
+		_, err = r.cfg.Enqueuer.EnqueueContext(ctx, t)
+		switch {
+		case errors.Is(err, asynq.ErrTaskIDConflict):
+			r.enqueued.WithLabelValues("duplicate").Inc()
+		case err != nil:
+			return fmt.Errorf("enqueue %s for %s: %w", m.ID, sub.Name, err)
+		default:
+			r.enqueued.WithLabelValues("enqueued").Inc()
+		}
+	}
+	return nil
+}
