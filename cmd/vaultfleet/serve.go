@@ -12,7 +12,11 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/vaultfleet/vaultfleet/internal/api"
+	"github.com/vaultfleet/vaultfleet/internal/auth"
 	"github.com/vaultfleet/vaultfleet/internal/events"
+	"github.com/vaultfleet/vaultfleet/internal/monitor"
+	"github.com/vaultfleet/vaultfleet/internal/obs"
+	"github.com/vaultfleet/vaultfleet/internal/ui"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 )
 
@@ -30,25 +34,37 @@ func init() {
 }
 
 var serveEnvHelp = append(append([][2]string{}, commonEnvHelp...),
-	[2]string{envAPITokens, "bearer tokens accepted by the API, comma-separated (required)"},
+	[2]string{envAPITokens, "bearer tokens accepted by the API, comma-separated (required); browsers use one as the basic-auth password for / and /monitor"},
+	[2]string{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
+	[2]string{envMonitorReadOnly, "true: the Asynq monitor cannot change tasks or queues"},
 )
 
-// serveMounts is the hook for what else serve puts on its mux (the Asynq
-// monitor at /monitor and the status page at / come in later issues).
-var serveMounts []func(mux *http.ServeMux, a *app)
+const envMonitorReadOnly = "VAULTFLEET_MONITOR_READONLY"
+
+func init() { knownEnv[envMonitorReadOnly] = true }
 
 // runServe serves the HTTP API under /v1, its OpenAPI document at
 // /openapi.yaml, and /metrics, /healthz, /readyz, until ctx is done.
 func runServe(ctx context.Context, args []string, env Env) error {
-	fs := newFlagSet("serve", "Serve the HTTP API (/v1, /openapi.yaml) with /metrics, /healthz and /readyz.", env, serveEnvHelp)
+	fs := newFlagSet("serve", "Serve the HTTP API (/v1, /openapi.yaml), the Asynq monitor (/monitor), the status page (/) and /metrics (with queue and connection metrics), /healthz, /readyz.", env, serveEnvHelp)
 	var c common
 	c.register(fs, env, defaultServeAddr)
+	promURL := fs.String("prometheus-url", env.Getenv(envPrometheusURL), "Prometheus base URL for the monitor's charts ($"+envPrometheusURL+")")
+	readOnly := fs.Bool("monitor-readonly", env.Getenv(envMonitorReadOnly) == "true", "Asynq monitor in read-only mode ($"+envMonitorReadOnly+")")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	tokens := parseTokens(env.Getenv(envAPITokens))
 	if len(tokens) == 0 {
 		return errors.New("no API token configured: set " + envAPITokens + "=token[,token...]")
+	}
+	browserTokens, err := auth.ParseTokens(env.Getenv(envAPITokens))
+	if err != nil {
+		return err
+	}
+	connOpt, err := asynqConnOpt(c.redisURL)
+	if err != nil {
+		return err
 	}
 	a, err := c.setup(env.Stderr)
 	if err != nil {
@@ -68,14 +84,29 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
+	// Fleet-wide numbers read from Redis at scrape time: exported here,
+	// once, not by every worker.
+	inspector := asynq.NewInspectorFromRedisClient(a.Redis)
+	defer inspector.Close()
+	a.Registry.MustRegister(obs.NewConnectionsCollector(a.Store, a.Catalog, a.Logger))
+	if err := obs.RegisterQueueMetrics(a.Registry, inspector); err != nil {
+		return err
+	}
+	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, ReadOnly: *readOnly,
+		PrometheusAddress: *promURL, Authorize: browserTokens.Browser})
+	if err != nil {
+		return err
+	}
+	defer mon.Close()
+	page := ui.New(ui.Config{Store: a.Store, Catalog: a.Catalog, QueuesFunc: queueDepths(inspector),
+		MonitorPath: monitor.DefaultRootPath, Authorize: browserTokens.Browser, Logger: a.Logger})
 	var inflight atomic.Int64
 	h = trackInflight(h, &inflight)
 	addr, done, err := serveOps(ctx, c.addr, a.Registry, redisReady(a.Redis), a.Logger, func(mux *http.ServeMux) {
-		mux.Handle("/v1/", h)
-		mux.Handle("/openapi.yaml", h)
-		for _, m := range serveMounts {
-			m(mux, a)
-		}
+		mountAPI(mux, h)
+		mux.Handle(monitor.DefaultRootPath+"/", mon)
+		mux.Handle(monitor.DefaultRootPath, mon)
+		mux.Handle("GET /{$}", page)
 	})
 	if err != nil {
 		return err
