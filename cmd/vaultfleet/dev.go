@@ -41,18 +41,21 @@ var devEnvHelp = [][2]string{
 	{envAPITokens, "require these API tokens (default: none, and dev listens on loopback only)"},
 	{envAddr, "listen address (same as --addr; default " + defaultDevAddr + ")"},
 	{envWebhooks, "webhook subscriptions file (optional)"},
+	{envLogLevel, "log level (same as --log-level; default error)"},
+	{envLogFormat, "text or json (same as --log-format; default text)"},
+	{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
 }
 
 // devOptions are the dev command's flags.
 type devOptions struct {
-	addr          string
-	consumers     int
-	speed         float64
-	concurrency   int
-	summaryEvery  time.Duration
-	logLevel      string
-	tenantAfter   time.Duration
-	providersOnly bool
+	addr         string
+	consumers    int
+	speed        float64
+	concurrency  int
+	summaryEvery time.Duration
+	logLevel     string
+	logFormat    string
+	tenantAfter  time.Duration
 }
 
 // runDev runs the whole fleet in one process: an embedded Redis (or
@@ -65,10 +68,10 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	fs.IntVar(&o.consumers, "consumers", sim.DefaultConsumers, "demo consumers to seed")
 	fs.Float64Var(&o.speed, "speed", sim.DefaultSpeed, "time scale of the simulated providers (2 = twice as fast; above 1 is for tests)")
 	fs.IntVar(&o.concurrency, "concurrency", 20, "worker concurrency")
+	fs.StringVar(&o.logFormat, "log-format", or(env.Getenv(envLogFormat), "text"), "log format: text or json ($"+envLogFormat+")")
 	fs.DurationVar(&o.summaryEvery, "summary", 5*time.Second, "how often to print the summary line (0: never)")
-	fs.StringVar(&o.logLevel, "log-level", "error", "log level (warn shows retries, info every task)")
+	fs.StringVar(&o.logLevel, "log-level", or(env.Getenv(envLogLevel), "error"), "log level: warn shows retries, info every task ($"+envLogLevel+")")
 	fs.DurationVar(&o.tenantAfter, "tenant-after", 40*time.Second, "when demo Xero connections get their tenant chosen (some stay authorized)")
-	fs.BoolVar(&o.providersOnly, "providers-only", false, "run only the simulated providers and print their catalog (for docker-compose's sim profile)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -81,12 +84,9 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	if o.concurrency < 1 {
 		return errors.New("--concurrency must be at least 1")
 	}
-	logger, err := newLogger(env.Stderr, "text", o.logLevel)
+	logger, err := newLogger(env.Stderr, o.logFormat, o.logLevel)
 	if err != nil {
 		return err
-	}
-	if o.providersOnly {
-		return runProvidersOnly(ctx, o, env, logger)
 	}
 
 	// Bind first: a second dev on the same port fails before it starts
@@ -408,17 +408,4 @@ func printSummaries(ctx context.Context, w io.Writer, every time.Duration, store
 			tot.Checks, tot.Refreshes, tot.Rotations, tot.ServerErrors, tot.Throttled, queued)
 		mu.Unlock()
 	}
-}
-
-// runProvidersOnly serves the simulated providers and prints the catalog
-// that points at them, for docker-compose's sim profile.
-func runProvidersOnly(ctx context.Context, o devOptions, env Env, logger *slog.Logger) error {
-	p, err := sim.Start(ctx, sim.Config{Speed: o.speed, Logger: logger})
-	if err != nil {
-		return err
-	}
-	defer p.Close()
-	fmt.Fprintf(env.Stdout, "# simulated providers; catalog:\n%s", p.CatalogYAML())
-	<-ctx.Done()
-	return nil
 }
