@@ -156,6 +156,7 @@ func BenchmarkMemoryPerConnection(b *testing.B) {
 		config map[string]string
 	}{
 		{name: "RedisDefaults", config: map[string]string{"hash-max-listpack-value": "64", "zset-max-listpack-entries": "128"}},
+		{name: "HashListpack", config: map[string]string{"hash-max-listpack-value": "1024", "zset-max-listpack-entries": "128"}},
 		{name: "Listpack", config: map[string]string{"hash-max-listpack-value": "1024", "zset-max-listpack-entries": "1024"}},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
