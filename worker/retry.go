@@ -1,0 +1,196 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"golang.org/x/oauth2"
+
+	"github.com/vaultfleet/vaultfleet/tasks"
+)
+
+// ErrCircuitOpen means the integration's circuit breaker is open (or
+// half-open with its probes taken): the task is put back for later without
+// calling the provider and without using up a retry.
+var ErrCircuitOpen = errors.New("worker: circuit breaker open")
+
+// ErrRateLimited means the fleet-wide rate limit of the integration held
+// the check back: the task is put back for later without using up a retry.
+var ErrRateLimited = errors.New("worker: rate limited")
+
+// ErrRefreshBusy means another worker holds the connection's refresh lock
+// for longer than this task could wait.
+var ErrRefreshBusy = errors.New("worker: token refresh in progress elsewhere")
+
+// RetryAfterError asks for the task to be retried after a given delay (a
+// provider's Retry-After, an open breaker's cool-down, a rate limit's next
+// slot). Worker.RetryDelay honours it.
+type RetryAfterError struct {
+	// After is the delay before the retry.
+	After time.Duration
+	// Err says why.
+	Err error
+}
+
+func (e *RetryAfterError) Error() string {
+	return fmt.Sprintf("%v (retry after %s)", e.Err, e.After.Round(time.Millisecond))
+}
+
+func (e *RetryAfterError) Unwrap() error { return e.Err }
+
+// isFailure tells asynq whether an error uses up a retry: tasks held back
+// by the fleet itself (breaker, rate limit, another worker's refresh) do
+// not.
+func isFailure(err error) bool {
+	return !errors.Is(err, ErrCircuitOpen) && !errors.Is(err, ErrRateLimited) && !errors.Is(err, ErrRefreshBusy)
+}
+
+// RetryDelay is the worker's asynq RetryDelayFunc: the task type's own
+// function from Config.ExtraRetryDelay if it has one; else a
+// RetryAfterError's delay (capped by MaxRetryAfter); else exponential
+// backoff with full jitter: uniform in [0, min(RetryMaxDelay,
+// RetryBaseDelay*2^n)), at least one second.
+func (w *Worker) RetryDelay(n int, err error, t *asynq.Task) time.Duration {
+	if t != nil {
+		if f := w.cfg.ExtraRetryDelay[t.Type()]; f != nil {
+			return f(n, err, t)
+		}
+	}
+	var ra *RetryAfterError
+	if errors.As(err, &ra) && ra.After > 0 {
+		return min(ra.After, w.cfg.MaxRetryAfter)
+	}
+	return backoff(n, w.cfg.RetryBaseDelay, w.cfg.RetryMaxDelay)
+}
+
+func backoff(n int, base, ceiling time.Duration) time.Duration {
+	const floor = time.Second
+	d := ceiling
+	if n < 40 && base<<n > 0 && base<<n < ceiling {
+		d = base << n
+	}
+	if d <= floor {
+		return floor
+	}
+	return floor + rand.N(d-floor)
+}
+
+// jitter returns d plus up to half of d, to spread retries of many tasks.
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return d + rand.N(d/2+1)
+}
+
+// parseRetryAfter reads a Retry-After header: delay-seconds or an HTTP
+// date. Zero if absent or unreadable.
+func parseRetryAfter(h http.Header, now time.Time) time.Duration {
+	v := strings.TrimSpace(h.Get("Retry-After"))
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if s <= 0 {
+			return 0
+		}
+		if s > int64(365*24*time.Hour/time.Second) {
+			s = int64(365 * 24 * time.Hour / time.Second)
+		}
+		return time.Duration(s) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		if d := t.Sub(now); d > 0 {
+			return d
+		}
+	}
+	return 0
+}
+
+// handleError is the server's ErrorHandler. The handlers of this package
+// log their own task line, so their retries are logged here at debug level
+// only; what asynq archives is an error, and the failures of Extra handlers
+// are warnings, rate-limited so that a failure storm cannot flood the log.
+func (w *Worker) handleError(ctx context.Context, t *asynq.Task, err error) {
+	retried, _ := asynq.GetRetryCount(ctx)
+	maxRetry, _ := asynq.GetMaxRetry(ctx)
+	archived := errors.Is(err, asynq.SkipRetry) || retried >= maxRetry
+	level := slog.LevelDebug
+	switch {
+	case archived:
+		level = slog.LevelError
+	case t.Type() != tasks.TypeValidate && t.Type() != tasks.TypeRefreshToken && !errors.Is(err, context.Canceled):
+		level = slog.LevelWarn
+	}
+	if level > slog.LevelDebug && !w.errLog.Allow() {
+		level = slog.LevelDebug
+	}
+	if !w.log.Enabled(ctx, level) {
+		return
+	}
+	id, _ := asynq.GetTaskID(ctx)
+	queue, _ := asynq.GetQueueName(ctx)
+	w.log.LogAttrs(context.WithoutCancel(ctx), level, "task failed",
+		slog.String(keyTaskID, id), slog.String(keyTaskType, t.Type()), slog.String(keyQueue, queue),
+		slog.Int("retried", retried), slog.Int("max_retry", maxRetry), slog.Bool("archived", archived),
+		slog.String("error", err.Error()))
+}
+
+// safeErr describes err without anything secret: URLs are cut to
+// scheme://host/path (a query may carry an API key), token endpoint
+// answers to their status and error code (their body may echo input).
+func safeErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	var re *oauth2.RetrieveError
+	if errors.As(err, &re) {
+		status := 0
+		if re.Response != nil {
+			status = re.Response.StatusCode
+		}
+		if re.ErrorCode != "" {
+			return fmt.Sprintf("token endpoint answered %d %s", status, re.ErrorCode)
+		}
+		return fmt.Sprintf("token endpoint answered %d", status)
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		inner := "request failed"
+		switch {
+		case ue.Timeout() || errors.Is(ue.Err, context.DeadlineExceeded):
+			inner = "timeout"
+		case errors.Is(ue.Err, context.Canceled):
+			inner = "canceled"
+		case ue.Err != nil:
+			inner = safeErr(ue.Err)
+		}
+		return strings.ToLower(ue.Op) + " " + redactURLString(ue.URL) + ": " + inner
+	}
+	return err.Error()
+}
+
+// redactURL keeps scheme, host and path: no user info, query or fragment.
+func redactURL(u *url.URL) string {
+	if u == nil {
+		return ""
+	}
+	return u.Scheme + "://" + u.Host + u.EscapedPath()
+}
+
+func redactURLString(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable url)"
+	}
+	return redactURL(u)
+}

@@ -1,0 +1,323 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/state"
+	"github.com/vaultfleet/vaultfleet/tasks"
+)
+
+// handleValidate processes connection:validate.
+func (w *Worker) handleValidate(ctx context.Context, t *asynq.Task) error {
+	r := w.newRun(ctx, t)
+	p, err := tasks.ParseConnectionPayload(t.Payload())
+	if err != nil {
+		r.res.Outcome, r.res.Error = "malformed", err.Error()
+		return r.finish(ctx, fmt.Errorf("worker: %s: %w: %w", t.Type(), err, asynq.SkipRetry))
+	}
+	ref := state.Ref{ConsumerID: p.ConsumerID, ConnectionID: p.ConnectionID}
+	r.consumerID, r.connectionID = ref.ConsumerID, ref.ConnectionID
+	v := validation{w: w, r: r, ref: ref}
+	return r.finish(ctx, v.run(ctx))
+}
+
+// validation is one run of the validation handler.
+type validation struct {
+	w   *Worker
+	r   *taskRun
+	ref state.Ref
+	in  *catalog.Integration
+	c   *state.Connection
+	// rev is the credentials revision the check is made for.
+	rev int64
+	// refreshed is set once the token was refreshed (or found refreshed)
+	// during this task: a second rejection is then a verdict.
+	refreshed bool
+}
+
+func (v *validation) integration() string {
+	if v.in == nil {
+		return unknownLabel
+	}
+	return v.in.ID
+}
+
+func (v *validation) skip(why string) error {
+	v.r.res.Outcome, v.r.res.Skipped = outcomeSkipped, why
+	v.w.metrics.checks.WithLabelValues(v.integration(), outcomeSkipped).Inc()
+	return nil
+}
+
+// load reads the connection and decides whether there is anything to
+// check; "" means there is.
+func (v *validation) load(ctx context.Context) (skip string, err error) {
+	c, err := v.w.store.Get(ctx, v.ref)
+	if errors.Is(err, state.ErrNotFound) {
+		return skipNotFound, nil
+	}
+	if err != nil {
+		v.r.res.Outcome, v.r.res.Error = outcomeTransient, "store unavailable"
+		return "", fmt.Errorf("worker: load connection: %w", err)
+	}
+	v.c, v.rev = c, c.Revision
+	in := v.w.integration(c.ServiceID)
+	if in == nil {
+		return skipUnknownService, nil
+	}
+	v.in = in
+	v.r.integration = in.ID
+	switch {
+	case !c.Enabled:
+		return skipDisabled, nil
+	case !in.Checkable():
+		return skipNotCheckable, nil
+	}
+	// Derive afresh: the stored state was derived against the catalog of
+	// its write.
+	st, health := state.Derive(c, in, v.w.now())
+	switch {
+	case st == state.Available, st == state.Authorized:
+		return skipNothingToCheck, nil
+	case st == state.Added && (health == state.HealthNeedsAuth || health == state.HealthMissingSettings):
+		return skipNothingToCheck, nil
+	}
+	return "", nil
+}
+
+func (v *validation) run(ctx context.Context) error {
+	skip, err := v.load(ctx)
+	if err != nil {
+		return err
+	}
+	if v.c != nil {
+		v.r.before(v.c)
+	}
+	if skip != "" {
+		return v.skip(skip)
+	}
+	oauth := v.in.AuthType == catalog.AuthOAuth2
+	if oauth && revokedNow(v.c) && state.TokenExpired(v.c.Credentials, v.w.now()) {
+		// Its refresh token is dead and its access token expired: only
+		// the consumer can help (re-authorizing starts a new revision).
+		return v.skip(skipRevoked)
+	}
+	// An access token that has already expired is refreshed before the
+	// check rather than after its certain rejection.
+	if oauth && v.c.Credentials.RefreshToken != "" && state.TokenExpired(v.c.Credentials, v.w.now()) {
+		if done, err := v.refreshFirst(ctx); done || err != nil {
+			return err
+		}
+	}
+	res, err := v.check(ctx)
+	if err != nil {
+		return err
+	}
+	// An OAuth check rejected while the token is at the end of its life:
+	// refresh (exactly once, fleet wide) and check once more.
+	if oauth && !v.refreshed && res.kind == kindInvalid && res.status >= 400 &&
+		v.c.Credentials.RefreshToken != "" && v.w.refreshDue(v.c, v.in, v.w.now()) {
+		if done, err := v.refreshFirst(ctx); done || err != nil {
+			return err
+		}
+		if res, err = v.check(ctx); err != nil {
+			return err
+		}
+	}
+	return v.apply(ctx, res)
+}
+
+// refreshFirst refreshes the connection's token through the shared path
+// and re-loads the connection. done reports that the task is over (the
+// refresh token was revoked, or the connection went away).
+func (v *validation) refreshFirst(ctx context.Context) (done bool, err error) {
+	out := v.w.refresh(ctx, v.in, v.c)
+	v.refreshed = true
+	if out.outcome == refreshTransient && ctx.Err() != nil {
+		v.r.res.Outcome = taskCanceled
+		return true, ctx.Err()
+	}
+	v.w.metrics.refreshes.WithLabelValues(v.in.ID, out.outcome).Inc()
+	v.r.res.TokenRefresh = out.outcome
+	switch out.outcome {
+	case refreshRevoked:
+		v.r.res.Outcome, v.r.res.Verdict, v.r.res.Reason = outcomeInvalid, outcomeInvalid, out.reason
+		v.r.res.HTTPStatus = out.status
+		v.w.metrics.checks.WithLabelValues(v.in.ID, outcomeInvalid).Inc()
+		v.r.after(out.conn)
+		return true, nil
+	case refreshTransient:
+		// The refresh recorded its failure; the check waits for a token.
+		v.r.res.Outcome, v.r.res.Error, v.r.res.HTTPStatus = outcomeTransient, out.msg, out.status
+		v.w.metrics.checks.WithLabelValues(v.in.ID, outcomeTransient).Inc()
+		v.r.after(out.conn)
+		return true, out.err
+	}
+	// refreshed, lost_race (someone else refreshed), skipped: re-load.
+	skip, err := v.load(ctx)
+	if err != nil {
+		return true, err
+	}
+	if skip != "" {
+		return true, v.skip(skip)
+	}
+	return false, nil
+}
+
+// check sends one check through the integration's breaker and rate limit.
+// An error means no verdict and no transient result: the task returns it
+// (breaker open, rate limited, task cancelled, Redis unavailable).
+func (v *validation) check(ctx context.Context) (checkResult, error) {
+	w, in := v.w, v.in
+	req, err := buildCheckRequest(ctx, in, v.c)
+	if err != nil {
+		// The settings point where the catalog forbids, or lack what the
+		// URL needs: the account is misconfigured whatever the provider
+		// would say. Nothing is sent.
+		return checkResult{kind: kindInvalid, reason: state.ReasonMisconfiguredAccount, msg: safeErr(err)}, nil
+	}
+	done, err := w.breakers.allow(in.ID)
+	if err != nil {
+		v.r.res.Outcome, v.r.res.Skipped, v.r.res.Error = outcomeSkipped, skipCircuitOpen, "circuit breaker open"
+		v.noteRetry(err)
+		w.metrics.checks.WithLabelValues(in.ID, outcomeSkipped).Inc()
+		return checkResult{}, err
+	}
+	if err := w.waitRateLimit(ctx, in); err != nil {
+		done(errNotCounted)
+		if errors.Is(err, ErrRateLimited) {
+			v.r.res.Outcome, v.r.res.Error = outcomeRateLimited, "fleet rate limit of the integration reached"
+			v.noteRetry(err)
+			w.metrics.checks.WithLabelValues(in.ID, outcomeRateLimited).Inc()
+		} else if ctx.Err() == nil {
+			v.r.res.Outcome, v.r.res.Error = outcomeTransient, "rate limiter unavailable"
+		}
+		return checkResult{}, err
+	}
+	res, err := w.send(ctx, in, req)
+	switch {
+	case err != nil:
+		done(errNotCounted)
+		v.r.res.Outcome = taskCanceled
+		return res, err
+	case !res.sent:
+		done(errNotCounted)
+	case res.kind == kindTransient || res.kind == kindThrottled:
+		done(errProviderTrouble)
+	default:
+		done(nil)
+	}
+	if res.sent {
+		w.metrics.checkDuration.WithLabelValues(in.ID).Observe(res.latency.Seconds())
+	}
+	return res, nil
+}
+
+func (v *validation) noteRetry(err error) {
+	var ra *RetryAfterError
+	if errors.As(err, &ra) {
+		v.r.res.RetryAfterMS = ra.After.Milliseconds()
+	}
+}
+
+// apply records the check's result: a verdict with compare-and-set on the
+// revision read before the check, or a transient failure (and the task
+// returns an error so that asynq retries it).
+func (v *validation) apply(ctx context.Context, res checkResult) error {
+	w, in, r := v.w, v.in, v.r
+	r.res.Outcome = res.kind.String()
+	r.res.HTTPStatus = res.status
+	if res.sent {
+		r.res.LatencyMS = max(res.latency.Milliseconds(), 1)
+	}
+	w.metrics.checks.WithLabelValues(in.ID, r.res.Outcome).Inc()
+	sctx, cancel := storeCtx(ctx)
+	defer cancel()
+	now := w.now()
+
+	if res.kind == kindTransient || res.kind == kindThrottled {
+		r.res.Error = res.msg
+		ch, err := w.store.RecordTransient(sctx, v.ref, v.rev, res.msg)
+		switch {
+		case errors.Is(err, state.ErrStale):
+			// The credentials changed: a validation of the new ones is
+			// queued already; this task is over.
+			r.res.Dropped = dropStale
+			w.metrics.dropped.WithLabelValues(dropStale).Inc()
+			return nil
+		case errors.Is(err, state.ErrNotFound):
+			r.res.Dropped = skipNotFound
+			return nil
+		case err != nil:
+			w.log.WarnContext(ctx, "recording a transient failure failed", slog.String(keyIntegration, in.ID),
+				slog.String("error", err.Error()))
+		default:
+			r.after(ch.After)
+		}
+		terr := fmt.Errorf("worker: check %s: %s", in.ID, res.msg)
+		if res.retryAfter > 0 {
+			r.res.RetryAfterMS = res.retryAfter.Milliseconds()
+			return &RetryAfterError{After: res.retryAfter, Err: terr}
+		}
+		return terr
+	}
+
+	verdict := state.Verdict{Outcome: state.Valid, Reason: res.reason, HTTPStatus: res.status, CheckedAt: now, Revision: v.rev}
+	if res.kind == kindInvalid {
+		verdict.Outcome = state.InvalidCred
+		if res.msg != "" {
+			r.res.Error = res.msg
+		}
+	}
+	r.res.Verdict, r.res.Reason = string(verdict.Outcome), verdict.Reason
+	ch, err := w.store.ApplyVerdict(sctx, v.ref, v.rev, verdict)
+	switch {
+	case errors.Is(err, state.ErrStale):
+		r.res.Dropped = dropStale
+		w.metrics.dropped.WithLabelValues(dropStale).Inc()
+		return nil
+	case errors.Is(err, state.ErrNotFound):
+		r.res.Dropped = skipNotFound
+		return nil
+	case err != nil:
+		return fmt.Errorf("worker: apply verdict: %w", err)
+	}
+	w.metrics.transition(in.ID, ch)
+	r.after(ch.After)
+	if verdict.Outcome == state.InvalidCred {
+		v.confirmLater(ctx, ch.After)
+	}
+	return nil
+}
+
+// confirmLater enqueues the next confirming check of an invalid verdict the
+// store holds back (catalog confirm_invalid), ConfirmSpacing from now. Its
+// task id makes one confirming check per step, however many tasks see it.
+func (v *validation) confirmLater(ctx context.Context, c *state.Connection) {
+	in := v.in
+	if in.ConfirmInvalid <= 0 || c == nil || c.State == state.Invalid ||
+		c.Confirmation.Invalids == 0 || c.Confirmation.Revision != v.rev {
+		return
+	}
+	spacing := in.ConfirmSpacing.D()
+	if spacing <= 0 {
+		spacing = defaultConfirmSpacing
+	}
+	key := "confirm-" + strconv.FormatInt(v.rev, 10) + "-" + strconv.Itoa(c.Confirmation.Invalids)
+	t, err := tasks.NewValidateTask(v.ref.ConsumerID, v.ref.ConnectionID, tasks.ReasonConfirm, key)
+	if err != nil {
+		return
+	}
+	ectx, cancel := storeCtx(ctx)
+	defer cancel()
+	if _, err := v.w.enqueuer.EnqueueContext(ectx, t, asynq.ProcessIn(spacing)); err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
+		v.w.log.WarnContext(ctx, "enqueueing a confirming check failed", slog.String(keyIntegration, in.ID),
+			slog.String(keyConnectionID, v.ref.ConnectionID), slog.String("error", err.Error()))
+	}
+}
