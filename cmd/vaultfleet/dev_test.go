@@ -158,7 +158,8 @@ func TestDevEndToEnd(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	}, 30*time.Second, 100*time.Millisecond, "dev did not come up")
-	require.Contains(t, stdout.String(), base+"/monitor/", "the banner says where to look")
+	require.Eventually(t, func() bool { return strings.Contains(stdout.String(), base+"/monitor/") },
+		30*time.Second, 100*time.Millisecond, "the banner says where to look")
 
 	// A second dev on the same port fails with a clear message.
 	second := exec.Command(bin, "dev", "--addr", addr)
