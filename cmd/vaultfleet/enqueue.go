@@ -3,9 +3,98 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
-// runEnqueue is replaced by its issue's implementation.
+const enqueueSynopsis = `Enqueues one validation or token refresh of a connection (reason
+on_demand, on the critical queue unless --queue says otherwise) and prints
+the task id and queue. It needs only Redis: the worker reads the connection
+when the task runs.
+
+subcommands:
+  validate   check the connection's credentials now
+  refresh    refresh the connection's OAuth token now`
+
+// enqueueTimeout bounds the enqueue when Redis does not answer.
+const enqueueTimeout = 10 * time.Second
+
+// enqueueQueues are the queues --queue accepts.
+var enqueueQueues = []string{tasks.QueueCritical, tasks.QueueDefault, tasks.QueueLow}
+
 func runEnqueue(ctx context.Context, args []string, env Env) error {
-	return errors.New("not built yet")
+	sub := ""
+	if len(args) > 0 {
+		sub = args[0]
+	}
+	fs, o := enqueueFlagSet(env, "validate|refresh")
+	switch sub {
+	case "validate", "refresh":
+		fs, o = enqueueFlagSet(env, sub)
+	case "-h", "-help", "--help", "help":
+		fs.Usage()
+		return flag.ErrHelp
+	case "":
+		return errors.New("missing subcommand: want validate or refresh (see vaultfleet enqueue --help)")
+	default:
+		if strings.HasPrefix(sub, "-") {
+			return fmt.Errorf("the subcommand comes first: vaultfleet enqueue validate|refresh --consumer C --connection ID, not %q", sub)
+		}
+		return fmt.Errorf("unknown subcommand %q: want validate or refresh", sub)
+	}
+	if err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	if o.consumer == "" || o.connection == "" {
+		return errors.New("--consumer and --connection are required")
+	}
+	if o.queue != "" && !slices.Contains(enqueueQueues, o.queue) {
+		return fmt.Errorf("--queue %q: want critical, default or low", o.queue)
+	}
+	newTask := tasks.NewValidateTask
+	if sub == "refresh" {
+		newTask = tasks.NewRefreshTask
+	}
+	task, err := newTask(o.consumer, o.connection, tasks.ReasonOnDemand, "")
+	if err != nil {
+		return err
+	}
+	var opts []asynq.Option
+	if o.queue != "" {
+		opts = append(opts, asynq.Queue(o.queue))
+	}
+	rdb, err := openRedis(o.redisURL)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	ctx, cancel := context.WithTimeout(ctx, enqueueTimeout)
+	defer cancel()
+	info, err := asynq.NewClientFromRedisClient(rdb).EnqueueContext(ctx, task, opts...)
+	if err != nil {
+		return fmt.Errorf("enqueue %s: %v", task.Type(), err)
+	}
+	fmt.Fprintf(env.Stdout, "enqueued %s task %s on queue %s\n", info.Type, info.ID, info.Queue)
+	return nil
+}
+
+type enqueueOpts struct {
+	redisURL, consumer, connection, queue string
+}
+
+func enqueueFlagSet(env Env, sub string) (*flag.FlagSet, *enqueueOpts) {
+	fs := newFlagSet("enqueue "+sub, enqueueSynopsis, env, [][2]string{commonEnvHelp[0]})
+	o := &enqueueOpts{}
+	fs.StringVar(&o.redisURL, "redis", or(env.Getenv(envRedisURL), defaultRedisURL), "Redis URL ($"+envRedisURL+")")
+	fs.StringVar(&o.consumer, "consumer", "", "consumer id (required)")
+	fs.StringVar(&o.connection, "connection", "", "connection id, unified_api+service_id, e.g. crm+salesforce (required)")
+	fs.StringVar(&o.queue, "queue", "", "queue: critical, default or low (default critical)")
+	return fs, o
 }
