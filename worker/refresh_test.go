@@ -338,8 +338,12 @@ func TestRefreshExactlyOnce(t *testing.T) {
 		t.Logf("refresh outcome %s: %v", o, n)
 		triggers += n
 	}
-	require.Equal(t, 50.0, triggers, "every trigger went through the refresh path once")
-	require.Greater(t, b.p.count("/oco/me"), 15, "validations saw the 401 and checked again after the refresh")
+	// Every refresh task goes through the refresh path once; a validation
+	// does only when it ran before the new token was stored (it got the
+	// 401), which depends on scheduling.
+	require.GreaterOrEqual(t, triggers, 35.0, "every refresh task went through the refresh path")
+	require.LessOrEqual(t, triggers, 50.0, "no trigger went through it twice")
+	require.GreaterOrEqual(t, b.p.count("/oco/me"), 15+int(triggers)-35, "a validation that got the 401 checked again after the refresh")
 	requireNoSecrets(t, b.logs.String())
 }
 
