@@ -223,7 +223,18 @@ func (s *Store) Delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 // ConfirmInvalid > 0 is held in Confirmation until enough invalid results
 // arrive; a valid one clears Confirmation and Transient.
 func (s *Store) ApplyVerdict(ctx context.Context, ref Ref, rev int64, v Verdict) (Change, error) {
-	return s.applyVerdict(ctx, ref, rev, v)
+	return s.applyVerdict(ctx, ref, nil, rev, v)
+}
+
+// ApplyVerdictFrom is ApplyVerdict for the credentials revision of seen,
+// the connection as the caller read it (Get): when nothing was written
+// since, it saves the store a read; otherwise it reads again, exactly as
+// ApplyVerdict does (ErrStale when the revision moved).
+func (s *Store) ApplyVerdictFrom(ctx context.Context, seen *Connection, v Verdict) (Change, error) {
+	if seen == nil {
+		return Change{}, &FieldError{Field: "seen", Msg: "nil connection"}
+	}
+	return s.applyVerdict(ctx, seen.Ref(), seen, seen.Revision, v)
 }
 
 // RecordTransient notes a transient failure (provider trouble) for rev

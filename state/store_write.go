@@ -69,7 +69,7 @@ type mutation func(cur *Connection, now time.Time) (*Connection, hints, error)
 // derive state and health, events and due times, and write record, indexes,
 // counts and events in one Lua call that compares and sets the version. A
 // concurrent write of the same connection makes it read again and retry.
-func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, fn mutation) (Change, error) {
+func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, seen *Connection, fn mutation) (Change, error) {
 	k := s.keysOf(ref)
 	for attempt := range maxAttempts {
 		if attempt > 0 {
@@ -77,8 +77,14 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, fn 
 				return Change{}, err
 			}
 		}
-		cur, err := s.read(ctx, ref)
-		if err != nil {
+		var cur *Connection
+		var err error
+		if attempt == 0 && seen != nil {
+			// The caller's copy saves a read; if the record moved since,
+			// the script's version check refuses the write and the next
+			// attempt reads it.
+			cur = seen.clone()
+		} else if cur, err = s.read(ctx, ref); err != nil {
 			return Change{}, err
 		}
 		now := s.now()
@@ -379,7 +385,7 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 			return Change{}, err
 		}
 	}
-	return s.write(ctx, ref, integ, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+	return s.write(ctx, ref, integ, nil, func(cur *Connection, now time.Time) (*Connection, hints, error) {
 		switch {
 		case mode == modeCreate && cur != nil:
 			return nil, hints{}, ErrExists
@@ -539,7 +545,7 @@ func (s *Store) delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 		return Change{}, err
 	}
 	in, _ := s.integration(ref.ConnectionID) // a connection whose integration left the catalog can still go
-	return s.write(ctx, ref, in, func(cur *Connection, _ time.Time) (*Connection, hints, error) {
+	return s.write(ctx, ref, in, nil, func(cur *Connection, _ time.Time) (*Connection, hints, error) {
 		switch {
 		case cur == nil:
 			return nil, hints{}, ErrNotFound
@@ -552,7 +558,7 @@ func (s *Store) delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 
 // --- fleet-side writes ---
 
-func (s *Store) fleetWrite(ctx context.Context, ref Ref, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
+func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
 	if err := validateRef(ref); err != nil {
 		return Change{}, err
 	}
@@ -560,7 +566,7 @@ func (s *Store) fleetWrite(ctx context.Context, ref Ref, fn func(cur *Connection
 	if err != nil {
 		return Change{}, err
 	}
-	return s.write(ctx, ref, in, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+	return s.write(ctx, ref, in, seen, func(cur *Connection, now time.Time) (*Connection, hints, error) {
 		if cur == nil {
 			return nil, hints{}, ErrNotFound
 		}
@@ -569,11 +575,11 @@ func (s *Store) fleetWrite(ctx context.Context, ref Ref, fn func(cur *Connection
 	})
 }
 
-func (s *Store) applyVerdict(ctx context.Context, ref Ref, rev int64, v Verdict) (Change, error) {
+func (s *Store) applyVerdict(ctx context.Context, ref Ref, seen *Connection, rev int64, v Verdict) (Change, error) {
 	if v.Outcome != Valid && v.Outcome != InvalidCred {
 		return Change{}, &FieldError{Field: "verdict.outcome", Msg: `must be "valid" or "invalid"`}
 	}
-	return s.fleetWrite(ctx, ref, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWrite(ctx, ref, seen, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
 		}
@@ -608,7 +614,7 @@ func (s *Store) applyVerdict(ctx context.Context, ref Ref, rev int64, v Verdict)
 
 func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
 	msg = truncateText(msg)
-	return s.fleetWrite(ctx, ref, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
 		}
@@ -622,7 +628,7 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens)
 	if t.AccessToken == "" {
 		return Change{}, ErrEmptyAccessToken
 	}
-	return s.fleetWrite(ctx, ref, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWrite(ctx, ref, nil, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale
 		}
@@ -646,7 +652,7 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens)
 
 func (s *Store) recordRefreshFailure(ctx context.Context, ref Ref, used string, msg string) (Change, error) {
 	msg = truncateText(msg)
-	return s.fleetWrite(ctx, ref, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale
 		}
@@ -674,7 +680,7 @@ func (s *Store) Reseal(ctx context.Context, ref Ref) (bool, error) {
 	if id, err := secrets.KeyID(sealed); err == nil && id == s.cfg.Keys.PrimaryID() {
 		return false, nil
 	}
-	_, err = s.fleetWrite(ctx, ref, func(c *Connection, _ *catalog.Integration, _ time.Time) (hints, error) {
+	_, err = s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, _ time.Time) (hints, error) {
 		return hints{reseal: true}, nil
 	})
 	if err != nil {

@@ -57,6 +57,9 @@ type Store interface {
 	// ApplyVerdict records a valid or invalid verdict computed for the
 	// credentials revision rev (state.ErrStale if it moved).
 	ApplyVerdict(ctx context.Context, ref state.Ref, rev int64, v state.Verdict) (state.Change, error)
+	// ApplyVerdictFrom is ApplyVerdict for seen's revision, starting from
+	// the copy the handler read (saves the store a read).
+	ApplyVerdictFrom(ctx context.Context, seen *state.Connection, v state.Verdict) (state.Change, error)
 	// RecordTransient notes provider trouble for rev without changing the
 	// state.
 	RecordTransient(ctx context.Context, ref state.Ref, rev int64, msg string) (state.Change, error)
