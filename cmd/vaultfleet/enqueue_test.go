@@ -37,7 +37,7 @@ func TestEnqueueCommand(t *testing.T) {
 	}
 	ids := map[string]bool{}
 	for name, tc := range tests {
-		env, out, errOut := schedTestEnv(vars)
+		env, out, errOut := testEnv(vars)
 		require.Equal(t, 0, run(context.Background(), append([]string{"enqueue"}, tc.args...), env), name+": "+errOut.String())
 		m := line.FindStringSubmatch(out.String())
 		require.NotNil(t, m, "%s: %q", name, out.String())
@@ -76,7 +76,7 @@ func TestEnqueueErrors(t *testing.T) {
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			env, out, errOut := schedTestEnv(nil)
+			env, out, errOut := testEnv(nil)
 			require.Equal(t, tc.wantCode, run(context.Background(), append([]string{"enqueue"}, tc.args...), env), errOut.String())
 			require.Empty(t, out.String())
 			require.Contains(t, errOut.String(), tc.wantErr)
@@ -90,7 +90,7 @@ func TestEnqueueErrors(t *testing.T) {
 func TestEnqueueHelp(t *testing.T) {
 	t.Parallel()
 	for _, args := range [][]string{{"--help"}, {"validate", "--help"}, {"refresh", "-h"}} {
-		env, _, errOut := schedTestEnv(nil)
+		env, _, errOut := testEnv(nil)
 		require.Equal(t, 0, run(context.Background(), append([]string{"enqueue"}, args...), env))
 		for _, want := range []string{"usage: vaultfleet enqueue", "-consumer", "-connection", "-queue", "-redis",
 			"validate", "refresh", envRedisURL} {

@@ -27,7 +27,7 @@ import (
 type fleetProcess struct {
 	name   string
 	addr   string
-	stderr *workerTestBuffer
+	stderr *syncBuffer
 	code   chan int
 }
 
@@ -35,7 +35,7 @@ var addrRE = regexp.MustCompile(`"addr":"(127\.0\.0\.1:\d+)"`)
 
 func startProcess(t *testing.T, ctx context.Context, vars map[string]string, args ...string) *fleetProcess {
 	t.Helper()
-	env, _, errOut := workerTestEnv(vars)
+	env, _, errOut := testEnv(vars)
 	p := &fleetProcess{name: args[0], stderr: errOut, code: make(chan int, 1)}
 	go func() { p.code <- run(ctx, append(args, "--addr", "127.0.0.1:0", "--log-format", "json"), env) }()
 	require.Eventually(t, func() bool {
@@ -128,7 +128,7 @@ func TestFleetObservability(t *testing.T) {
 	srv := redistest.New(t)
 	token := "fleet-test-token-0123456789"
 	vars := map[string]string{
-		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: workerTestKeys,
+		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: testKeys,
 		envCatalog: catPath, envAPITokens: token,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -250,7 +250,7 @@ scrape_configs:
 	// carry the fixed keys.
 	for _, p := range procs {
 		logs := p.stderr.String()
-		for _, secret := range []string{goodKey, badKey, token, strings.SplitN(workerTestKeys, ":", 2)[1]} {
+		for _, secret := range []string{goodKey, badKey, token, strings.SplitN(testKeys, ":", 2)[1]} {
 			require.NotContains(t, logs, secret, "%s logged a secret", p.name)
 		}
 	}

@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/base64"
 	"io"
 	"net/http"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,33 +22,10 @@ import (
 
 // schedTestBuffer is a bytes.Buffer safe for a process writing logs while
 // the test reads them.
-type schedTestBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (w *schedTestBuffer) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-
-func (w *schedTestBuffer) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.String()
-}
-
-func schedTestEnv(vars map[string]string) (Env, *schedTestBuffer, *schedTestBuffer) {
-	out, errOut := &schedTestBuffer{}, &schedTestBuffer{}
-	return Env{Getenv: func(k string) string { return vars[k] }, Stdout: out, Stderr: errOut}, out, errOut
-}
-
-var schedTestKeys = "k1:" + base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{9}, 32))
 
 func TestSchedulerHelp(t *testing.T) {
 	t.Parallel()
-	env, _, errOut := schedTestEnv(nil)
+	env, _, errOut := testEnv(nil)
 	require.Equal(t, 0, run(context.Background(), []string{"scheduler", "--help"}, env))
 	help := errOut.String()
 	for _, want := range []string{"usage: vaultfleet scheduler", "-tick", "-batch", "-lease", "-jitter",
@@ -86,14 +60,14 @@ func TestSchedulerBadConfig(t *testing.T) {
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			env, _, errOut := schedTestEnv(tc.env)
+			env, _, errOut := testEnv(tc.env)
 			code := run(context.Background(), append([]string{"scheduler"}, tc.args...), env)
 			require.Equal(t, 1, code, errOut.String())
 			require.Contains(t, errOut.String(), tc.wantErr)
 			require.Equal(t, 1, strings.Count(strings.TrimSpace(errOut.String()), "\n")+1, "one line: %q", errOut.String())
 		})
 	}
-	env, _, _ := schedTestEnv(nil)
+	env, _, _ := testEnv(nil)
 	require.Equal(t, 2, run(context.Background(), []string{"scheduler", "--no-such-flag"}, env))
 }
 
@@ -107,7 +81,7 @@ func TestSchedulerCommand(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	cat, err := catalog.Default()
 	require.NoError(t, err)
-	kr, err := secrets.ParseKeyring(schedTestKeys)
+	kr, err := secrets.ParseKeyring(testKeys)
 	require.NoError(t, err)
 	// Written a minute ago: its first check (30s after the write) is due.
 	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: kr,
@@ -117,8 +91,8 @@ func TestSchedulerCommand(t *testing.T) {
 		state.Input{Credentials: map[string]string{"api_key": "secret-key"}}, 0)
 	require.NoError(t, err)
 
-	env, _, errOut := schedTestEnv(map[string]string{
-		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: schedTestKeys, envSchedTick: "50ms",
+	env, _, errOut := testEnv(map[string]string{
+		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: testKeys, envSchedTick: "50ms",
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

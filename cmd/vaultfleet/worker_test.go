@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/base64"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -11,7 +9,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -26,35 +23,9 @@ import (
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
-// workerTestBuffer is a bytes.Buffer safe for a process writing logs while
-// the test reads them.
-type workerTestBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (w *workerTestBuffer) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-
-func (w *workerTestBuffer) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.String()
-}
-
-func workerTestEnv(vars map[string]string) (Env, *workerTestBuffer, *workerTestBuffer) {
-	out, errOut := &workerTestBuffer{}, &workerTestBuffer{}
-	return Env{Getenv: func(k string) string { return vars[k] }, Stdout: out, Stderr: errOut}, out, errOut
-}
-
-var workerTestKeys = "k1:" + base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{7}, 32))
-
 func TestWorkerHelp(t *testing.T) {
 	t.Parallel()
-	env, _, errOut := workerTestEnv(nil)
+	env, _, errOut := testEnv(nil)
 	require.Equal(t, 0, run(context.Background(), []string{"worker", "--help"}, env))
 	help := errOut.String()
 	for _, want := range []string{"usage: vaultfleet worker", "-concurrency", "-shutdown-timeout", "-addr", ":9101",
@@ -79,12 +50,12 @@ func TestWorkerBadConfig(t *testing.T) {
 		"ShutdownEnv":      {vars: map[string]string{envWorkerShutdownTimeout: "25"}, want: envWorkerShutdownTimeout},
 		"ShutdownNegative": {args: []string{"--shutdown-timeout", "-1s"}, want: "--shutdown-timeout"},
 		"NoKeys":           {want: secrets.EnvKeys},
-		"BadLogLevel":      {vars: map[string]string{secrets.EnvKeys: workerTestKeys}, args: []string{"--log-level", "loud"}, want: "log level"},
+		"BadLogLevel":      {vars: map[string]string{secrets.EnvKeys: testKeys}, args: []string{"--log-level", "loud"}, want: "log level"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			env, _, errOut := workerTestEnv(tc.vars)
+			env, _, errOut := testEnv(tc.vars)
 			require.Equal(t, 1, run(context.Background(), append([]string{"worker"}, tc.args...), env))
 			msg := errOut.String()
 			require.Equal(t, 1, strings.Count(msg, "\n"), "one line: %q", msg)
@@ -94,7 +65,7 @@ func TestWorkerBadConfig(t *testing.T) {
 	}
 	t.Run("FlagWinsOverBadEnv", func(t *testing.T) {
 		t.Parallel()
-		env, _, errOut := workerTestEnv(map[string]string{envWorkerConcurrency: "lots"})
+		env, _, errOut := testEnv(map[string]string{envWorkerConcurrency: "lots"})
 		require.Equal(t, 1, run(context.Background(), []string{"worker", "--concurrency", "5"}, env))
 		require.NotContains(t, errOut.String(), envWorkerConcurrency)
 	})
@@ -108,8 +79,8 @@ func TestWorkerCommand(t *testing.T) {
 	srv := redistest.New(t)
 	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
 	t.Cleanup(func() { _ = rdb.Close() })
-	env, _, errOut := workerTestEnv(map[string]string{
-		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: workerTestKeys,
+	env, _, errOut := testEnv(map[string]string{
+		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: testKeys,
 		envWorkerConcurrency: "4", envWorkerShutdownTimeout: "2s",
 	})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -190,7 +161,7 @@ func TestWorkerCommandDeliversWebhooks(t *testing.T) {
 
 	cat, err := catalog.Default()
 	require.NoError(t, err)
-	kr, err := secrets.ParseKeyring(workerTestKeys)
+	kr, err := secrets.ParseKeyring(testKeys)
 	require.NoError(t, err)
 	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: kr})
 	require.NoError(t, err)
@@ -198,8 +169,8 @@ func TestWorkerCommandDeliversWebhooks(t *testing.T) {
 		state.Input{Credentials: map[string]string{"api_key": "secret-key"}}, 0)
 	require.NoError(t, err)
 
-	env, _, errOut := workerTestEnv(map[string]string{
-		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: workerTestKeys,
+	env, _, errOut := testEnv(map[string]string{
+		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: testKeys,
 		envWebhooks: hooks, "WORKER_TEST_WEBHOOK_SECRET": "0123456789abcdef0123",
 	})
 	ctx, cancel := context.WithCancel(context.Background())
