@@ -361,7 +361,7 @@ func printBanner(w io.Writer, base string, embedded, authOn bool, seeded int) {
 	if !embedded {
 		redisNote = "Redis from " + envRedisURL
 	}
-	authNote := "no token needed (loopback only; set " + envAPITokens + " to require one)"
+	authNote := "no token needed: loopback only; set " + envAPITokens + " to require one"
 	if authOn {
 		authNote = "Authorization: Bearer <one of " + envAPITokens + ">; browsers: any user, a token as password"
 	}

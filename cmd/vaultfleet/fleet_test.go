@@ -175,6 +175,30 @@ func TestFleetObservability(t *testing.T) {
 	waitState("good", "callable")
 	waitState("bad", "invalid")
 
+	// The monitor and the status page sit behind the same tokens; a
+	// browser sends one as the basic-auth password.
+	for _, path := range []string{"/monitor/", "/"} {
+		code, _ := getBody(t, "http://"+serve.addr+path)
+		require.Equal(t, http.StatusUnauthorized, code, path)
+		req, _ := http.NewRequest("GET", "http://"+serve.addr+path, nil)
+		req.SetBasicAuth("ops", token)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode, path)
+		require.Contains(t, strings.ToLower(string(body)), "<html", path)
+	}
+	req, _ := http.NewRequest("GET", "http://"+serve.addr+"/monitor/api/queues", nil)
+	req.SetBasicAuth("ops", token)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	var queues struct{ Queues []struct{ Queue string } }
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&queues))
+	resp.Body.Close()
+	require.NotEmpty(t, queues.Queues, "the monitor's API reads the fleet's queues")
+	require.Contains(t, scrape(t, serve.addr), `vaultfleet_connections{integration="pipedrive",state="callable"} 1`)
+
 	// promtool accepts every process's scrape; every vaultfleet_ family is
 	// listed, and every listed family of these processes is exported.
 	listed := listedMetrics(t)
