@@ -104,6 +104,20 @@ type Integration struct {
 	// TokenLifetime is assumed for tokens whose response carries no
 	// expires_in (Salesforce). Default 2h.
 	TokenLifetime Duration `yaml:"token_lifetime"`
+	// InvalidWave, when set, holds back invalid check verdicts for this
+	// integration once more than Threshold arrive fleet wide within one
+	// Window: a sudden wave looks like a provider auth incident rather than
+	// mass revocation. Held verdicts are logged, counted and retried after
+	// the window; state does not change meanwhile.
+	InvalidWave *InvalidWave `yaml:"invalid_wave"`
+}
+
+// InvalidWave is the threshold of the invalid-wave guard.
+type InvalidWave struct {
+	// Threshold is how many invalid verdicts per Window are applied.
+	Threshold int `yaml:"threshold"`
+	// Window is the counting window. Default 10m.
+	Window Duration `yaml:"window"`
 }
 
 // Setting is a consumer setting such as instance_url or tenant_id.

@@ -13,19 +13,21 @@ import (
 
 // Defaults applied after validation.
 const (
-	DefaultMethod          = "GET"
-	DefaultCheckTimeout    = 10 * time.Second
-	DefaultCallableEvery   = time.Hour
-	DefaultInvalidEvery    = 6 * time.Hour
-	DefaultAddedEvery      = time.Hour
-	DefaultConfirmSpacing  = time.Minute
-	DefaultTokenLifetime   = 2 * time.Hour
-	DefaultRefreshWindow   = 10 * time.Minute
-	DefaultAPIKeyHeader    = "X-API-Key"
-	literalPrefix          = "literal:"
-	minInvalidStatus       = 400
-	maxInvalidStatus       = 599
-	refreshWindowLifeShare = 5 // 20% of the lifetime
+	DefaultMethod         = "GET"
+	DefaultCheckTimeout   = 10 * time.Second
+	DefaultCallableEvery  = time.Hour
+	DefaultInvalidEvery   = 6 * time.Hour
+	DefaultAddedEvery     = time.Hour
+	DefaultConfirmSpacing = time.Minute
+	// DefaultInvalidWaveWindow is the invalid-wave guard's window.
+	DefaultInvalidWaveWindow = 10 * time.Minute
+	DefaultTokenLifetime     = 2 * time.Hour
+	DefaultRefreshWindow     = 10 * time.Minute
+	DefaultAPIKeyHeader      = "X-API-Key"
+	literalPrefix            = "literal:"
+	minInvalidStatus         = 400
+	maxInvalidStatus         = 599
+	refreshWindowLifeShare   = 5 // 20% of the lifetime
 )
 
 // DefaultInvalidStatuses are the check statuses that mean "invalid" unless
@@ -393,6 +395,14 @@ func (in *Integration) validateTimes(p *problems) {
 	if in.ConfirmInvalid < 0 {
 		p.add("confirm_invalid", "must not be negative")
 	}
+	if w := in.InvalidWave; w != nil {
+		if w.Threshold < 1 {
+			p.add("invalid_wave.threshold", "must be at least 1")
+		}
+		if w.Window < 0 {
+			p.add("invalid_wave.window", "must not be negative")
+		}
+	}
 	if in.ConfirmSpacing < 0 {
 		p.add("confirm_spacing", "must not be negative")
 	}
@@ -425,6 +435,9 @@ func (in *Integration) applyDefaults() {
 		if in.Intervals[k] == 0 {
 			in.Intervals[k] = Duration(defaultInterval(k))
 		}
+	}
+	if in.InvalidWave != nil && in.InvalidWave.Window == 0 {
+		in.InvalidWave.Window = Duration(DefaultInvalidWaveWindow)
 	}
 	if in.ConfirmSpacing == 0 {
 		in.ConfirmSpacing = Duration(DefaultConfirmSpacing)

@@ -227,6 +227,17 @@ integrations:
     confirm_spacing: 1s
     allow_http: true
     allowed_hosts: ["HOST"]
+  - id: waveco
+    name: WaveCo
+    unified_api: crm
+    auth_type: api_key
+    status: live
+    credential_fields: [api_key]
+    check:
+      url: http://HOST/waveco/me
+    invalid_wave: {threshold: 2, window: 1m}
+    allow_http: true
+    allowed_hosts: ["HOST"]
   - id: devco
     name: DevCo
     unified_api: crm

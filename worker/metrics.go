@@ -20,6 +20,10 @@ const (
 	outcomeSkipped     = "skipped"
 )
 
+// outcomeHeld is the task result's outcome of an invalid verdict held back
+// by the invalid-wave guard (the check counts as invalid in the metrics).
+const outcomeHeld = "invalid_held"
+
 // Outcomes of vaultfleet_token_refreshes_total.
 const (
 	refreshRefreshed = "refreshed"
@@ -52,6 +56,7 @@ type metrics struct {
 	transitions    *prometheus.CounterVec
 	refreshes      *prometheus.CounterVec
 	dropped        *prometheus.CounterVec
+	held           *prometheus.CounterVec
 	circuitOpen    *prometheus.GaugeVec
 	tasksProcessed *prometheus.CounterVec
 	taskDuration   *prometheus.HistogramVec
@@ -83,6 +88,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vaultfleet_verdicts_dropped_total",
 			Help: "Verdicts not applied because the credentials changed while the check ran.",
 		}, []string{"reason"}),
+		held: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vaultfleet_invalid_verdicts_held_total",
+			Help: "Invalid check verdicts held back by the catalog's invalid-wave guard (retried later, state unchanged).",
+		}, []string{"integration"}),
 		circuitOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "vaultfleet_circuit_open",
 			Help: "1 while the integration's circuit breaker is open or half-open, 0 when closed.",
@@ -98,7 +107,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"task_type"}),
 	}
 	for _, c := range []prometheus.Collector{m.checks, m.checkDuration, m.transitions, m.refreshes,
-		m.dropped, m.circuitOpen, m.tasksProcessed, m.taskDuration} {
+		m.dropped, m.held, m.circuitOpen, m.tasksProcessed, m.taskDuration} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

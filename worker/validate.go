@@ -241,6 +241,22 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 	defer cancel()
 	now := w.now()
 
+	// A wave of invalid verdicts across one integration looks like a
+	// provider auth incident: where the catalog asks for it, hold the
+	// verdict back as a transient failure and check again after the window.
+	// The check still counts as invalid above, so the InvalidationWave
+	// alert sees the wave.
+	if res.kind == kindInvalid {
+		if held, n, window := w.holdInvalid(sctx, in, now); held {
+			w.metrics.held.WithLabelValues(in.ID).Inc()
+			w.log.WarnContext(ctx, "invalid verdict held back: wave of invalid verdicts",
+				slog.String(keyIntegration, in.ID), slog.Int64("invalid_in_window", n),
+				slog.Int("threshold", in.InvalidWave.Threshold), slog.Duration("window", window))
+			res.kind, res.msg, res.retryAfter = kindTransient, heldMessage(in, n, window), window
+			r.res.Outcome = outcomeHeld
+		}
+	}
+
 	if res.kind == kindTransient || res.kind == kindThrottled {
 		r.res.Error = res.msg
 		ch, err := w.store.RecordTransient(sctx, v.ref, v.rev, res.msg)
