@@ -183,7 +183,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	apiCfg := api.Config{Store: store, Catalog: cat, Notifier: notifier, Enqueuer: client, Logger: logger, Registerer: reg}
 	var browser func(*http.Request) bool
 	if tokens != nil {
-		apiCfg.Tokens = parseTokens(tokenSpec)
+		apiCfg.Tokens = tokens
 		browser = tokens.Browser
 	} else {
 		apiCfg.AllowNoAuth = true

@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -22,7 +20,7 @@ import (
 
 // Environment variables of serve (and of the webhook relay the worker runs).
 const (
-	envAPITokens = "VAULTFLEET_API_TOKENS"
+	envAPITokens = auth.EnvTokens
 	envWebhooks  = events.EnvWebhooks
 
 	defaultServeAddr = ":8080"
@@ -54,11 +52,8 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	tokens := parseTokens(env.Getenv(envAPITokens))
-	if len(tokens) == 0 {
-		return errors.New("no API token configured: set " + envAPITokens + "=token[,token...]")
-	}
-	browserTokens, err := auth.ParseTokens(env.Getenv(envAPITokens))
+	// The same tokens serve programs (bearer) and browsers (basic auth).
+	tokens, err := auth.ParseTokens(env.Getenv(envAPITokens))
 	if err != nil {
 		return err
 	}
@@ -93,13 +88,13 @@ func runServe(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, ReadOnly: *readOnly,
-		PrometheusAddress: *promURL, Authorize: browserTokens.Browser})
+		PrometheusAddress: *promURL, Authorize: tokens.Browser})
 	if err != nil {
 		return err
 	}
 	defer mon.Close()
 	page := ui.New(ui.Config{Store: a.Store, Catalog: a.Catalog, QueuesFunc: queueDepths(inspector),
-		MonitorPath: monitor.DefaultRootPath, Authorize: browserTokens.Browser, Logger: a.Logger})
+		MonitorPath: monitor.DefaultRootPath, Authorize: tokens.Browser, Logger: a.Logger})
 	var inflight atomic.Int64
 	h = trackInflight(h, &inflight)
 	addr, done, err := serveOps(ctx, c.addr, a.Registry, redisReady(a.Redis), a.Logger, func(mux *http.ServeMux) {
@@ -111,7 +106,7 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	a.Logger.Info("serving the API", slog.String("addr", addr.String()), slog.Int("tokens", len(tokens)))
+	a.Logger.Info("serving the API", slog.String("addr", addr.String()), slog.Int("tokens", tokens.Len()))
 	select {
 	case err := <-done:
 		return err
@@ -137,15 +132,4 @@ func trackInflight(h http.Handler, n *atomic.Int64) http.Handler {
 		defer n.Add(-1)
 		h.ServeHTTP(w, r)
 	})
-}
-
-// parseTokens splits a comma-separated token list, dropping blanks.
-func parseTokens(s string) []string {
-	var out []string
-	for t := range strings.SplitSeq(s, ",") {
-		if t = strings.TrimSpace(t); t != "" {
-			out = append(out, t)
-		}
-	}
-	return out
 }

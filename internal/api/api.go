@@ -23,11 +23,8 @@ package api
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
 	_ "embed"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -40,6 +37,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/auth"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -99,8 +97,8 @@ type Config struct {
 	// Enqueuer enqueues the validate and refresh tasks of POST .../validate
 	// and .../refresh.
 	Enqueuer Enqueuer
-	// Tokens are the accepted bearer tokens.
-	Tokens []string
+	// Tokens are the accepted bearer tokens (auth.ParseTokens).
+	Tokens *auth.Tokens
 	// AllowNoAuth, with no Tokens, lets requests from loopback addresses
 	// through without a token (development only). Requests from any other
 	// address still get 401.
@@ -146,13 +144,8 @@ func (c Config) validate() error {
 		return errors.New("api: Config.Notifier is required")
 	case c.Enqueuer == nil:
 		return errors.New("api: Config.Enqueuer is required")
-	case len(c.Tokens) == 0 && !c.AllowNoAuth:
+	case c.Tokens == nil && !c.AllowNoAuth:
 		return errors.New("api: no API token configured")
-	}
-	for i, t := range c.Tokens {
-		if strings.TrimSpace(t) == "" || strings.ContainsAny(t, " \t\r\n,") {
-			return fmt.Errorf("api: token %d is empty or contains spaces or commas", i+1)
-		}
 	}
 	return nil
 }
@@ -160,7 +153,6 @@ func (c Config) validate() error {
 // server holds the handler's dependencies.
 type server struct {
 	cfg     Config
-	tokens  [][sha256.Size]byte
 	metrics *metrics
 	log     *slog.Logger
 }
@@ -215,9 +207,6 @@ func New(cfg Config) (http.Handler, error) {
 		return nil, err
 	}
 	s := &server{cfg: cfg, log: cfg.Logger}
-	for _, t := range cfg.Tokens {
-		s.tokens = append(s.tokens, sha256.Sum256([]byte(t)))
-	}
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
 		return nil, err
@@ -262,12 +251,11 @@ func New(cfg Config) (http.Handler, error) {
 	return mux, nil
 }
 
-// authenticate requires a valid bearer token. Every configured token is
-// compared (SHA-256 digests in constant time, so neither the token nor its
-// length leaks through timing).
+// authenticate requires a valid bearer token (compared in constant time
+// by auth.Tokens).
 func (s *server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if len(s.tokens) == 0 && s.cfg.AllowNoAuth && isLoopback(r.RemoteAddr) {
+		if s.cfg.Tokens == nil && s.cfg.AllowNoAuth && isLoopback(r.RemoteAddr) {
 			next.ServeHTTP(w, r)
 			return
 		}
@@ -278,12 +266,7 @@ func (s *server) authenticate(next http.Handler) http.Handler {
 			writeError(w, http.StatusUnauthorized, codeUnauthorized, "missing bearer token")
 			return
 		}
-		sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-		match := 0
-		for i := range s.tokens {
-			match |= subtle.ConstantTimeCompare(sum[:], s.tokens[i][:])
-		}
-		if match != 1 {
+		if !s.cfg.Tokens.Valid(strings.TrimSpace(tok)) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet", error="invalid_token"`)
 			writeError(w, http.StatusUnauthorized, codeUnauthorized, "invalid bearer token")
 			return

@@ -26,6 +26,7 @@ import (
 
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/api"
+	"github.com/vaultfleet/vaultfleet/internal/auth"
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
 	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/scheduler"
@@ -36,6 +37,13 @@ import (
 func TestMain(m *testing.M) { redistest.Main(m) }
 
 const testToken = "test-token-0123456789abcdef"
+
+func mustTokens(t testing.TB, spec string) *auth.Tokens {
+	t.Helper()
+	toks, err := auth.ParseTokens(spec)
+	require.NoError(t, err)
+	return toks
+}
 
 // recordingNotifier wraps the real scheduler.Notifier and records every
 // change it is handed.
@@ -87,7 +95,7 @@ func setup(t testing.TB) *bundle {
 	notifier := &recordingNotifier{next: scheduler.NewNotifier(client, cat)}
 	reg := prometheus.NewRegistry()
 	h, err := api.New(api.Config{Store: st, Catalog: cat, Notifier: notifier, Enqueuer: client,
-		Tokens: []string{"other-token-xyz", testToken}, Registerer: reg})
+		Tokens: mustTokens(t, "other-token-xyz-0123,"+testToken), Registerer: reg})
 	require.NoError(t, err)
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
@@ -267,7 +275,7 @@ func TestAuth(t *testing.T) {
 	require.Zero(t, b.notifier.count())
 
 	// Both configured tokens work; the document needs none.
-	r := b.req(t, "GET", "/v1/consumers/c1/connections", "", "Authorization: Bearer other-token-xyz")
+	r := b.req(t, "GET", "/v1/consumers/c1/connections", "", "Authorization: Bearer other-token-xyz-0123")
 	require.Equal(t, http.StatusOK, r.status)
 	r = b.req(t, "GET", "/openapi.yaml", "", "Authorization:")
 	require.Equal(t, http.StatusOK, r.status)
@@ -837,7 +845,7 @@ func TestNotifyFailureIsLoggedNotReturned(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	h, err := api.New(api.Config{Store: b.store, Catalog: b.cat, Notifier: failingNotifier{},
-		Enqueuer: asynq.NewClientFromRedisClient(b.rdb), Tokens: []string{testToken}})
+		Enqueuer: asynq.NewClientFromRedisClient(b.rdb), Tokens: mustTokens(t, testToken)})
 	require.NoError(t, err)
 	srv := httptest.NewServer(h)
 	defer srv.Close()

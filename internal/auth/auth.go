@@ -60,6 +60,14 @@ func (t *Tokens) Valid(tok string) bool {
 	return ok == 1
 }
 
+// Len is the number of tokens.
+func (t *Tokens) Len() int {
+	if t == nil {
+		return 0
+	}
+	return len(t.sums)
+}
+
 // Bearer reports whether r carries "Authorization: Bearer <valid token>".
 func (t *Tokens) Bearer(r *http.Request) bool {
 	h := r.Header.Get("Authorization")

@@ -25,10 +25,12 @@ func TestParseTokens(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, toks.Valid(tokA))
 	require.True(t, toks.Valid(tokB))
+	require.Equal(t, 2, toks.Len())
 	require.False(t, toks.Valid(tokA+"x"))
 	require.False(t, toks.Valid(""))
 	var none *Tokens
 	require.False(t, none.Valid(tokA))
+	require.Zero(t, none.Len())
 }
 
 func TestRequestChecks(t *testing.T) {
