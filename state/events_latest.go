@@ -15,13 +15,5 @@ func (s *Store) LatestEvents(ctx context.Context, n int64) ([]Event, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state: read latest events: %w", err)
 	}
-	out := make([]Event, 0, len(msgs))
-	for _, m := range msgs {
-		e, err := ParseEvent(m)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, e)
-	}
-	return out, nil
+	return parseEvents(msgs)
 }

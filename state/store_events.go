@@ -135,6 +135,11 @@ func (s *Store) readEvents(ctx context.Context, afterID string, count int64) ([]
 	if err != nil {
 		return nil, fmt.Errorf("state: read events: %w", err)
 	}
+	return parseEvents(msgs)
+}
+
+// parseEvents parses stream entries in the order given.
+func parseEvents(msgs []redis.XMessage) ([]Event, error) {
 	out := make([]Event, 0, len(msgs))
 	for _, m := range msgs {
 		e, err := ParseEvent(m)

@@ -314,7 +314,7 @@ func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, ref state.
 	}
 	out.msg, out.reason = safeErr(cause), reason
 	v := state.Verdict{Outcome: state.InvalidCred, Reason: reason, HTTPStatus: out.status, CheckedAt: now, Revision: c.Revision}
-	ch, err := w.store.ApplyVerdict(sctx, ref, c.Revision, v)
+	ch, err := w.store.ApplyVerdictFrom(sctx, c, v)
 	switch {
 	case err == nil:
 		out.outcome, out.conn = refreshRevoked, ch.After

@@ -292,13 +292,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 		}
 	}
 	r.res.Verdict, r.res.Reason = string(verdict.Outcome), verdict.Reason
-	var ch state.Change
-	var err error
-	if v.c != nil && v.c.Revision == v.rev {
-		ch, err = w.store.ApplyVerdictFrom(sctx, v.c, verdict)
-	} else {
-		ch, err = w.store.ApplyVerdict(sctx, v.ref, v.rev, verdict)
-	}
+	ch, err := w.store.ApplyVerdictFrom(sctx, v.c, verdict)
 	switch {
 	case errors.Is(err, state.ErrStale):
 		r.res.Dropped = dropStale

@@ -54,11 +54,9 @@ const (
 type Store interface {
 	// Get returns one connection, or state.ErrNotFound.
 	Get(ctx context.Context, ref state.Ref) (*state.Connection, error)
-	// ApplyVerdict records a valid or invalid verdict computed for the
-	// credentials revision rev (state.ErrStale if it moved).
-	ApplyVerdict(ctx context.Context, ref state.Ref, rev int64, v state.Verdict) (state.Change, error)
-	// ApplyVerdictFrom is ApplyVerdict for seen's revision, starting from
-	// the copy the handler read (saves the store a read).
+	// ApplyVerdictFrom records a valid or invalid verdict computed for the
+	// credentials revision of seen, the copy the handler read (state.ErrStale
+	// if the revision moved since).
 	ApplyVerdictFrom(ctx context.Context, seen *state.Connection, v state.Verdict) (state.Change, error)
 	// RecordTransient notes provider trouble for rev without changing the
 	// state.
