@@ -190,6 +190,24 @@ func (in *Integration) SettingAffectsCheck(name string) bool {
 	return false
 }
 
+// TokenLifetimeOrDefault is TokenLifetime, or DefaultTokenLifetime for an
+// integration built without New's defaults.
+func (in *Integration) TokenLifetimeOrDefault() time.Duration {
+	if d := in.TokenLifetime.D(); d > 0 {
+		return d
+	}
+	return DefaultTokenLifetime
+}
+
+// ConfirmSpacingOrDefault is ConfirmSpacing, or DefaultConfirmSpacing for
+// an integration built without New's defaults.
+func (in *Integration) ConfirmSpacingOrDefault() time.Duration {
+	if d := in.ConfirmSpacing.D(); d > 0 {
+		return d
+	}
+	return DefaultConfirmSpacing
+}
+
 // Checkable reports whether the integration's connections are checked and
 // refreshed (status live or beta).
 func (in *Integration) Checkable() bool { return in.Status.Checkable() }

@@ -348,3 +348,13 @@ func mustURL(t testing.TB, raw string) *url.URL {
 	require.NoError(t, err)
 	return u
 }
+
+func TestDurationsOrDefault(t *testing.T) {
+	t.Parallel()
+	bare := &catalog.Integration{ID: "bare"}
+	require.Equal(t, catalog.DefaultTokenLifetime, bare.TokenLifetimeOrDefault())
+	require.Equal(t, catalog.DefaultConfirmSpacing, bare.ConfirmSpacingOrDefault())
+	set := &catalog.Integration{ID: "set", TokenLifetime: catalog.Duration(30 * time.Minute), ConfirmSpacing: catalog.Duration(5 * time.Second)}
+	require.Equal(t, 30*time.Minute, set.TokenLifetimeOrDefault())
+	require.Equal(t, 5*time.Second, set.ConfirmSpacingOrDefault())
+}

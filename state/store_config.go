@@ -27,10 +27,6 @@ const (
 	// that was created or enabled) becomes due for a check: the API
 	// enqueues the validation at once, the sweep catches a lost enqueue.
 	safetyNet = 30 * time.Second
-	// defaultConfirmSpacing applies when the catalog leaves it zero.
-	defaultConfirmSpacing = time.Minute
-	// defaultTokenLifetime applies when the catalog leaves it zero.
-	defaultTokenLifetime = 2 * time.Hour
 	// maxErrorLen truncates the transient and refresh error texts kept.
 	maxErrorLen = 200
 )

@@ -265,7 +265,7 @@ func (s *Store) dueCheck(cur, next *Connection, in *catalog.Integration, h hints
 		// caller enqueues a validation now; this is the safety net.
 		return dueSet, now.Add(safetyNet)
 	case h.confirm:
-		return dueSet, now.Add(cmp0(in.ConfirmSpacing.D(), defaultConfirmSpacing))
+		return dueSet, now.Add(in.ConfirmSpacingOrDefault())
 	case h.verdict && cur.State != next.State:
 		return dueSet, now.Add(jittered(in.Interval(string(next.State))))
 	}
@@ -286,16 +286,19 @@ func (s *Store) dueRefresh(cur, next *Connection, in *catalog.Integration) (stri
 	return dueIfNone, at
 }
 
-// RefreshAt is when a token is due for refresh ahead of expiry: ExpiresAt
-// minus the integration's refresh window for the token's lifetime
-// (ExpiresAt - IssuedAt, or the catalog's TokenLifetime when IssuedAt is
-// unknown).
-func RefreshAt(c Credentials, in *catalog.Integration) time.Time {
-	lifetime := cmp0(in.TokenLifetime.D(), defaultTokenLifetime)
+// TokenLifetime is the lifetime of c's access token: ExpiresAt - IssuedAt
+// when both are known, else the catalog's TokenLifetime.
+func TokenLifetime(c Credentials, in *catalog.Integration) time.Duration {
 	if !c.IssuedAt.IsZero() && c.ExpiresAt.After(c.IssuedAt) {
-		lifetime = c.ExpiresAt.Sub(c.IssuedAt)
+		return c.ExpiresAt.Sub(c.IssuedAt)
 	}
-	return c.ExpiresAt.Add(-in.RefreshWindowFor(lifetime))
+	return in.TokenLifetimeOrDefault()
+}
+
+// RefreshAt is when a token is due for refresh ahead of expiry: ExpiresAt
+// minus the integration's refresh window for the token's lifetime.
+func RefreshAt(c Credentials, in *catalog.Integration) time.Time {
+	return c.ExpiresAt.Add(-in.RefreshWindowFor(TokenLifetime(c, in)))
 }
 
 // defaultExpiry gives an OAuth access token without a known expiry the
@@ -307,14 +310,7 @@ func defaultExpiry(c *Credentials, in *catalog.Integration) {
 	if in.AuthType != catalog.AuthOAuth2 || c.AccessToken == "" || !c.ExpiresAt.IsZero() || c.IssuedAt.IsZero() {
 		return
 	}
-	c.ExpiresAt = c.IssuedAt.Add(cmp0(in.TokenLifetime.D(), defaultTokenLifetime))
-}
-
-func cmp0(d, def time.Duration) time.Duration {
-	if d <= 0 {
-		return def
-	}
-	return d
+	c.ExpiresAt = c.IssuedAt.Add(in.TokenLifetimeOrDefault())
 }
 
 // jittered spreads an interval by up to +10% so that connections that

@@ -116,15 +116,7 @@ func (w *Worker) waitUnlocked(ctx context.Context, key string) error {
 // integration's window for the token's lifetime, and never less than
 // NearExpiry.
 func (w *Worker) refreshWindow(c *state.Connection, in *catalog.Integration) time.Duration {
-	lifetime := in.TokenLifetime.D()
-	if lifetime <= 0 {
-		lifetime = defaultTokenLifetime
-	}
-	cr := c.Credentials
-	if !cr.ExpiresAt.IsZero() && !cr.IssuedAt.IsZero() && cr.ExpiresAt.After(cr.IssuedAt) {
-		lifetime = cr.ExpiresAt.Sub(cr.IssuedAt)
-	}
-	return max(in.RefreshWindowFor(lifetime), w.cfg.NearExpiry)
+	return max(in.RefreshWindowFor(state.TokenLifetime(c.Credentials, in)), w.cfg.NearExpiry)
 }
 
 // refreshDue reports whether c's access token should be refreshed now.
@@ -250,14 +242,9 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, ref st
 		t.ExpiresAt = now.Add(time.Duration(tok.ExpiresIn) * time.Second)
 	case !tok.Expiry.IsZero():
 		t.ExpiresAt = tok.Expiry
-	default:
-		// No expires_in (Salesforce): assume the configured lifetime.
-		lifetime := in.TokenLifetime.D()
-		if lifetime <= 0 {
-			lifetime = defaultTokenLifetime
-		}
-		t.ExpiresAt = now.Add(lifetime)
 	}
+	// No expires_in (Salesforce): the store gives the token the catalog's
+	// lifetime from IssuedAt.
 	sctx, cancel := storeCtx(ctx)
 	defer cancel()
 	var ch state.Change

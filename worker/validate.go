@@ -321,10 +321,7 @@ func (v *validation) confirmLater(ctx context.Context, c *state.Connection) {
 		c.Confirmation.Invalids == 0 || c.Confirmation.Revision != v.rev {
 		return
 	}
-	spacing := in.ConfirmSpacing.D()
-	if spacing <= 0 {
-		spacing = defaultConfirmSpacing
-	}
+	spacing := in.ConfirmSpacingOrDefault()
 	key := "confirm-" + strconv.FormatInt(v.rev, 10) + "-" + strconv.Itoa(c.Confirmation.Invalids)
 	t, err := tasks.NewValidateTask(v.ref.ConsumerID, v.ref.ConnectionID, tasks.ReasonConfirm, key)
 	if err != nil {

@@ -43,8 +43,6 @@ const (
 	defaultBreakerCoolDown   = 30 * time.Second
 	defaultBreakerProbes     = 3
 	defaultNearExpiry        = 2 * time.Minute
-	defaultTokenLifetime     = 2 * time.Hour
-	defaultConfirmSpacing    = time.Minute
 	storeWriteTimeout        = 10 * time.Second
 	maxConcurrency           = 10_000
 )
