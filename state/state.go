@@ -39,11 +39,21 @@ const (
 	HealthNeedsAuth           Health = "needs_auth"
 	HealthRevoked             Health = "revoked"
 	HealthMissingSettings     Health = "missing_settings"
+	// HealthMisconfigured: the consumer's own settings or credentials make
+	// a request impossible (a host that does not resolve, a refused
+	// redirect, a value that is not a valid header). That connection's
+	// problem alone, never a provider incident.
+	HealthMisconfigured Health = "misconfigured"
+	// HealthRotationLost: a refresh answered invalid_grant while an earlier
+	// exchange of the same refresh token by the fleet had an unknown
+	// outcome: the fleet lost a rotated token, the user did not revoke.
+	HealthRotationLost Health = "rotation_lost"
 )
 
 // Healths lists every health value.
 var Healths = []Health{HealthOK, HealthPendingRefresh, HealthPendingConfirmation,
-	HealthDegraded, HealthNeedsAuth, HealthRevoked, HealthMissingSettings}
+	HealthDegraded, HealthNeedsAuth, HealthRevoked, HealthMissingSettings,
+	HealthMisconfigured, HealthRotationLost}
 
 // Outcome is the meaning of a definitive check or refresh result.
 type Outcome string
@@ -61,6 +71,9 @@ const (
 	ReasonAssertionFailed      = "assertion_failed"
 	ReasonRefreshTokenRevoked  = "refresh_token_revoked"
 	ReasonMisconfiguredAccount = "misconfigured_account"
+	// ReasonRotationLost: invalid_grant for a refresh token whose earlier
+	// exchange by the fleet has an unknown outcome (see HealthRotationLost).
+	ReasonRotationLost = "rotation_lost"
 )
 
 // ExpirySkew is how close to expiry an access token counts as expired.

@@ -50,8 +50,9 @@ type Store struct {
 	cfg Config
 	// cluster: the event stream lives in another slot, so events are
 	// appended right after the write instead of inside its script.
-	cluster    bool
-	shardWidth int
+	cluster bool
+	// tags are the key prefixes of the shards, "vf:{s07}:", made once.
+	tags []string
 }
 
 // Input is what a consumer-side write sets. Nil fields are left alone.
@@ -147,14 +148,11 @@ func New(cfg Config) (*Store, error) {
 		return nil, err
 	}
 	_, cluster := cfg.Client.(*redis.ClusterClient)
-	return &Store{cfg: cfg, cluster: cluster, shardWidth: shardWidthFor(cfg.Shards)}, nil
+	return &Store{cfg: cfg, cluster: cluster, tags: shardTags(cfg.Prefix, cfg.Shards)}, nil
 }
 
 // Shards returns the number of index shards.
 func (s *Store) Shards() int { return s.cfg.Shards }
-
-// Catalog returns the store's catalog.
-func (s *Store) Catalog() *catalog.Catalog { return s.cfg.Catalog }
 
 // --- reads ---
 

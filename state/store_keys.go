@@ -37,8 +37,7 @@ const (
 
 // keys names the keys of one shard.
 type keys struct {
-	tag    string // "vf:{s07}:"
-	prefix string // "vf"
+	tag string // "vf:{s07}:"
 }
 
 // shardOf returns the shard of a consumer: fnv-32a(consumerID) % shards.
@@ -49,8 +48,16 @@ func shardOf(consumerID string, shards int) int {
 }
 
 // shardKeys returns the key names of shard n.
-func (s *Store) shardKeys(n int) keys {
-	return keys{tag: s.cfg.Prefix + ":{s" + fmt.Sprintf("%0*d", s.shardWidth, n) + "}:", prefix: s.cfg.Prefix}
+func (s *Store) shardKeys(n int) keys { return keys{tag: s.tags[n]} }
+
+// shardTags makes the key prefix of every shard.
+func shardTags(prefix string, shards int) []string {
+	width := shardWidthFor(shards)
+	tags := make([]string, shards)
+	for n := range tags {
+		tags[n] = prefix + ":{s" + fmt.Sprintf("%0*d", width, n) + "}:"
+	}
+	return tags
 }
 
 func (k keys) record(member string) string { return k.tag + "conn:" + member }

@@ -14,11 +14,8 @@ import (
 var (
 	//go:embed lua/claim.lua
 	claimLua string
-	//go:embed lua/reschedule.lua
-	rescheduleLua string
 
-	claimScript      = redis.NewScript(claimLua)
-	rescheduleScript = redis.NewScript(rescheduleLua)
+	claimScript = redis.NewScript(claimLua)
 )
 
 func (s *Store) checkIndex(idx Index, shard int) error {
@@ -78,7 +75,7 @@ func (s *Store) reschedule(ctx context.Context, idx Index, c Claim, next time.Ti
 	if err := s.checkIndex(idx, shard); err != nil {
 		return false, err
 	}
-	n, err := rescheduleScript.Run(ctx, s.cfg.Client, []string{s.shardKeys(shard).due(idx)},
+	n, err := rescheduleManyScript.Run(ctx, s.cfg.Client, []string{s.shardKeys(shard).due(idx)},
 		c.Ref.String(), c.Lease.UnixMilli(), next.UnixMilli()).Int()
 	if err != nil {
 		return false, fmt.Errorf("state: reschedule %s in %s: %w", c.Ref, idx, err)

@@ -98,9 +98,6 @@ func (s *Server) Client(tb testing.TB) *redis.Client {
 	return c
 }
 
-// DB returns the database number of a client made by Client.
-func DB(c *redis.Client) int { return c.Options().DB }
-
 // Close stops the server and removes its directory.
 func (s *Server) Close() {
 	if s.mini != nil {

@@ -113,18 +113,15 @@ func (k *Keyring) Seal(plaintext, aad []byte) []byte {
 
 // Open decrypts a value sealed by Seal under any key of the ring.
 func (k *Keyring) Open(sealed, aad []byte) ([]byte, error) {
-	if len(sealed) < 1 {
-		return nil, ErrCorrupt
+	id, err := KeyID(sealed)
+	if err != nil {
+		return nil, err
 	}
-	n := int(sealed[0])
-	if len(sealed) < 1+n {
-		return nil, ErrCorrupt
-	}
-	aead, ok := k.aeads[string(sealed[1:1+n])]
+	aead, ok := k.aeads[id]
 	if !ok {
 		return nil, ErrUnknownKey
 	}
-	rest := sealed[1+n:]
+	rest := sealed[1+len(id):]
 	if len(rest) < aead.NonceSize()+aead.Overhead() {
 		return nil, ErrCorrupt
 	}

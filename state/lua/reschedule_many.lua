@@ -1,5 +1,5 @@
--- reschedule_many.lua: reschedule.lua's rule for a batch of claims of one
--- shard: each member gets its next due time only if it still carries its
+-- reschedule_many.lua: set claimed members' next due times (one or a batch of
+-- one shard): each member gets its next due time only if it still carries its
 -- claim's lease score (a write since the claim wins).
 --
 -- KEYS: 1 due index of one shard
