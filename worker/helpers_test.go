@@ -238,6 +238,19 @@ integrations:
     invalid_wave: {threshold: 2, window: 1m}
     allow_http: true
     allowed_hosts: ["HOST"]
+  - id: waveconfirm
+    name: WaveConfirm
+    unified_api: crm
+    auth_type: api_key
+    status: live
+    credential_fields: [api_key]
+    check:
+      url: http://HOST/waveconfirm/me
+    confirm_invalid: 1
+    confirm_spacing: 1h
+    invalid_wave: {threshold: 1, window: 1m}
+    allow_http: true
+    allowed_hosts: ["HOST"]
   - id: devco
     name: DevCo
     unified_api: crm
