@@ -77,6 +77,17 @@ func TestRecordMisconfigured(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, ch.After.Transient, got.Transient, "stored and read back")
 
+	ch, err = b.store.Patch(ctx, refZendesk, Input{Settings: map[string]string{"subdomain": "acme"}}, 0)
+	require.NoError(t, err)
+	require.Equal(t, HealthOK, ch.After.Health, "new settings: the old misconfiguration is gone")
+	require.Equal(t, Transient{}, ch.After.Transient)
+	ch, err = b.store.Patch(ctx, refZendesk, Input{Settings: map[string]string{"subdomain": "nosuch"}}, 0)
+	require.NoError(t, err)
+	rev = ch.After.Revision
+	ch, err = b.store.RecordMisconfigured(ctx, refZendesk, rev, "dns: no such host nosuch.zendesk.com")
+	require.NoError(t, err)
+	require.Equal(t, HealthMisconfigured, ch.After.Health)
+
 	ch, err = b.store.RecordTransient(ctx, refZendesk, rev, "status 503")
 	require.NoError(t, err)
 	require.Equal(t, HealthDegraded, ch.After.Health, "the latest failure decides")

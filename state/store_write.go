@@ -479,6 +479,11 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		if credsChanged || checkSettingChanged {
 			next.Revision++
 			next.Confirmation = Confirmation{}
+			if next.Transient.Misconfigured {
+				// The misconfiguration was the old settings' or
+				// credentials'; the new ones are validated at once.
+				next.Transient = Transient{}
+			}
 		}
 		if cur.Credentials.RefreshToken != next.Credentials.RefreshToken {
 			// The failing refresh token is gone with its failures.
