@@ -37,7 +37,8 @@ type recVerdict struct {
 	CheckedAt  int64   `json:"t,omitempty"`
 	// Revision is left out when it is the record's (the usual case);
 	// revisions are never zero.
-	Revision int64 `json:"rv,omitempty"`
+	Revision int64  `json:"rv,omitempty"`
+	Lineage  string `json:"l,omitempty"`
 }
 
 type recFailures struct {
@@ -102,7 +103,7 @@ func encodeData(c *Connection) ([]byte, error) {
 	}
 	if v := c.Verdict; v != nil {
 		d.Verdict = &recVerdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
-			CheckedAt: ms(v.CheckedAt), Revision: v.Revision}
+			CheckedAt: ms(v.CheckedAt), Revision: v.Revision, Lineage: v.Lineage}
 		if v.Revision == c.Revision {
 			d.Verdict.Revision = 0
 		}
@@ -135,7 +136,7 @@ func decodeData(b []byte, c *Connection) error {
 	c.UpdatedAt = fromMS(d.UpdatedAt)
 	if v := d.Verdict; v != nil {
 		c.Verdict = &Verdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
-			CheckedAt: fromMS(v.CheckedAt), Revision: v.Revision}
+			CheckedAt: fromMS(v.CheckedAt), Revision: v.Revision, Lineage: v.Lineage}
 		if v.Revision == 0 {
 			c.Verdict.Revision = d.Revision
 		}

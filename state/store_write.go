@@ -71,6 +71,13 @@ type mutation func(cur *Connection, now time.Time) (*Connection, hints, error)
 // counts and events in one Lua call that compares and sets the version. A
 // concurrent write of the same connection makes it read again and retry.
 func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, seen *Connection, fn mutation) (Change, error) {
+	return s.writeFenced(ctx, ref, in, seen, nil, fn)
+}
+
+// writeFenced is write under a refresh fence (nil: none): the script
+// refuses the write with ErrFenced, never retried, once the fence is no
+// longer the caller's.
+func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integration, seen *Connection, f *fence, fn mutation) (Change, error) {
 	k := s.keysOf(ref)
 	for attempt := range maxAttempts {
 		if attempt > 0 {
@@ -101,7 +108,7 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, see
 		}
 		events := s.deriveEvents(cur, next, h, now)
 
-		ks, args, err := s.scriptArgs(k, ref, in, cur, next, h, events, now)
+		ks, args, err := s.scriptArgs(k, ref, in, cur, next, h, events, now, f)
 		if err != nil {
 			return Change{}, err
 		}
@@ -112,7 +119,9 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, see
 		if len(res) == 0 {
 			return Change{}, fmt.Errorf("state: write connection %s: empty reply", ref)
 		}
-		if ok, _ := res[0].(int64); ok != 1 {
+		if ok, _ := res[0].(int64); ok == -1 {
+			return Change{}, fmt.Errorf("%w: %s", ErrFenced, ref)
+		} else if ok != 1 {
 			s.cfg.Logger.DebugContext(ctx, "state: write conflict, retrying",
 				slog.String("connection", ref.String()), slog.Int("attempt", attempt+1))
 			continue
@@ -134,10 +143,11 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, see
 // scriptArgs lays out the keys and arguments of write.lua (documented
 // there) for the change from cur to next (nil: delete).
 func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *Connection, h hints,
-	events []Event, now time.Time) ([]string, []any, error) {
+	events []Event, now time.Time, f *fence) ([]string, []any, error) {
 	member := ref.String()
 	recKey := k.record(member)
-	ks := []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh)}
+	lock, intent := s.fenceKeys(ref)
+	ks := []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
 	args := make([]any, 0, 16+len(events)*25)
 	expected := "0"
 	if cur != nil {
@@ -177,6 +187,14 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 			checkMode, ms(checkAt), refreshMode, ms(refreshAt))
 	}
 	args = append(args, s.cfg.EventMaxLen, len(events))
+	switch {
+	case f == nil:
+		args = append(args, "", "", "")
+	case f.needLock:
+		args = append(args, "L", f.lease.token, "1")
+	default:
+		args = append(args, "I", f.lease.token, "1")
+	}
 	if !s.cluster && len(events) > 0 {
 		ks = append(ks, s.cfg.EventStream)
 	}
@@ -245,7 +263,8 @@ func checkEligible(c *Connection, in *catalog.Integration) bool {
 // refreshEligible reports whether a connection belongs in due:refresh.
 func refreshEligible(c *Connection, in *catalog.Integration) bool {
 	return c != nil && in != nil && c.Enabled && in.Checkable() && in.AuthType == catalog.AuthOAuth2 &&
-		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked
+		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked &&
+		c.Health != HealthRotationLost
 }
 
 // Due modes of the write script.
@@ -297,9 +316,24 @@ func TokenLifetime(c Credentials, in *catalog.Integration) time.Duration {
 }
 
 // RefreshAt is when a token is due for refresh ahead of expiry: ExpiresAt
-// minus the integration's refresh window for the token's lifetime.
+// minus the integration's refresh window for the token's lifetime. It is
+// the one answer to "when is this token refreshed": the due index, the
+// worker and the scheduler all use it.
 func RefreshAt(c Credentials, in *catalog.Integration) time.Time {
 	return c.ExpiresAt.Add(-in.RefreshWindowFor(TokenLifetime(c, in)))
+}
+
+// RefreshDue reports whether c's access token should be refreshed at now:
+// it has a refresh token and its access token is missing or at or past
+// RefreshAt. A token without an expiry is never due.
+func RefreshDue(c Credentials, in *catalog.Integration, now time.Time) bool {
+	if c.RefreshToken == "" {
+		return false
+	}
+	if c.AccessToken == "" {
+		return true
+	}
+	return !c.ExpiresAt.IsZero() && !now.Before(RefreshAt(c, in))
 }
 
 // defaultExpiry gives an OAuth access token without a known expiry the
@@ -596,6 +630,10 @@ func (s *Store) delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 // --- fleet-side writes ---
 
 func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
+	return s.fleetWriteFenced(ctx, ref, seen, nil, fn)
+}
+
+func (s *Store) fleetWriteFenced(ctx context.Context, ref Ref, seen *Connection, f *fence, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
 	if err := validateRef(ref); err != nil {
 		return Change{}, err
 	}
@@ -603,7 +641,7 @@ func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn fu
 	if err != nil {
 		return Change{}, err
 	}
-	return s.write(ctx, ref, in, seen, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+	return s.writeFenced(ctx, ref, in, seen, f, func(cur *Connection, now time.Time) (*Connection, hints, error) {
 		if cur == nil {
 			return nil, hints{}, ErrNotFound
 		}
@@ -613,10 +651,14 @@ func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn fu
 }
 
 func (s *Store) applyVerdict(ctx context.Context, ref Ref, seen *Connection, rev int64, v Verdict) (Change, error) {
+	return s.applyVerdictFenced(ctx, ref, seen, rev, v, nil)
+}
+
+func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connection, rev int64, v Verdict, f *fence) (Change, error) {
 	if v.Outcome != Valid && v.Outcome != InvalidCred {
 		return Change{}, &FieldError{Field: "verdict.outcome", Msg: `must be "valid" or "invalid"`}
 	}
-	return s.fleetWrite(ctx, ref, seen, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWriteFenced(ctx, ref, seen, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
 		}
@@ -697,13 +739,19 @@ func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg str
 	})
 }
 
-func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens) (Change, error) {
+func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens, f *fence) (Change, error) {
 	if t.AccessToken == "" {
 		return Change{}, ErrEmptyAccessToken
 	}
-	return s.fleetWrite(ctx, ref, nil, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWriteFenced(ctx, ref, nil, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale
+		}
+		// Tokens obtained with this lineage prove it was alive: a
+		// revocation verdict about the same lineage (a race that the
+		// fence now prevents, or a lost rotation that recovered) is void.
+		if v := c.Verdict; v != nil && v.Outcome == InvalidCred && v.Lineage != "" && v.Lineage == Lineage(used) {
+			c.Verdict = nil
 		}
 		c.Credentials.AccessToken = t.AccessToken
 		if t.RefreshToken != "" {

@@ -133,16 +133,18 @@ func (p ConnectionPayload) validate() error {
 	return nil
 }
 
-// queueFor picks the queue: what a user is waiting for is critical, refresh
-// of an expired token is critical, refresh-ahead default, periodic low.
+// queueFor picks the queue: what a user is waiting for is critical, every
+// token refresh is critical, confirmations default, periodic checks low.
+// Refreshes share one queue whatever their reason because asynq dedupes
+// task ids per queue: one queue is what makes RefreshTaskID one chain.
 func queueFor(typ string, r Reason) string {
+	if typ == TypeRefreshToken {
+		return QueueCritical
+	}
 	switch r {
 	case ReasonCredentialsChanged, ReasonEnabled, ReasonOnDemand, ReasonExpired:
 		return QueueCritical
 	case ReasonConfirm:
-		return QueueDefault
-	}
-	if typ == TypeRefreshToken {
 		return QueueDefault
 	}
 	return QueueLow
@@ -155,11 +157,21 @@ func NewValidateTask(consumerID, connectionID string, reason Reason, key string)
 		asynq.Timeout(ValidateTimeout), asynq.MaxRetry(ValidateMaxRetry))
 }
 
-// NewRefreshTask returns a connection:refresh_token task. Use the token's
-// expiry (unix seconds) as key, so every trigger for one token is one task.
+// NewRefreshTask returns a connection:refresh_token task. Every refresh
+// task of one connection has the same task id, RefreshTaskID, whatever its
+// key: however many triggers, scheduler leases and replicas enqueue it,
+// one retry chain exists per connection at a time (a second enqueue gets
+// asynq.ErrTaskIDConflict). key (e.g. the token's expiry) is kept in the
+// payload for the record.
 func NewRefreshTask(consumerID, connectionID string, reason Reason, key string) (*asynq.Task, error) {
 	return newConnectionTask(TypeRefreshToken, consumerID, connectionID, reason, key,
-		asynq.Timeout(RefreshTimeout), asynq.MaxRetry(RefreshMaxRetry))
+		asynq.Timeout(RefreshTimeout), asynq.MaxRetry(RefreshMaxRetry),
+		asynq.TaskID(RefreshTaskID(consumerID, connectionID)))
+}
+
+// RefreshTaskID is the task id of every refresh task of a connection.
+func RefreshTaskID(consumerID, connectionID string) string {
+	return TypeRefreshToken + ":" + consumerID + "|" + connectionID
 }
 
 func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key string, opts ...asynq.Option) (*asynq.Task, error) {
@@ -172,7 +184,7 @@ func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key 
 		return nil, err
 	}
 	opts = append(opts, asynq.Queue(queueFor(typ, reason)))
-	if key != "" {
+	if key != "" && typ != TypeRefreshToken {
 		opts = append(opts, asynq.TaskID(TaskID(typ, consumerID, connectionID, key)))
 	}
 	return asynq.NewTask(typ, b, opts...), nil

@@ -64,7 +64,7 @@ func (v *validation) load(ctx context.Context) (skip string, err error) {
 	}
 	if err != nil {
 		v.r.res.Outcome, v.r.res.Error = outcomeTransient, "store unavailable"
-		return "", fmt.Errorf("worker: load connection: %w", err)
+		return "", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err)
 	}
 	v.c, v.rev = c, c.Revision
 	in := v.w.integration(c.ServiceID)
@@ -146,13 +146,13 @@ func (v *validation) refreshFirst(ctx context.Context) (done bool, err error) {
 	v.w.metrics.refreshes.WithLabelValues(v.in.ID, out.outcome).Inc()
 	v.r.res.TokenRefresh = out.outcome
 	switch out.outcome {
-	case refreshRevoked:
+	case refreshRevoked, refreshRotationLost:
 		v.r.res.Outcome, v.r.res.Verdict, v.r.res.Reason = outcomeInvalid, outcomeInvalid, out.reason
 		v.r.res.HTTPStatus = out.status
 		v.w.metrics.checks.WithLabelValues(v.in.ID, outcomeInvalid).Inc()
 		v.r.after(out.conn)
 		return true, nil
-	case refreshTransient:
+	case refreshTransient, refreshClientError, refreshHeld:
 		// The refresh recorded its failure; the check waits for a token.
 		v.r.res.Outcome, v.r.res.Error, v.r.res.HTTPStatus = outcomeTransient, out.msg, out.status
 		v.w.metrics.checks.WithLabelValues(v.in.ID, outcomeTransient).Inc()

@@ -377,6 +377,9 @@ func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) 
 		return
 	}
 	out := taskView{TaskID: tasks.TaskID(typ, c.ConsumerID, c.ID, key), Queue: tasks.QueueCritical}
+	if typ == tasks.TypeRefreshToken {
+		out.TaskID = tasks.RefreshTaskID(c.ConsumerID, c.ID)
+	}
 	info, err := s.cfg.Enqueuer.EnqueueContext(r.Context(), task)
 	switch {
 	case errors.Is(err, asynq.ErrTaskIDConflict):
