@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -264,4 +265,50 @@ func TestGuardFlipContract(t *testing.T) {
 	held, _ = w.guardFlip(ctx, integ(t, b.cat, "only401"), conns[3], verdict(conns[3], 401), clock.Now())
 	require.False(t, held, "no guard in the catalog")
 	require.Equal(t, 1.0, testutil.ToFloat64(w.metrics.held.WithLabelValues("waveco")))
+}
+
+// TestInvalidWaveHoldsRefreshRevocations: refresh revocations pass the
+// same guard as checks. With one flip per minute and a token endpoint
+// that suddenly answers invalid_grant to everyone, the first connection
+// is revoked, the second is held (state kept, retried later, counted),
+// and goes through once the window has passed.
+func TestInvalidWaveHoldsRefreshRevocations(t *testing.T) {
+	b := setup(t)
+	b.p.handle("/owave/token", func(rw http.ResponseWriter, _ *http.Request) {
+		writeJSON(rw, http.StatusBadRequest, map[string]any{"error": "invalid_grant"})
+	})
+	clock := newFakeClock()
+	w := b.worker(func(c *Config) { c.NowFunc = clock.Now })
+	ctx := context.Background()
+	var refs []state.Ref
+	for i := range 2 {
+		ref := state.Ref{ConsumerID: fmt.Sprintf("ow-%d", i), ConnectionID: "accounting+owave"}
+		_, err := b.store.Put(ctx, ref, state.Input{Credentials: map[string]string{
+			"access_token": secretAccess, "refresh_token": secretRefresh,
+			"expires_at": time.Now().Add(-time.Minute).UTC().Format(time.RFC3339)}}, 0)
+		require.NoError(t, err)
+		refs = append(refs, ref)
+	}
+	refresh := func(ref state.Ref, key string) error {
+		task, err := tasks.NewRefreshTask(ref.ConsumerID, ref.ConnectionID, tasks.ReasonExpired, key)
+		require.NoError(t, err)
+		return process(t, w, task)
+	}
+	require.NoError(t, refresh(refs[0], "1"))
+	require.Equal(t, state.Invalid, b.getRef(refs[0]).State)
+	require.Equal(t, state.HealthRevoked, b.getRef(refs[0]).Health)
+
+	err := refresh(refs[1], "1")
+	var ra *RetryAfterError
+	require.ErrorAs(t, err, &ra, "the second revocation within the minute is held")
+	require.GreaterOrEqual(t, ra.After, time.Minute)
+	require.Equal(t, state.Callable, b.getRef(refs[1]).State, "state kept while held")
+	require.Equal(t, 1.0, testutil.ToFloat64(w.metrics.held.WithLabelValues("owave")))
+	require.Equal(t, 1.0, testutil.ToFloat64(w.metrics.refreshes.WithLabelValues("owave", refreshHeld)))
+
+	clock.Advance(time.Minute + time.Second)
+	err = refresh(refs[1], "2")
+	require.NoError(t, err)
+	require.Equal(t, state.Invalid, b.getRef(refs[1]).State, "after the window the revocation goes through")
+	requireNoSecrets(t, b.logs.String())
 }
