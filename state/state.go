@@ -223,6 +223,11 @@ type Transient struct {
 	Failures  int       `json:"failures,omitempty"`
 	LastError string    `json:"last_error,omitempty"`
 	LastAt    time.Time `json:"last_at,omitzero"`
+	// Misconfigured says the latest failure was the consumer's own, not
+	// the provider's: a host from its settings that does not resolve or
+	// refuses connections, a redirect the catalog refuses. Health is then
+	// misconfigured instead of degraded; the state is kept.
+	Misconfigured bool `json:"misconfigured,omitempty"`
 }
 
 // Confirmation tracks invalid verdicts awaiting confirmation for the
@@ -324,6 +329,8 @@ func Derive(c *Connection, in *catalog.Integration, now time.Time) (State, Healt
 		switch v.Reason {
 		case ReasonRefreshTokenRevoked:
 			return Invalid, HealthRevoked
+		case ReasonMisconfiguredAccount:
+			return Invalid, HealthMisconfigured
 		case ReasonRotationLost:
 			return Invalid, HealthRotationLost
 		}
@@ -366,10 +373,20 @@ func pendingHealth(c *Connection) Health {
 	if c.Confirmation.Invalids > 0 && c.Confirmation.Revision == c.Revision {
 		return HealthPendingConfirmation
 	}
-	if c.Transient.Failures > 0 {
-		return HealthDegraded
+	return transientHealth(c)
+}
+
+// transientHealth is the health a run of failed checks leaves: degraded
+// for provider trouble, misconfigured for the consumer's own (the latest
+// failure decides), ok without failures.
+func transientHealth(c *Connection) Health {
+	switch {
+	case c.Transient.Failures == 0:
+		return HealthOK
+	case c.Transient.Misconfigured:
+		return HealthMisconfigured
 	}
-	return HealthOK
+	return HealthDegraded
 }
 
 func callableHealth(c *Connection, in *catalog.Integration, now time.Time) Health {
@@ -381,10 +398,7 @@ func callableHealth(c *Connection, in *catalog.Integration, now time.Time) Healt
 			return HealthPendingRefresh
 		}
 	}
-	if c.Transient.Failures > 0 {
-		return HealthDegraded
-	}
-	return HealthOK
+	return transientHealth(c)
 }
 
 // TokenExpired reports whether the access token is missing, expired or

@@ -238,7 +238,17 @@ func (s *Store) ApplyVerdictFrom(ctx context.Context, seen *Connection, v Verdic
 // RecordTransient notes a transient failure (provider trouble) for rev
 // without changing the state; ErrStale if the revision moved.
 func (s *Store) RecordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
-	return s.recordTransient(ctx, ref, rev, msg)
+	return s.recordTransient(ctx, ref, rev, msg, false)
+}
+
+// RecordMisconfigured notes a failed check that is the consumer's own
+// doing, not the provider's (a host from its settings that does not
+// resolve or refuses connections, a redirect the catalog refuses): like
+// RecordTransient the state is kept, but the health is misconfigured and
+// no downstream.degraded event is sent (the provider is fine). ErrStale if
+// the revision moved.
+func (s *Store) RecordMisconfigured(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
+	return s.recordTransient(ctx, ref, rev, msg, true)
 }
 
 // StoreTokens persists refreshed tokens. usedRefreshToken is the refresh

@@ -45,6 +45,8 @@ type recFailures struct {
 	Failures  int    `json:"n,omitempty"`
 	LastError string `json:"e,omitempty"`
 	LastAt    int64  `json:"t,omitempty"`
+	// Misconfigured: Transient.Misconfigured (unused by Refresh).
+	Misconfigured bool `json:"m,omitempty"`
 }
 
 type recConfirmation struct {
@@ -107,7 +109,8 @@ func encodeData(c *Connection) ([]byte, error) {
 		}
 	}
 	if t := c.Transient; t != (Transient{}) {
-		d.Transient = &recFailures{Failures: t.Failures, LastError: t.LastError, LastAt: ms(t.LastAt)}
+		d.Transient = &recFailures{Failures: t.Failures, LastError: t.LastError, LastAt: ms(t.LastAt),
+			Misconfigured: t.Misconfigured}
 	}
 	if f := c.Confirmation; f != (Confirmation{}) {
 		d.Confirmation = &recConfirmation{Invalids: f.Invalids, Revision: f.Revision, Reason: f.Reason,
@@ -139,7 +142,8 @@ func decodeData(b []byte, c *Connection) error {
 		}
 	}
 	if t := d.Transient; t != nil {
-		c.Transient = Transient{Failures: t.Failures, LastError: t.LastError, LastAt: fromMS(t.LastAt)}
+		c.Transient = Transient{Failures: t.Failures, LastError: t.LastError, LastAt: fromMS(t.LastAt),
+			Misconfigured: t.Misconfigured}
 	}
 	if f := d.Confirmation; f != nil {
 		c.Confirmation = Confirmation{Invalids: f.Invalids, Revision: f.Revision, Reason: f.Reason,

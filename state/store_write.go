@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -512,6 +513,11 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		if credsChanged || checkSettingChanged {
 			next.Revision++
 			next.Confirmation = Confirmation{}
+			if next.Transient.Misconfigured {
+				// The misconfiguration was the old settings' or
+				// credentials'; the new ones are validated at once.
+				next.Transient = Transient{}
+			}
 		}
 		if cur.Credentials.RefreshToken != next.Credentials.RefreshToken {
 			// The failing refresh token is gone with its failures.
@@ -531,10 +537,24 @@ func nonEmpty(m map[string]string) map[string]string {
 	return out
 }
 
+// MaxCredentialLen caps one credential value, in bytes (16 KiB). The
+// longest real credentials are JWT access tokens carrying many claims, a
+// few KiB; every one of them goes into one request header, and most
+// servers refuse a header line above 8 to 16 KiB. A longer value is a
+// paste error or abuse, not a credential.
+const MaxCredentialLen = 16 << 10
+
+// ErrInvalidCredential is matched (errors.Is) by the *FieldError of a
+// credential value the store refuses: longer than MaxCredentialLen, a
+// control character, or not valid UTF-8. The error names the field, never
+// the value.
+var ErrInvalidCredential = errors.New("state: invalid credential value")
+
 // validateCredentialFields accepts the integration's credential fields,
-// and for OAuth the token fields.
+// and for OAuth the token fields, in name order; and each value that is
+// set must be a credential (checkCredentialValue).
 func validateCredentialFields(in *catalog.Integration, creds map[string]string) error {
-	for f := range creds {
+	for _, f := range slices.Sorted(maps.Keys(creds)) {
 		ok := slices.Contains(in.CredentialFields, f)
 		if in.AuthType == catalog.AuthOAuth2 {
 			ok = ok || f == catalog.FieldAccessToken || f == catalog.FieldRefreshToken || f == catalog.FieldExpiresAt
@@ -545,8 +565,29 @@ func validateCredentialFields(in *catalog.Integration, creds map[string]string) 
 			}
 			return &FieldError{Field: "credentials", Msg: "unknown credential field of " + in.ID}
 		}
+		if msg := checkCredentialValue(creds[f]); msg != "" {
+			return &FieldError{Field: "credentials." + f, Msg: msg, Err: ErrInvalidCredential}
+		}
 	}
 	return nil
+}
+
+// checkCredentialValue says what is wrong with a credential value, "" if
+// nothing: at most MaxCredentialLen bytes, valid UTF-8 (and no U+FFFD, the
+// mark a decoder leaves where it replaced invalid bytes), no C0 control
+// character (CR, LF, NUL, tab, ...) and no DEL. Every credential ends up in
+// a request header or URL, where CR/LF would split or break the request.
+// The message never quotes the value.
+func checkCredentialValue(v string) string {
+	switch {
+	case len(v) > MaxCredentialLen:
+		return fmt.Sprintf("longer than %d bytes", MaxCredentialLen)
+	case !utf8.ValidString(v) || strings.ContainsRune(v, utf8.RuneError):
+		return "not valid UTF-8"
+	case strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		return "control character (CR, LF, NUL, tab, DEL, ...) not allowed"
+	}
+	return ""
 }
 
 // fieldNameRE reports whether a field name is safe to echo in an error
@@ -626,31 +667,66 @@ func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connectio
 			v.CheckedAt = now
 		}
 		h := hints{reason: v.Reason, verdict: true}
-		c.Transient = Transient{}
-		if v.Outcome == Valid {
-			c.Verdict, c.Confirmation = &v, Confirmation{}
-			return h, nil
-		}
-		alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == InvalidCred
-		invalids := 0
-		if c.Confirmation.Revision == rev {
-			invalids = c.Confirmation.Invalids
-		}
-		if in.ConfirmInvalid > 0 && !alreadyInvalid && invalids < in.ConfirmInvalid {
-			if invalids == 0 {
-				c.Confirmation = Confirmation{Revision: rev, FirstAt: now}
-			}
-			c.Confirmation.Invalids = invalids + 1
-			c.Confirmation.Reason, c.Confirmation.Status = v.Reason, v.HTTPStatus
-			h.confirm = true
-			return h, nil
-		}
-		c.Verdict, c.Confirmation = &v, Confirmation{}
+		h.confirm = foldVerdict(c, in, v, now)
 		return h, nil
 	})
 }
 
-func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
+// foldVerdict applies v (for c's current revision) to c as ApplyVerdict
+// does: a valid verdict clears Confirmation; an invalid one is held in
+// Confirmation while the integration's ConfirmInvalid asks for more
+// (confirm reports that), and decides otherwise. Transient failures end.
+func foldVerdict(c *Connection, in *catalog.Integration, v Verdict, now time.Time) (confirm bool) {
+	rev := v.Revision
+	c.Transient = Transient{}
+	if v.Outcome == Valid {
+		c.Verdict, c.Confirmation = &v, Confirmation{}
+		return false
+	}
+	alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == InvalidCred
+	invalids := 0
+	if c.Confirmation.Revision == rev {
+		invalids = c.Confirmation.Invalids
+	}
+	if in.ConfirmInvalid > 0 && !alreadyInvalid && invalids < in.ConfirmInvalid {
+		if invalids == 0 {
+			c.Confirmation = Confirmation{Revision: rev, FirstAt: now}
+		}
+		c.Confirmation.Invalids = invalids + 1
+		c.Confirmation.Reason, c.Confirmation.Status = v.Reason, v.HTTPStatus
+		return true
+	}
+	c.Verdict, c.Confirmation = &v, Confirmation{}
+	return false
+}
+
+// WouldInvalidate reports whether applying the invalid verdict v to c, as
+// ApplyVerdict would (the integration's confirmation included), changes
+// c's state to invalid: c is not invalid now and would be after. A
+// confirmation step that does not flip yet, a connection already invalid,
+// a valid verdict and a verdict for another revision (v.Revision 0 means
+// c's) all report false. It is pure: c is not modified. The invalid-wave
+// guard counts only verdicts for which it is true.
+func WouldInvalidate(c *Connection, in *catalog.Integration, v Verdict, now time.Time) bool {
+	if c == nil || in == nil || v.Outcome != InvalidCred {
+		return false
+	}
+	if v.Revision == 0 {
+		v.Revision = c.Revision
+	}
+	if v.Revision != c.Revision {
+		return false
+	}
+	if before, _ := Derive(c, in, now); before == Invalid {
+		return false
+	}
+	next := c.clone()
+	foldVerdict(next, in, v, now)
+	after, _ := Derive(next, in, now)
+	return after == Invalid
+}
+
+func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string, misconfigured bool) (Change, error) {
 	msg = truncateText(msg)
 	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
@@ -658,6 +734,7 @@ func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg str
 		}
 		c.Transient.Failures++
 		c.Transient.LastError, c.Transient.LastAt = msg, now
+		c.Transient.Misconfigured = misconfigured
 		return hints{reason: msg}, nil
 	})
 }

@@ -98,6 +98,12 @@ func TestBuildCheckRequest(t *testing.T) {
 		"MissingCredential": {
 			integration: "acme", wantErr: true,
 		},
+		"HeaderValueWithCRLF": {
+			integration: "acme", creds: state.Credentials{APIKey: secretAPIKey + "\r\nX-Injected: 1"}, wantErr: true,
+		},
+		"BearerWithNUL": {
+			integration: "oco", creds: state.Credentials{AccessToken: secretAccess + "\x00", RefreshToken: secretRefresh}, wantErr: true,
+		},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -18,6 +18,9 @@ const (
 	outcomeTransient   = "transient"
 	outcomeRateLimited = "rate_limited"
 	outcomeSkipped     = "skipped"
+	// outcomeMisconfigured: the consumer's own settings made the check
+	// fail (no verdict, never provider trouble).
+	outcomeMisconfigured = "misconfigured"
 )
 
 // outcomeHeld is the task result's outcome of an invalid verdict held back
@@ -80,7 +83,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		checks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_checks_total",
-			Help: "Connection checks by integration and outcome (valid, invalid, transient, rate_limited, skipped).",
+			Help: "Connection checks by integration and outcome (valid, invalid, transient, rate_limited, misconfigured, skipped).",
 		}, []string{"integration", "outcome"}),
 		checkDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "vaultfleet_check_duration_seconds",
@@ -113,7 +116,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"reason"}),
 		held: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_invalid_verdicts_held_total",
-			Help: "Invalid check verdicts held back by the catalog's invalid-wave guard (retried later, state unchanged).",
+			Help: "Invalid verdicts that would have turned a connection invalid, held back by the catalog's invalid-wave guard (retried later, state unchanged).",
 		}, []string{"integration"}),
 		circuitOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "vaultfleet_circuit_open",

@@ -640,8 +640,8 @@ func (w *Worker) noteRefresh(ctx context.Context, r *taskRun, in *catalog.Integr
 
 // holdRevocation asks the invalid-wave guard whether a revocation of c
 // would be part of a wave across the integration (then it is held back
-// and retried after the returned delay).
+// and retried after the returned delay). guardFlip counts only a
+// revocation that flips c to invalid, and counts a held one.
 func (w *Worker) holdRevocation(ctx context.Context, in *catalog.Integration, c *state.Connection, v state.Verdict, now time.Time) (bool, time.Duration) {
-	held, _, window := w.holdInvalid(ctx, in, now)
-	return held, window
+	return w.guardFlip(ctx, in, c, v, now)
 }

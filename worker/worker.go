@@ -60,6 +60,9 @@ type Store interface {
 	// RecordTransient notes provider trouble for rev without changing the
 	// state.
 	RecordTransient(ctx context.Context, ref state.Ref, rev int64, msg string) (state.Change, error)
+	// RecordMisconfigured notes a failed check that is the consumer's own
+	// doing (health misconfigured) for rev without changing the state.
+	RecordMisconfigured(ctx context.Context, ref state.Ref, rev int64, msg string) (state.Change, error)
 	// RecordRefreshFailure notes a transient refresh failure.
 	RecordRefreshFailure(ctx context.Context, ref state.Ref, usedRefreshToken string, msg string) (state.Change, error)
 
