@@ -408,7 +408,7 @@ func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, lease *sta
 		w.metrics.rotationsLost.WithLabelValues(in.ID).Inc()
 		w.log.ErrorContext(ctx, "token rotation lost: invalid_grant for a refresh token whose earlier exchange had an unknown outcome",
 			slog.String(keyIntegration, in.ID), slog.String(keyConnectionID, c.ID))
-	} else if held, after := w.holdRevocation(sctx, in, c, v, now); held {
+	} else if held, after := w.guardFlip(sctx, in, c, v, now); held {
 		// A wave of revocations across one integration looks like a
 		// provider incident: keep the state, try again after the window.
 		w.settle(ctx, lease, true)
@@ -636,12 +636,4 @@ func (w *Worker) noteRefresh(ctx context.Context, r *taskRun, in *catalog.Integr
 	}
 	r.after(out.conn)
 	return out.err
-}
-
-// holdRevocation asks the invalid-wave guard whether a revocation of c
-// would be part of a wave across the integration (then it is held back
-// and retried after the returned delay). guardFlip counts only a
-// revocation that flips c to invalid, and counts a held one.
-func (w *Worker) holdRevocation(ctx context.Context, in *catalog.Integration, c *state.Connection, v state.Verdict, now time.Time) (bool, time.Duration) {
-	return w.guardFlip(ctx, in, c, v, now)
 }
