@@ -4,6 +4,7 @@
 package state
 
 import (
+	"encoding/json"
 	"slices"
 	"strings"
 	"time"
@@ -239,6 +240,9 @@ type Connection struct {
 	Enabled     bool              `json:"enabled"`
 	Credentials Credentials       `json:"-"`
 	Settings    map[string]string `json:"settings,omitempty"`
+	// Metadata is the caller's own JSON object attached to the connection
+	// (Apideck's connection metadata); nil when none. Not a secret.
+	Metadata json.RawMessage `json:"metadata,omitempty"`
 	// Verdict is the latest definitive result, nil before the first.
 	Verdict      *Verdict      `json:"verdict,omitempty"`
 	Transient    Transient     `json:"transient,omitzero"`

@@ -1,7 +1,9 @@
 package state
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	_ "embed"
 	"errors"
 	"fmt"
@@ -37,6 +39,7 @@ const (
 	ReasonSettingsChanged    = "settings_changed"
 	ReasonEnabled            = "enabled"
 	ReasonDisabled           = "disabled"
+	ReasonMetadataChanged    = "metadata_changed"
 	ReasonTokenRefreshed     = "token_refreshed"
 )
 
@@ -376,6 +379,10 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 	if err := validateCredentialFields(integ, in.Credentials); err != nil {
 		return Change{}, err
 	}
+	meta, err := checkMetadata(in.Metadata)
+	if err != nil {
+		return Change{}, err
+	}
 	if in.Settings != nil && mode != modePatch {
 		if err := validateSettings(integ, ref, nonEmpty(in.Settings)); err != nil {
 			return Change{}, err
@@ -443,6 +450,9 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		if in.Enabled != nil {
 			next.Enabled = *in.Enabled
 		}
+		if in.Metadata != nil {
+			next.Metadata = meta
+		}
 		h := hints{consumer: true}
 		if cur == nil {
 			h.reason = ReasonCreated
@@ -471,6 +481,8 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 			h.reason = ReasonEnabled
 		case cur.Enabled != next.Enabled:
 			h.reason = ReasonDisabled
+		case !bytes.Equal(cur.Metadata, next.Metadata):
+			h.reason = ReasonMetadataChanged
 		default:
 			h.noop = true
 			return next, h, nil
@@ -485,6 +497,29 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		}
 		return next, h, nil
 	})
+}
+
+// checkMetadata checks Input.Metadata: nil keeps, null clears (nil
+// result), otherwise a JSON object of at most MaxMetadataBytes, compacted.
+func checkMetadata(raw json.RawMessage) (json.RawMessage, error) {
+	if raw == nil {
+		return nil, nil
+	}
+	if len(raw) > MaxMetadataBytes {
+		return nil, &FieldError{Field: "metadata", Msg: fmt.Sprintf("larger than %d bytes", MaxMetadataBytes)}
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		return nil, &FieldError{Field: "metadata", Msg: "must be a JSON object or null"}
+	}
+	if obj == nil || len(obj) == 0 {
+		return nil, nil
+	}
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, raw); err != nil {
+		return nil, &FieldError{Field: "metadata", Msg: "must be a JSON object or null"}
+	}
+	return buf.Bytes(), nil
 }
 
 func nonEmpty(m map[string]string) map[string]string {
