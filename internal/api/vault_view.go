@@ -111,15 +111,7 @@ func VaultIntegrationState(in *catalog.Integration) string {
 // consumer's own settings or credentials make a request impossible) and
 // rotation_lost (the fleet lost a rotated refresh token) both call for the
 // consumer to enter or authorize the connection again: needs_auth.
-func VaultHealth(h state.Health) string {
-	switch h {
-	case state.HealthMisconfigured, state.HealthRotationLost:
-		return string(state.HealthNeedsAuth)
-	case "":
-		return string(state.HealthOK)
-	}
-	return string(h)
-}
+func VaultHealth(h state.Health) string { return string(h.Apideck()) }
 
 // vaultView renders c (nil: not added) of integration in (nil: left the
 // catalog) at now.
