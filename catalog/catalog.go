@@ -252,3 +252,19 @@ type Duration time.Duration
 
 // D returns d as a time.Duration.
 func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// ClientFor returns the OAuth client of a client-credentials connection:
+// its own client_id/client_secret credential fields (get reads them) when
+// the catalog declares them, else the integration's client from the
+// environment variables the catalog names (fromEnv true).
+func (in *Integration) ClientFor(get, getenv func(string) string) (id, secret string, fromEnv bool) {
+	for _, f := range in.CredentialFields {
+		if f == FieldClientID {
+			return get(FieldClientID), get(FieldClientSecret), false
+		}
+	}
+	if in.OAuth == nil || in.OAuth.ClientIDEnv == "" {
+		return "", "", true
+	}
+	return getenv(in.OAuth.ClientIDEnv), getenv(in.OAuth.ClientSecretEnv), true
+}

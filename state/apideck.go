@@ -1,5 +1,7 @@
 package state
 
+import "github.com/vaultfleet/vaultfleet/catalog"
+
 // Apideck returns the health value Apideck Vault would report: the values
 // both share keep their name; misconfigured (the consumer's own settings or
 // credentials make a request impossible) and rotation_lost (the fleet lost
@@ -14,4 +16,12 @@ func (h Health) Apideck() Health {
 		return HealthOK
 	}
 	return h
+}
+
+// CanRefresh reports whether the fleet can get c a new access token for
+// an oauth2 integration: with its refresh token, or by running the
+// client-credentials grant again (oauth.grant_type: client_credentials),
+// which needs none.
+func CanRefresh(c Credentials, in *catalog.Integration) bool {
+	return c.RefreshToken != "" || in.GrantType() == catalog.GrantClientCredentials
 }

@@ -360,7 +360,7 @@ func callableHealth(c *Connection, in *catalog.Integration, now time.Time) Healt
 	if c.Confirmation.Invalids > 0 && c.Confirmation.Revision == c.Revision {
 		return HealthPendingConfirmation
 	}
-	if in.AuthType == catalog.AuthOAuth2 && c.Credentials.RefreshToken != "" {
+	if in.AuthType == catalog.AuthOAuth2 && CanRefresh(c.Credentials, in) {
 		if c.Refresh.Failures > 0 || TokenExpired(c.Credentials, now) {
 			return HealthPendingRefresh
 		}

@@ -247,7 +247,7 @@ func checkEligible(c *Connection, in *catalog.Integration) bool {
 // refreshEligible reports whether a connection belongs in due:refresh.
 func refreshEligible(c *Connection, in *catalog.Integration) bool {
 	return c != nil && in != nil && c.Enabled && in.Checkable() && in.AuthType == catalog.AuthOAuth2 &&
-		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked
+		CanRefresh(c.Credentials, in) && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked
 }
 
 // Due modes of the write script.

@@ -121,7 +121,7 @@ func (w *Worker) refreshWindow(c *state.Connection, in *catalog.Integration) tim
 
 // refreshDue reports whether c's access token should be refreshed now.
 func (w *Worker) refreshDue(c *state.Connection, in *catalog.Integration, now time.Time) bool {
-	if c.Credentials.RefreshToken == "" {
+	if !state.CanRefresh(c.Credentials, in) {
 		return false
 	}
 	return state.TokenExpired(c.Credentials, now.Add(w.refreshWindow(c, in)))
@@ -188,7 +188,7 @@ func (w *Worker) refreshLocked(ctx context.Context, in *catalog.Integration, ref
 		return refreshOutcome{outcome: refreshSkipped, skip: skipDisabled, conn: c}
 	case in.AuthType != catalog.AuthOAuth2:
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNotOAuth, conn: c}
-	case c.Credentials.RefreshToken == "":
+	case !state.CanRefresh(c.Credentials, in):
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNoRefreshToken, conn: c}
 	case revokedNow(c):
 		return refreshOutcome{outcome: refreshSkipped, skip: skipRevoked, conn: c}
@@ -326,6 +326,9 @@ func (w *Worker) exchange(ctx context.Context, in *catalog.Integration, c *state
 	if in.OAuth == nil {
 		return nil, 0, errors.New("worker: catalog has no oauth section for " + in.ID)
 	}
+	if in.GrantType() == catalog.GrantClientCredentials {
+		return w.exchangeClientCredentials(ctx, in, c)
+	}
 	u, err := in.TokenURL(c.Settings)
 	if err != nil {
 		return nil, 0, fmt.Errorf("%w: token url: %w", errMisconfigured, err)
@@ -434,7 +437,7 @@ func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
 		return skip(in.ID, skipNotCheckable)
 	case in.AuthType != catalog.AuthOAuth2:
 		return skip(in.ID, skipNotOAuth)
-	case c.Credentials.RefreshToken == "":
+	case !state.CanRefresh(c.Credentials, in):
 		return skip(in.ID, skipNoRefreshToken)
 	case revokedNow(c):
 		return skip(in.ID, skipRevoked)

@@ -93,9 +93,8 @@ func (s *server) clientCredentials(in *catalog.Integration, c *state.Connection)
 	if err != nil {
 		return nil, errf(http.StatusUnprocessableEntity, codeHostNotAllowed, "the token URL cannot be built from the connection's settings")
 	}
-	id, secret := c.Credentials.Get(catalog.FieldClientID), c.Credentials.Get(catalog.FieldClientSecret)
-	if !isCredentialField(in, catalog.FieldClientID) {
-		id, secret = s.cfg.Getenv(in.OAuth.ClientIDEnv), s.cfg.Getenv(in.OAuth.ClientSecretEnv)
+	id, secret, fromEnv := in.ClientFor(c.Credentials.Get, s.cfg.Getenv)
+	if fromEnv {
 		if id == "" {
 			s.log.Error("api: client-credentials grant impossible: client id missing",
 				slog.String("integration", in.ID), slog.String("client_id_env", in.OAuth.ClientIDEnv))
