@@ -512,7 +512,7 @@ func checkMetadata(raw json.RawMessage) (json.RawMessage, error) {
 	if err := json.Unmarshal(raw, &obj); err != nil {
 		return nil, &FieldError{Field: "metadata", Msg: "must be a JSON object or null"}
 	}
-	if obj == nil || len(obj) == 0 {
+	if len(obj) == 0 {
 		return nil, nil
 	}
 	var buf bytes.Buffer
