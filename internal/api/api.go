@@ -14,6 +14,9 @@
 //	POST   /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}/refresh
 //	GET    /openapi.yaml
 //
+// Beside /v1, /vault/... speaks Apideck Vault's own contract over the same
+// store (vault.go lists its routes).
+//
 // The OpenAPI document (openapi.yaml, embedded) describes every route,
 // body and status. Every error has one envelope,
 // {"error":{"code":"...","message":"..."}}, and no response ever carries a
