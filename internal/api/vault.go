@@ -565,7 +565,9 @@ func (s *server) vaultImport(w http.ResponseWriter, r *http.Request) {
 	}
 	now := s.cfg.NowFunc().UTC()
 	cr := body.Credentials
-	creds := map[string]string{catalog.FieldAccessToken: cr.AccessToken}
+	// The import replaces the tokens: a refresh token of an earlier
+	// authorization does not survive an import without one.
+	creds := map[string]string{catalog.FieldAccessToken: cr.AccessToken, catalog.FieldRefreshToken: ""}
 	if cr.RefreshToken != nil {
 		creds[catalog.FieldRefreshToken] = *cr.RefreshToken
 	}

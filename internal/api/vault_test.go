@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -234,4 +235,34 @@ func TestVaultConsumersAPI(t *testing.T) {
 	require.Equal(t, "EntityNotFoundError", vaultErr(t, r, 404))
 	r = b.vreq(t, "DELETE", "/vault/consumers/v1-only", "")
 	require.Equal(t, "EntityNotFoundError", vaultErr(t, r, 404))
+}
+
+func TestVaultImportReplacesTokens(t *testing.T) {
+	t.Parallel()
+	b := setupVault(t)
+	const path = "/vault/connections/crm/salesforce/import"
+	r := b.vreq(t, "POST", path, `{"credentials":{"access_token":"at-1","refresh_token":"rt-1","expires_in":3600},
+		"settings":{"instance_url":"https://acme.my.salesforce.com"}}`)
+	require.Equal(t, http.StatusOK, r.status, "%s", r.body)
+	ref := state.Ref{ConsumerID: "vc-1", ConnectionID: "crm+salesforce"}
+	c, err := b.store.Get(context.Background(), ref)
+	require.NoError(t, err)
+	require.Equal(t, "rt-1", c.Credentials.RefreshToken)
+	require.WithinDuration(t, c.Credentials.IssuedAt.Add(time.Hour), c.Credentials.ExpiresAt, 2*time.Second)
+
+	r = b.vreq(t, "POST", path, `{"credentials":{"access_token":"at-2","issued_at":"2026-11-30T08:00:00Z"}}`)
+	require.Equal(t, http.StatusOK, r.status, "%s", r.body)
+	c, err = b.store.Get(context.Background(), ref)
+	require.NoError(t, err)
+	require.Equal(t, "at-2", c.Credentials.AccessToken)
+	require.Empty(t, c.Credentials.RefreshToken, "an import without a refresh token drops the old one")
+	require.Equal(t, "2026-11-30T10:00:00Z", c.Credentials.ExpiresAt.Format(time.RFC3339), "issued_at plus the catalog's lifetime (2h)")
+
+	for _, body := range []string{`{}`, `{"credentials":{"access_token":""}}`, `{"credentials":{"access_token":"a","expires_in":0}}`,
+		`{"credentials":{"access_token":"a","issued_at":"yesterday"}}`} {
+		r = b.vreq(t, "POST", path, body)
+		require.Equal(t, "RequestValidationError", vaultErr(t, r, 400), body)
+	}
+	r = b.vreq(t, "POST", "/vault/connections/hris/bamboohr/import", `{"credentials":{"access_token":"a"}}`)
+	require.Equal(t, "InvalidStateError", vaultErr(t, r, 422))
 }
