@@ -266,3 +266,54 @@ func TestVaultImportReplacesTokens(t *testing.T) {
 	r = b.vreq(t, "POST", "/vault/connections/hris/bamboohr/import", `{"credentials":{"access_token":"a"}}`)
 	require.Equal(t, "InvalidStateError", vaultErr(t, r, 422))
 }
+
+// TestVaultStatusesDocumented replays every /vault request of the other
+// tests' kinds, with Apideck's headers, and requires each status to be
+// documented for its operation.
+func TestVaultStatusesDocumented(t *testing.T) {
+	t.Parallel()
+	b := setupVault(t)
+	doc := loadOpenAPI(t, api.OpenAPI())
+	cases := []struct{ method, path, body string }{
+		{"GET", "/vault/connections", ""},
+		{"GET", "/vault/connections?configured=nope", ""},
+		{"GET", "/vault/connections/hris/bamboohr", ""},
+		{"GET", "/vault/connections/crm/nosuch", ""},
+		{"PATCH", "/vault/connections/hris/bamboohr", `{"settings":{"api_key":"k","subdomain":"acme"}}`},
+		{"PATCH", "/vault/connections/hris/bamboohr", `{"settings":{"subdomain":"a/b"}}`},
+		{"PATCH", "/vault/connections/crm/salesforce", `{"settings":{"instance_url":"https://evil.example.com"}}`},
+		{"POST", "/vault/connections/hris/bamboohr/validate", ""},
+		{"POST", "/vault/connections/crm/hubspot/validate", ""},
+		{"POST", "/vault/connections/crm/salesforce/import", `{"credentials":{"access_token":"a"}}`},
+		{"POST", "/vault/connections/hris/bamboohr/import", `{"credentials":{"access_token":"a"}}`},
+		{"POST", "/vault/connections/hris/bamboohr/token", ""},
+		{"POST", "/vault/connections/accounting/ccapi/token", ""},
+		{"DELETE", "/vault/connections/hris/bamboohr", ""},
+		{"DELETE", "/vault/connections/hris/bamboohr", ""},
+		{"POST", "/vault/consumers", `{"consumer_id":"doc-1"}`},
+		{"POST", "/vault/consumers", `{"consumer_id":"doc-1"}`},
+		{"GET", "/vault/consumers?limit=5", ""},
+		{"GET", "/vault/consumers/doc-1", ""},
+		{"GET", "/vault/consumers/nobody", ""},
+		{"PATCH", "/vault/consumers/doc-1", `{"metadata":{"email":"x@y.z"}}`},
+		{"PATCH", "/vault/consumers/nobody", `{"metadata":{}}`},
+		{"DELETE", "/vault/consumers/doc-1", ""},
+		{"PUT", "/vault/consumers", "{}"},
+	}
+	seen := map[int]bool{}
+	for _, c := range cases {
+		r := b.vreq(t, c.method, c.path, c.body)
+		p := doc.patternOf(c.path)
+		require.NotEmpty(t, p, c.path)
+		method := c.method
+		if _, ok := doc.Paths[p][method]; !ok {
+			method = "GET" // 405s are documented on every operation
+			require.Equal(t, http.StatusMethodNotAllowed, r.status)
+		}
+		require.Contains(t, doc.statuses(method, p), r.status, "%s %s: %s", c.method, c.path, r.body)
+		seen[r.status] = true
+	}
+	for _, s := range []int{200, 204, 400, 404, 405, 409, 422} {
+		require.True(t, seen[s], "no case answered %d: %v", s, seen)
+	}
+}
