@@ -209,6 +209,36 @@ type OAuth struct {
 	AuthStyle string `yaml:"auth_style"`
 	// Scopes requested on refresh, if any.
 	Scopes []string `yaml:"scopes"`
+	// GrantType is how access tokens are obtained: GrantAuthorizationCode
+	// (the default: the consumer authorizes, the fleet refreshes) or
+	// GrantClientCredentials (the token is fetched with the connection's
+	// client_id/client_secret credential fields, or the integration's own
+	// client when the catalog declares no such fields).
+	GrantType string `yaml:"grant_type"`
+}
+
+// OAuth grant types (OAuth.GrantType).
+const (
+	GrantAuthorizationCode = "authorization_code"
+	GrantClientCredentials = "client_credentials"
+)
+
+// Credential fields of a client-credentials connection.
+const (
+	FieldClientID     = "client_id"
+	FieldClientSecret = "client_secret"
+)
+
+// GrantType returns the OAuth grant type of an oauth2 integration
+// (GrantAuthorizationCode unless the catalog says otherwise), "" for others.
+func (in *Integration) GrantType() string {
+	switch {
+	case in.AuthType != AuthOAuth2:
+		return ""
+	case in.OAuth != nil && in.OAuth.GrantType != "":
+		return in.OAuth.GrantType
+	}
+	return GrantAuthorizationCode
 }
 
 // RateLimit is a number of requests per period.
@@ -222,3 +252,19 @@ type Duration time.Duration
 
 // D returns d as a time.Duration.
 func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// ClientFor returns the OAuth client of a client-credentials connection:
+// its own client_id/client_secret credential fields (get reads them) when
+// the catalog declares them, else the integration's client from the
+// environment variables the catalog names (fromEnv true).
+func (in *Integration) ClientFor(get, getenv func(string) string) (id, secret string, fromEnv bool) {
+	for _, f := range in.CredentialFields {
+		if f == FieldClientID {
+			return get(FieldClientID), get(FieldClientSecret), false
+		}
+	}
+	if in.OAuth == nil || in.OAuth.ClientIDEnv == "" {
+		return "", "", true
+	}
+	return getenv(in.OAuth.ClientIDEnv), getenv(in.OAuth.ClientSecretEnv), true
+}

@@ -38,6 +38,10 @@ func TestParseBase(t *testing.T) {
 	in := integration(t, c, "xero")
 	require.Equal(t, catalog.SettingText, in.Settings[0].Type)
 	require.Equal(t, "header", in.OAuth.AuthStyle)
+	require.Equal(t, catalog.GrantAuthorizationCode, in.GrantType())
+	cc := mustParse(t, strings.Replace(baseYAML, "      client_id_env: XERO_CLIENT_ID\n",
+		"      client_id_env: XERO_CLIENT_ID\n      grant_type: client_credentials\n", 1))
+	require.Equal(t, catalog.GrantClientCredentials, integration(t, cc, "xero").GrantType())
 }
 
 func TestParseErrors(t *testing.T) {
@@ -46,6 +50,8 @@ func TestParseErrors(t *testing.T) {
 		repl []string // old, new, old, new, ...
 		want []string // substrings of the error
 	}{
+		{"unknown grant type", []string{"      client_id_env: XERO_CLIENT_ID\n", "      client_id_env: XERO_CLIENT_ID\n      grant_type: implicit\n"},
+			[]string{`integration "xero": oauth.grant_type: "implicit" is not one of`}},
 		{"unknown key", []string{"    name: Xero\n", "    name: Xero\n    nmae: Xero\n"},
 			[]string{`integration "xero"`, "nmae"}},
 		{"unknown nested key", []string{checkURL, checkURL + "      methd: GET\n"},

@@ -354,6 +354,9 @@ func (in *Integration) validateOAuth(p *problems) {
 			p.add("oauth."+e[0], "%q does not look like an environment variable name", e[1])
 		}
 	}
+	if o.GrantType != "" && o.GrantType != GrantAuthorizationCode && o.GrantType != GrantClientCredentials {
+		p.add("oauth.grant_type", "%q is not one of %s, %s", o.GrantType, GrantAuthorizationCode, GrantClientCredentials)
+	}
 	if o.AuthStyle != "" && !slices.Contains(authStyles, o.AuthStyle) {
 		p.add("oauth.auth_style", "%q is not one of header, params", o.AuthStyle)
 	}

@@ -73,7 +73,7 @@ func (n *Notifier) Notify(ctx context.Context, ch state.Change) error {
 		errs = append(errs, fmt.Errorf("scheduler: notify: enqueue validation: %w", err))
 	}
 	c := a.Credentials
-	if in.AuthType == catalog.AuthOAuth2 && c.RefreshToken != "" && state.TokenExpired(c, n.nowFunc()) {
+	if in.AuthType == catalog.AuthOAuth2 && state.CanRefresh(c, in) && state.TokenExpired(c, n.nowFunc()) {
 		key := "0" // no expiry known: the access token is missing
 		if !c.ExpiresAt.IsZero() {
 			key = strconv.FormatInt(c.ExpiresAt.Unix(), 10)

@@ -4,6 +4,7 @@
 package state
 
 import (
+	"encoding/json"
 	"slices"
 	"strings"
 	"time"
@@ -261,6 +262,9 @@ type Connection struct {
 	Enabled     bool              `json:"enabled"`
 	Credentials Credentials       `json:"-"`
 	Settings    map[string]string `json:"settings,omitempty"`
+	// Metadata is the caller's own JSON object attached to the connection
+	// (Apideck's connection metadata); nil when none. Not a secret.
+	Metadata json.RawMessage `json:"metadata,omitempty"`
 	// Verdict is the latest definitive result, nil before the first.
 	Verdict      *Verdict      `json:"verdict,omitempty"`
 	Transient    Transient     `json:"transient,omitzero"`
@@ -393,7 +397,7 @@ func callableHealth(c *Connection, in *catalog.Integration, now time.Time) Healt
 	if c.Confirmation.Invalids > 0 && c.Confirmation.Revision == c.Revision {
 		return HealthPendingConfirmation
 	}
-	if in.AuthType == catalog.AuthOAuth2 && c.Credentials.RefreshToken != "" {
+	if in.AuthType == catalog.AuthOAuth2 && CanRefresh(c.Credentials, in) {
 		if c.Refresh.Failures > 0 || TokenExpired(c.Credentials, now) {
 			return HealthPendingRefresh
 		}

@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"encoding/json"
 	"log/slog"
 	"time"
 
@@ -62,7 +63,13 @@ type Input struct {
 	Credentials map[string]string
 	// Settings by name; an empty value clears the setting.
 	Settings map[string]string
+	// Metadata, if not nil, replaces the connection's metadata: a JSON
+	// object of at most MaxMetadataBytes, or null to clear it.
+	Metadata json.RawMessage
 }
+
+// MaxMetadataBytes caps the metadata of a connection or a consumer.
+const MaxMetadataBytes = 8 << 10
 
 // Tokens is what a token endpoint returned.
 type Tokens struct {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 type recData struct {
 	Disabled     bool              `json:"x,omitempty"`
 	Settings     map[string]string `json:"s,omitempty"`
+	Metadata     json.RawMessage   `json:"md,omitempty"`
 	Verdict      *recVerdict       `json:"vd,omitempty"`
 	Transient    *recFailures      `json:"tr,omitempty"`
 	Confirmation *recConfirmation  `json:"cf,omitempty"`
@@ -101,6 +103,9 @@ func encodeData(c *Connection) ([]byte, error) {
 	if len(c.Settings) > 0 {
 		d.Settings = c.Settings
 	}
+	if len(c.Metadata) > 0 {
+		d.Metadata = c.Metadata
+	}
 	if v := c.Verdict; v != nil {
 		d.Verdict = &recVerdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
 			CheckedAt: ms(v.CheckedAt), Revision: v.Revision, Lineage: v.Lineage}
@@ -130,6 +135,7 @@ func decodeData(b []byte, c *Connection) error {
 	}
 	c.Enabled = !d.Disabled
 	c.Settings = d.Settings
+	c.Metadata = d.Metadata
 	c.Revision = d.Revision
 	c.Health = d.Health
 	c.CreatedAt = fromMS(d.CreatedAt)
@@ -235,6 +241,7 @@ func (c *Connection) clone() *Connection {
 	}
 	n := *c
 	n.Settings = maps.Clone(c.Settings)
+	n.Metadata = slices.Clone(c.Metadata)
 	n.Credentials.Extra = maps.Clone(c.Credentials.Extra)
 	if c.Verdict != nil {
 		v := *c.Verdict

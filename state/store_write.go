@@ -1,8 +1,10 @@
 package state
 
 import (
+	"bytes"
 	"context"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -38,6 +40,7 @@ const (
 	ReasonSettingsChanged    = "settings_changed"
 	ReasonEnabled            = "enabled"
 	ReasonDisabled           = "disabled"
+	ReasonMetadataChanged    = "metadata_changed"
 	ReasonTokenRefreshed     = "token_refreshed"
 )
 
@@ -263,7 +266,7 @@ func checkEligible(c *Connection, in *catalog.Integration) bool {
 // refreshEligible reports whether a connection belongs in due:refresh.
 func refreshEligible(c *Connection, in *catalog.Integration) bool {
 	return c != nil && in != nil && c.Enabled && in.Checkable() && in.AuthType == catalog.AuthOAuth2 &&
-		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked &&
+		CanRefresh(c.Credentials, in) && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked &&
 		c.Health != HealthRotationLost
 }
 
@@ -324,10 +327,11 @@ func RefreshAt(c Credentials, in *catalog.Integration) time.Time {
 }
 
 // RefreshDue reports whether c's access token should be refreshed at now:
-// it has a refresh token and its access token is missing or at or past
+// it can be refreshed (a refresh token, or the client-credentials grant)
+// and its access token is missing or at or past
 // RefreshAt. A token without an expiry is never due.
 func RefreshDue(c Credentials, in *catalog.Integration, now time.Time) bool {
-	if c.RefreshToken == "" {
+	if !CanRefresh(c, in) {
 		return false
 	}
 	if c.AccessToken == "" {
@@ -411,6 +415,10 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 	if err := validateCredentialFields(integ, in.Credentials); err != nil {
 		return Change{}, err
 	}
+	meta, err := checkMetadata(in.Metadata)
+	if err != nil {
+		return Change{}, err
+	}
 	if in.Settings != nil && mode != modePatch {
 		if err := validateSettings(integ, ref, nonEmpty(in.Settings)); err != nil {
 			return Change{}, err
@@ -478,6 +486,9 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		if in.Enabled != nil {
 			next.Enabled = *in.Enabled
 		}
+		if in.Metadata != nil {
+			next.Metadata = meta
+		}
 		h := hints{consumer: true}
 		if cur == nil {
 			h.reason = ReasonCreated
@@ -506,6 +517,8 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 			h.reason = ReasonEnabled
 		case cur.Enabled != next.Enabled:
 			h.reason = ReasonDisabled
+		case !bytes.Equal(cur.Metadata, next.Metadata):
+			h.reason = ReasonMetadataChanged
 		default:
 			h.noop = true
 			return next, h, nil
@@ -525,6 +538,29 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		}
 		return next, h, nil
 	})
+}
+
+// checkMetadata checks Input.Metadata: nil keeps, null clears (nil
+// result), otherwise a JSON object of at most MaxMetadataBytes, compacted.
+func checkMetadata(raw json.RawMessage) (json.RawMessage, error) {
+	if raw == nil {
+		return nil, nil
+	}
+	if len(raw) > MaxMetadataBytes {
+		return nil, &FieldError{Field: "metadata", Msg: fmt.Sprintf("larger than %d bytes", MaxMetadataBytes)}
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		return nil, &FieldError{Field: "metadata", Msg: "must be a JSON object or null"}
+	}
+	if len(obj) == 0 {
+		return nil, nil
+	}
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, raw); err != nil {
+		return nil, &FieldError{Field: "metadata", Msg: "must be a JSON object or null"}
+	}
+	return buf.Bytes(), nil
 }
 
 func nonEmpty(m map[string]string) map[string]string {

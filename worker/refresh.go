@@ -200,7 +200,7 @@ func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref
 		return refreshOutcome{outcome: refreshSkipped, skip: skipDisabled, conn: c}
 	case in.AuthType != catalog.AuthOAuth2:
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNotOAuth, conn: c}
-	case c.Credentials.RefreshToken == "":
+	case !state.CanRefresh(c.Credentials, in):
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNoRefreshToken, conn: c}
 	case revokedNow(c):
 		return refreshOutcome{outcome: refreshSkipped, skip: skipRevoked, conn: c}
@@ -256,10 +256,15 @@ func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref
 		done(errNotCounted)
 		w.settle(ctx, lease, true)
 		return w.revoke(ctx, in, lease, used, err, state.ReasonMisconfiguredAccount, now, out)
-	case clientRejected(err):
+	case clientRejected(err) && fleetClient(in):
 		done(errNotCounted)
 		w.settle(ctx, lease, true)
 		return w.clientRejected(ctx, in, out)
+	case clientRejected(err):
+		// The client id and secret are the connection's own credentials
+		// (client-credentials grant): a verdict on that connection.
+		done(nil)
+		return w.revoke(ctx, in, lease, used, err, state.ReasonRefreshTokenRevoked, now, out)
 	case revokedGrant(err):
 		done(nil)
 		reason := state.ReasonRefreshTokenRevoked
@@ -460,6 +465,14 @@ func (w *Worker) clientRejected(ctx context.Context, in *catalog.Integration, ou
 	return out
 }
 
+// fleetClient reports whether the integration's OAuth client is the
+// fleet's own (named by the catalog's environment variables) rather than
+// credentials each connection brings.
+func fleetClient(in *catalog.Integration) bool {
+	_, _, fromEnv := in.ClientFor(func(string) string { return "" }, func(string) string { return "" })
+	return fromEnv
+}
+
 // clientErrorPause reports whether the integration's refreshes are paused
 // after a client rejection, and for how much longer.
 func (w *Worker) clientErrorPause(integration string) (time.Duration, bool) {
@@ -476,6 +489,9 @@ func (w *Worker) clientErrorPause(integration string) (time.Duration, bool) {
 func (w *Worker) exchange(ctx context.Context, in *catalog.Integration, c *state.Connection) (*oauth2.Token, int, error) {
 	if in.OAuth == nil {
 		return nil, 0, errors.New("worker: catalog has no oauth section for " + in.ID)
+	}
+	if in.GrantType() == catalog.GrantClientCredentials {
+		return w.exchangeClientCredentials(ctx, in, c)
 	}
 	u, err := in.TokenURL(c.Settings)
 	if err != nil {
@@ -598,7 +614,7 @@ func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
 		return skip(in.ID, skipNotCheckable)
 	case in.AuthType != catalog.AuthOAuth2:
 		return skip(in.ID, skipNotOAuth)
-	case c.Credentials.RefreshToken == "":
+	case !state.CanRefresh(c.Credentials, in):
 		return skip(in.ID, skipNoRefreshToken)
 	case revokedNow(c):
 		return skip(in.ID, skipRevoked)

@@ -110,7 +110,7 @@ func (v *validation) run(ctx context.Context) error {
 	}
 	// An access token that has already expired is refreshed before the
 	// check rather than after its certain rejection.
-	if oauth && v.c.Credentials.RefreshToken != "" && state.TokenExpired(v.c.Credentials, v.w.now()) {
+	if oauth && state.CanRefresh(v.c.Credentials, v.in) && state.TokenExpired(v.c.Credentials, v.w.now()) {
 		if done, err := v.refreshFirst(ctx); done || err != nil {
 			return err
 		}
@@ -122,7 +122,7 @@ func (v *validation) run(ctx context.Context) error {
 	// An OAuth check rejected while the token is at the end of its life:
 	// refresh (exactly once, fleet wide) and check once more.
 	if oauth && !v.refreshed && res.kind == kindInvalid && res.status >= 400 &&
-		v.c.Credentials.RefreshToken != "" && v.w.refreshDue(v.c, v.in, v.w.now()) {
+		state.CanRefresh(v.c.Credentials, v.in) && v.w.refreshDue(v.c, v.in, v.w.now()) {
 		if done, err := v.refreshFirst(ctx); done || err != nil {
 			return err
 		}

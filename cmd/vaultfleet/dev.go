@@ -256,6 +256,7 @@ func init() { knownEnv[envPrometheusURL] = true }
 // mountAPI puts the API handler on its routes.
 func mountAPI(mux *http.ServeMux, h http.Handler) {
 	mux.Handle("/v1/", h)
+	mux.Handle("/vault/", h)
 	mux.Handle("GET /openapi.yaml", h)
 }
 

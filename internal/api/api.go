@@ -14,6 +14,9 @@
 //	POST   /v1/consumers/{consumer_id}/connections/{unified_api}/{service_id}/refresh
 //	GET    /openapi.yaml
 //
+// Beside /v1, /vault/... speaks Apideck Vault's own contract over the same
+// store (vault.go lists its routes).
+//
 // The OpenAPI document (openapi.yaml, embedded) describes every route,
 // body and status. Every error has one envelope,
 // {"error":{"code":"...","message":"..."}}, and no response ever carries a
@@ -29,6 +32,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -57,6 +61,8 @@ const (
 	MaxListLimit = 1000
 	// DefaultNotifyTimeout bounds the Notifier call after a write.
 	DefaultNotifyTimeout = 5 * time.Second
+	// DefaultTokenTimeout bounds a token request of POST /vault/.../token.
+	DefaultTokenTimeout = 10 * time.Second
 )
 
 // Store is what the API uses of *state.Store.
@@ -113,6 +119,12 @@ type Config struct {
 	NotifyTimeout time.Duration
 	// NowFunc is the clock health is derived at. If nil, time.Now.
 	NowFunc func() time.Time
+	// Getenv reads the integrations' client credentials for POST
+	// /vault/.../token. If nil, os.Getenv.
+	Getenv func(string) string
+	// TokenHTTPClient calls token endpoints for POST /vault/.../token. If
+	// nil, a client with DefaultTokenTimeout that follows no redirect.
+	TokenHTTPClient *http.Client
 }
 
 func (c Config) withDefaults() Config {
@@ -130,6 +142,13 @@ func (c Config) withDefaults() Config {
 	}
 	if c.NowFunc == nil {
 		c.NowFunc = time.Now
+	}
+	if c.Getenv == nil {
+		c.Getenv = os.Getenv
+	}
+	if c.TokenHTTPClient == nil {
+		c.TokenHTTPClient = &http.Client{Timeout: DefaultTokenTimeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	return c
 }
@@ -155,6 +174,8 @@ type server struct {
 	cfg     Config
 	metrics *metrics
 	log     *slog.Logger
+	// vault is Config.Store as a VaultStore, nil when /vault is not served.
+	vault VaultStore
 }
 
 // route is one pattern the handler serves.
@@ -199,7 +220,7 @@ func Routes() []string {
 	return out
 }
 
-// New returns the API handler. Mount it at /v1/ and /openapi.yaml; it
+// New returns the API handler. Mount it at /v1/, /vault/ and /openapi.yaml; it
 // answers every other path with 404.
 func New(cfg Config) (http.Handler, error) {
 	cfg = cfg.withDefaults()
@@ -243,6 +264,7 @@ func New(cfg Config) (http.Handler, error) {
 		}
 		mux.Handle(p, s.instrument(p, h))
 	}
+	s.mountVault(mux)
 	notFound := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		writeError(w, http.StatusNotFound, codeNotFound, "no such route")
 	})
@@ -255,24 +277,31 @@ func New(cfg Config) (http.Handler, error) {
 // by auth.Tokens).
 func (s *server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if s.cfg.Tokens == nil && s.cfg.AllowNoAuth && isLoopback(r.RemoteAddr) {
-			next.ServeHTTP(w, r)
-			return
-		}
-		h := r.Header.Get("Authorization")
-		scheme, tok, ok := strings.Cut(h, " ")
-		if h == "" || !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet"`)
-			writeError(w, http.StatusUnauthorized, codeUnauthorized, "missing bearer token")
-			return
-		}
-		if !s.cfg.Tokens.Valid(strings.TrimSpace(tok)) {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet", error="invalid_token"`)
-			writeError(w, http.StatusUnauthorized, codeUnauthorized, "invalid bearer token")
+		if msg := s.checkToken(w, r); msg != "" {
+			writeError(w, http.StatusUnauthorized, codeUnauthorized, msg)
 			return
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// checkToken returns "" when the request may pass, else the reason, with
+// the WWW-Authenticate challenge already set on w.
+func (s *server) checkToken(w http.ResponseWriter, r *http.Request) string {
+	if s.cfg.Tokens == nil && s.cfg.AllowNoAuth && isLoopback(r.RemoteAddr) {
+		return ""
+	}
+	h := r.Header.Get("Authorization")
+	scheme, tok, ok := strings.Cut(h, " ")
+	if h == "" || !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet"`)
+		return "missing bearer token"
+	}
+	if !s.cfg.Tokens.Valid(strings.TrimSpace(tok)) {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="vaultfleet", error="invalid_token"`)
+		return "invalid bearer token"
+	}
+	return ""
 }
 
 func isLoopback(remoteAddr string) bool {

@@ -19,16 +19,32 @@ import (
 //
 //	go test -run '^$' -bench GetConnection -benchtime 20000x ./internal/api
 func BenchmarkGetConnection(b *testing.B) {
-	const clients = 64
 	bb := setup(b)
 	path := connPath("bench-consumer", "crm", "pipedrive")
 	r := bb.req(b, "PUT", path, `{"credentials":{"api_key":"bench-key"}}`)
 	require.Equal(b, http.StatusCreated, r.status)
+	benchGET(b, bb.srv.URL+path, http.Header{"Authorization": {"Bearer " + testToken}})
+}
 
+// BenchmarkVaultGetConnection is BenchmarkGetConnection through /vault
+// (Apideck's headers, envelope and connection view).
+//
+//	go test -run '^$' -bench VaultGetConnection -benchtime 20000x ./internal/api
+func BenchmarkVaultGetConnection(b *testing.B) {
+	bb := setup(b)
+	r := bb.req(b, "PUT", connPath("bench-consumer", "crm", "pipedrive"), `{"credentials":{"api_key":"bench-key"}}`)
+	require.Equal(b, http.StatusCreated, r.status)
+	benchGET(b, bb.srv.URL+"/vault/connections/crm/pipedrive", http.Header{"Authorization": {"Bearer " + testToken},
+		"X-Apideck-App-Id": {"bench-app"}, "X-Apideck-Consumer-Id": {"bench-consumer"}})
+}
+
+// benchGET sends GET url with hdr from 64 concurrent clients and reports
+// requests/s and latency percentiles.
+func benchGET(b *testing.B, url string, hdr http.Header) {
+	const clients = 64
 	tr := &http.Transport{MaxIdleConns: clients, MaxIdleConnsPerHost: clients, MaxConnsPerHost: clients}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr}
-	url := bb.srv.URL + path
 
 	var mu sync.Mutex
 	var all []time.Duration
@@ -39,7 +55,7 @@ func BenchmarkGetConnection(b *testing.B) {
 	b.RunParallel(func(pb *testing.PB) {
 		lat := make([]time.Duration, 0, 1024)
 		req, _ := http.NewRequest("GET", url, nil)
-		req.Header.Set("Authorization", "Bearer "+testToken)
+		req.Header = hdr.Clone()
 		for pb.Next() {
 			t0 := time.Now()
 			resp, err := client.Do(req)

@@ -86,31 +86,37 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // errors are mapped by kind; anything unexpected is a 500 whose detail only
 // goes to the log.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	ae := s.classify(r, err)
+	writeError(w, ae.status, ae.code, ae.msg)
+}
+
+// classify maps err to its status, code and message (shared by the /v1
+// and /vault envelopes).
+func (s *server) classify(r *http.Request, err error) *apiError {
 	var ae *apiError
 	var fe *state.FieldError
 	switch {
 	case errors.As(err, &ae):
-		writeError(w, ae.status, ae.code, ae.msg)
+		return ae
 	case errors.Is(err, state.ErrNotFound):
-		writeError(w, http.StatusNotFound, codeNotFound, "the consumer has not added this connection")
+		return errf(http.StatusNotFound, codeNotFound, "the consumer has not added this connection")
 	case errors.Is(err, catalog.ErrUnknownIntegration):
-		writeError(w, http.StatusNotFound, codeUnknownIntegration, "no integration with this unified API and service id")
+		return errf(http.StatusNotFound, codeUnknownIntegration, "no integration with this unified API and service id")
 	case errors.Is(err, state.ErrVersionConflict):
-		writeError(w, http.StatusConflict, codeVersionConflict, "the connection's version is not the one in If-Match; read it again")
+		return errf(http.StatusConflict, codeVersionConflict, "the connection's version is not the one in If-Match; read it again")
 	case errors.Is(err, catalog.ErrHostNotAllowed):
-		writeError(w, http.StatusUnprocessableEntity, codeHostNotAllowed, "a setting points at a host the integration does not allow")
+		return errf(http.StatusUnprocessableEntity, codeHostNotAllowed, "a setting points at a host the integration does not allow")
 	case errors.Is(err, catalog.ErrInvalidSetting):
-		writeError(w, http.StatusBadRequest, codeInvalidSetting, "a setting has a value its type does not allow")
+		return errf(http.StatusBadRequest, codeInvalidSetting, "a setting has a value its type does not allow")
 	case errors.As(err, &fe) && errors.Is(err, state.ErrInvalidCredential):
-		writeError(w, http.StatusUnprocessableEntity, codeInvalidCredential, fe.Field+": "+fe.Msg)
+		return errf(http.StatusUnprocessableEntity, codeInvalidCredential, fe.Field+": "+fe.Msg)
 	case errors.As(err, &fe):
-		writeError(w, http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
+		return errf(http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
 	case r.Context().Err() != nil && errors.Is(err, r.Context().Err()):
 		// The client went away; nobody reads this.
-		writeError(w, http.StatusServiceUnavailable, codeServiceUnavailable, "request cancelled")
-	default:
-		s.log.ErrorContext(r.Context(), "api: request failed",
-			slog.String("route", r.Pattern), slog.String("error", err.Error()))
-		writeError(w, http.StatusInternalServerError, codeInternal, "internal error; see the server log")
+		return errf(http.StatusServiceUnavailable, codeServiceUnavailable, "request cancelled")
 	}
+	s.log.ErrorContext(r.Context(), "api: request failed",
+		slog.String("route", r.Pattern), slog.String("error", err.Error()))
+	return errf(http.StatusInternalServerError, codeInternal, "internal error; see the server log")
 }

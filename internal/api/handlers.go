@@ -329,35 +329,39 @@ func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) 
 		s.fail(w, r, err)
 		return
 	}
-	c, err := s.cfg.Store.Get(r.Context(), t.ref)
+	out, _, err := s.enqueueFor(r, t, typ)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
+	writeJSON(w, http.StatusAccepted, dataBody{Data: out})
+}
+
+// enqueueFor checks that t's connection can take a task of type typ and
+// enqueues it (deduped); it returns the task and the connection as read.
+func (s *server) enqueueFor(r *http.Request, t target, typ string) (taskView, *state.Connection, error) {
+	c, err := s.cfg.Store.Get(r.Context(), t.ref)
+	if err != nil {
+		return taskView{}, nil, err
+	}
 	switch {
 	case typ == tasks.TypeRefreshToken && t.in.AuthType != catalog.AuthOAuth2:
-		s.fail(w, r, errf(http.StatusUnprocessableEntity, codeNotOAuth,
-			t.in.ID+" authenticates with "+string(t.in.AuthType)+": it has no token to refresh"))
-		return
+		return taskView{}, c, errf(http.StatusUnprocessableEntity, codeNotOAuth,
+			t.in.ID+" authenticates with "+string(t.in.AuthType)+": it has no token to refresh")
 	case typ == tasks.TypeRefreshToken && c.Credentials.RefreshToken == "":
-		s.fail(w, r, errf(http.StatusUnprocessableEntity, codeNoRefreshToken, "the connection has no refresh token"))
-		return
+		return taskView{}, c, errf(http.StatusUnprocessableEntity, codeNoRefreshToken, "the connection has no refresh token")
 	case !c.Enabled:
-		s.fail(w, r, errf(http.StatusConflict, codeConnectionDisabled, "the connection is disabled; enable it first"))
-		return
+		return taskView{}, c, errf(http.StatusConflict, codeConnectionDisabled, "the connection is disabled; enable it first")
 	case !t.in.Checkable():
-		s.fail(w, r, errf(http.StatusUnprocessableEntity, codeIntegrationInactive,
-			"connector status "+string(t.in.Status)+" is not checked or refreshed (only live and beta are)"))
-		return
+		return taskView{}, c, errf(http.StatusUnprocessableEntity, codeIntegrationInactive,
+			"connector status "+string(t.in.Status)+" is not checked or refreshed (only live and beta are)")
 	}
 	if typ == tasks.TypeValidate {
 		switch st, health := state.Derive(c, t.in, s.cfg.NowFunc()); {
 		case st == state.Added && health == state.HealthNeedsAuth:
-			s.fail(w, r, errf(http.StatusUnprocessableEntity, codeIncomplete, "the connection has no credentials to validate"))
-			return
+			return taskView{}, c, errf(http.StatusUnprocessableEntity, codeIncomplete, "the connection has no credentials to validate")
 		case health == state.HealthMissingSettings:
-			s.fail(w, r, errf(http.StatusUnprocessableEntity, codeIncomplete, "a required setting is missing; set it first"))
-			return
+			return taskView{}, c, errf(http.StatusUnprocessableEntity, codeIncomplete, "a required setting is missing; set it first")
 		}
 	}
 	var task *asynq.Task
@@ -373,8 +377,7 @@ func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) 
 		task, err = tasks.NewRefreshTask(c.ConsumerID, c.ID, tasks.ReasonOnDemand, key)
 	}
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return taskView{}, c, err
 	}
 	out := taskView{TaskID: tasks.TaskID(typ, c.ConsumerID, c.ID, key), Queue: tasks.QueueCritical}
 	if typ == tasks.TypeRefreshToken {
@@ -387,12 +390,11 @@ func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) 
 	case err != nil:
 		s.log.ErrorContext(r.Context(), "api: enqueue failed", slog.String("task_type", typ),
 			slog.String("consumer_id", c.ConsumerID), slog.String("connection_id", c.ID), slog.String("error", err.Error()))
-		s.fail(w, r, errf(http.StatusServiceUnavailable, codeEnqueueFailed, "the task could not be enqueued; try again"))
-		return
+		return taskView{}, c, errf(http.StatusServiceUnavailable, codeEnqueueFailed, "the task could not be enqueued; try again")
 	default:
 		out.TaskID, out.Queue = info.ID, info.Queue
 	}
-	writeJSON(w, http.StatusAccepted, dataBody{Data: out})
+	return out, c, nil
 }
 
 // ifMatch reads If-Match: a connection version, bare or quoted. Absent is 0.

@@ -3,7 +3,6 @@ package events
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -155,6 +154,9 @@ func NewDeliveryHandler(cfg DeliveryConfig) (*DeliveryHandler, error) {
 		if s.Secret == "" {
 			return nil, fmt.Errorf("events: webhook %q: no signing secret", s.Name)
 		}
+		if s.Format != "" && s.Format != FormatVaultfleet && s.Format != FormatApideck {
+			return nil, fmt.Errorf("events: webhook %q: format %q is not one of %s, %s", s.Name, s.Format, FormatVaultfleet, FormatApideck)
+		}
 		h.subs[s.Name] = s
 	}
 	if cfg.HTTPClient != nil {
@@ -251,13 +253,13 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 		h.outcomes.WithLabelValues(OutcomeDropped).Inc()
 		return fmt.Errorf("events: %w: %w", err, asynq.SkipRetry)
 	}
-	body, err := json.Marshal(wh)
-	if err != nil {
-		return fmt.Errorf("events: encode: %w", err)
-	}
 	attempt := 1
 	if n, ok := asynq.GetRetryCount(ctx); ok {
 		attempt = n + 1
+	}
+	body, err := encodeWebhook(sub, wh, p.EventID, attempt)
+	if err != nil {
+		return fmt.Errorf("events: encode: %w", err)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, sub.URL, bytes.NewReader(body))
 	if err != nil {
@@ -270,6 +272,7 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 	req.Header.Set(HeaderIdempotencyKey, key)
 	req.Header.Set(HeaderAttempt, strconv.Itoa(attempt))
 	req.Header.Set(HeaderSignature, Sign(sub.Secret, h.cfg.NowFunc(), body))
+	setFormatHeaders(req.Header, sub, wh, key, body)
 	client := h.strict
 	if sub.AllowInsecure {
 		client = h.insecure

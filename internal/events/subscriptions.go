@@ -43,6 +43,10 @@ type Subscription struct {
 	// AllowInsecure permits http://, localhost and loopback, private and
 	// link-local addresses (development only).
 	AllowInsecure bool `yaml:"allow_insecure"`
+	// Format is the body and headers: FormatVaultfleet (the default) or
+	// FormatApideck (Apideck Vault's payload and x-apideck-* headers, for
+	// receivers written for Apideck).
+	Format string `yaml:"format"`
 
 	// Secret is the signing secret read from SecretEnv.
 	Secret string `yaml:"-"`
@@ -91,6 +95,7 @@ func LoadFromEnv(getenv func(string) string) ([]Subscription, error) {
 //	  url: https://hooks.example.com/vault
 //	  secret_env: VAULTFLEET_WEBHOOK_SECRET_BILLING
 //	  events: [vault.connection.invalid, vault.connection.callable]
+//	  # format: apideck  # Apideck Vault's body and x-apideck-* headers
 //	  # allow_insecure: true  # http, localhost, private IPs (development)
 //
 // and validates each entry (unique names, known event types, URL host
@@ -118,6 +123,9 @@ func ParseSubscriptions(data []byte, getenv func(string) string) ([]Subscription
 		seen[s.Name] = true
 		if err := CheckURL(s.URL, s.AllowInsecure); err != nil {
 			return nil, fmt.Errorf("%s: url: %w", where, err)
+		}
+		if s.Format != "" && s.Format != FormatVaultfleet && s.Format != FormatApideck {
+			return nil, fmt.Errorf("%s: format: %q is not one of %s, %s", where, s.Format, FormatVaultfleet, FormatApideck)
 		}
 		for _, e := range s.Events {
 			if !slices.Contains(state.EventTypes, e) {
