@@ -2,9 +2,11 @@ package state
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
@@ -41,6 +43,9 @@ type Config struct {
 	NowFunc func() time.Time
 	// Logger, if nil, discards.
 	Logger *slog.Logger
+	// Registerer receives vaultfleet_events_lost_total. If nil, the
+	// counter is kept but not exported.
+	Registerer prometheus.Registerer
 }
 
 // Store keeps connections in Redis with their derived state, their due
@@ -53,6 +58,9 @@ type Store struct {
 	cluster bool
 	// tags are the key prefixes of the shards, "vf:{s07}:", made once.
 	tags []string
+	// eventsLost counts events of committed writes that could not be
+	// appended (Redis Cluster only).
+	eventsLost prometheus.Counter
 }
 
 // Input is what a consumer-side write sets. Nil fields are left alone.
@@ -148,7 +156,17 @@ func New(cfg Config) (*Store, error) {
 		return nil, err
 	}
 	_, cluster := cfg.Client.(*redis.ClusterClient)
-	return &Store{cfg: cfg, cluster: cluster, tags: shardTags(cfg.Prefix, cfg.Shards)}, nil
+	s := &Store{cfg: cfg, cluster: cluster, tags: shardTags(cfg.Prefix, cfg.Shards),
+		eventsLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vaultfleet_events_lost_total",
+			Help: "Events of committed writes that could not be appended to the event stream after retries (Redis Cluster mode, where the append follows the write).",
+		})}
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(s.eventsLost); err != nil {
+			return nil, fmt.Errorf("state: register metrics: %w", err)
+		}
+	}
+	return s, nil
 }
 
 // Shards returns the number of index shards.
