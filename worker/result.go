@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -112,6 +113,10 @@ func (r *taskRun) after(c *state.Connection) {
 
 // finish writes the result and the task line and returns err.
 func (r *taskRun) finish(ctx context.Context, err error) error {
+	if errors.Is(err, state.ErrUnreadable) && !errors.Is(err, asynq.SkipRetry) {
+		// Credentials sealed with a retired key never open on a retry.
+		err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
+	}
 	r.res.At = r.w.now().UTC()
 	r.res.DurationMS = time.Since(r.start).Milliseconds()
 	if rw := r.t.ResultWriter(); rw != nil {

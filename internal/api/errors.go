@@ -35,6 +35,17 @@ const (
 	codeEnqueueFailed       = "enqueue_failed"
 	codeServiceUnavailable  = "unavailable"
 	codeInvalidSetting      = "invalid_setting"
+	codeUnreadable          = "credentials_unreadable"
+	codeContention          = "write_contention"
+)
+
+// Retry-After of the 503 answers, in seconds.
+const (
+	// retryAfterContention: many concurrent writes of one connection
+	// clear within moments.
+	retryAfterContention = 1
+	// retryAfterUnavailable: a Redis restart or failover takes seconds.
+	retryAfterUnavailable = 5
 )
 
 type errorBody struct {
@@ -52,12 +63,26 @@ type apiError struct {
 	status int
 	code   string
 	msg    string
+	// retryAfter, if > 0, is sent as Retry-After (seconds).
+	retryAfter int
 }
 
 func (e *apiError) Error() string { return e.code + ": " + e.msg }
 
 func errf(status int, code, msg string) *apiError {
 	return &apiError{status: status, code: code, msg: msg}
+}
+
+// unreadableMsg says why a connection's stored credentials cannot be used
+// and what to do, naming the key id (never a secret).
+func unreadableMsg(err error) string {
+	var ue *state.UnreadableError
+	key := ""
+	if errors.As(err, &ue) && ue.KeyID != "" {
+		key = " (key id " + strconv.Quote(ue.KeyID) + ")"
+	}
+	return "the stored credentials are sealed with a retired or unknown key" + key +
+		" and cannot be opened: replace them in full with PUT (every credential field) or DELETE the connection"
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
@@ -87,6 +112,9 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var fe *state.FieldError
 	switch {
 	case errors.As(err, &ae):
+		if ae.retryAfter > 0 {
+			w.Header().Set("Retry-After", strconv.Itoa(ae.retryAfter))
+		}
 		writeError(w, ae.status, ae.code, ae.msg)
 	case errors.Is(err, state.ErrNotFound):
 		writeError(w, http.StatusNotFound, codeNotFound, "the consumer has not added this connection")
@@ -100,9 +128,21 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusBadRequest, codeInvalidSetting, "a setting has a value its type does not allow")
 	case errors.As(err, &fe):
 		writeError(w, http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
+	case errors.Is(err, state.ErrUnreadable):
+		writeError(w, http.StatusConflict, codeUnreadable, unreadableMsg(err))
 	case r.Context().Err() != nil && errors.Is(err, r.Context().Err()):
 		// The client went away; nobody reads this.
 		writeError(w, http.StatusServiceUnavailable, codeServiceUnavailable, "request cancelled")
+	case errors.Is(err, state.ErrContention):
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfterContention))
+		writeError(w, http.StatusServiceUnavailable, codeContention,
+			"too many concurrent writes of this connection; try again shortly")
+	case state.Unavailable(err):
+		s.log.WarnContext(r.Context(), "api: store unavailable",
+			slog.String("route", r.Pattern), slog.String("error", err.Error()))
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfterUnavailable))
+		writeError(w, http.StatusServiceUnavailable, codeServiceUnavailable,
+			"the store is unavailable; try again shortly")
 	default:
 		s.log.ErrorContext(r.Context(), "api: request failed",
 			slog.String("route", r.Pattern), slog.String("error", err.Error()))
