@@ -9,6 +9,7 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
@@ -27,7 +28,11 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	rdb := redistest.Start(t).Client(t)
+	// A Redis of its own: this test runs for seconds, and the shared
+	// server hands its databases out round-robin.
+	rsrv := redistest.New(t)
+	rdb := redis.NewClient(&redis.Options{Addr: rsrv.Addr})
+	t.Cleanup(func() { _ = rdb.Close() })
 	cat, err := catalog.Default()
 	require.NoError(t, err)
 	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
