@@ -57,7 +57,9 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency:              4,
 		Queues:                   map[string]int{tasks.QueueEvents: 1},
-		RetryDelayFunc:           func(int, error, *asynq.Task) time.Duration { return 100 * time.Millisecond },
+		// 16 retries 400ms apart outlast the outage below even under
+		// -race on a busy machine (a real delivery retries for ~10 h).
+		RetryDelayFunc:           func(int, error, *asynq.Task) time.Duration { return 400 * time.Millisecond },
 		DelayedTaskCheckInterval: 100 * time.Millisecond,
 		TaskCheckInterval:        50 * time.Millisecond,
 		LogLevel:                 asynq.FatalLevel,
@@ -101,7 +103,7 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	filler := state.Ref{ConsumerID: "filler", ConnectionID: "crm+pipedrive"}
 	_, err = st.Put(ctx, filler, state.Input{Credentials: map[string]string{"api_key": "k"}}, 0)
 	require.NoError(t, err)
-	for i := range 400 {
+	for i := range 200 { // two stream nodes of 100 entries: the first is trimmed
 		on := i%2 == 1
 		_, err := st.Patch(ctx, filler, state.Input{Enabled: &on}, 0)
 		require.NoError(t, err)
