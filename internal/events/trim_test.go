@@ -55,8 +55,8 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Subscriptions: subs, Registerer: reg, Timeout: 2 * time.Second})
 	require.NoError(t, err)
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
-		Concurrency:              4,
-		Queues:                   map[string]int{tasks.QueueEvents: 1},
+		Concurrency: 4,
+		Queues:      map[string]int{tasks.QueueEvents: 1},
 		// 16 retries 400ms apart outlast the outage below even under
 		// -race on a busy machine (a real delivery retries for ~10 h).
 		RetryDelayFunc:           func(int, error, *asynq.Task) time.Duration { return 400 * time.Millisecond },
