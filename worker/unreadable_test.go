@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"strings"
 	"testing"
 
 	"github.com/hibiken/asynq"
@@ -34,6 +35,9 @@ func TestUnreadableCredentialsAreNotRetried(t *testing.T) {
 	err = process(t, w, refreshTask(t, "crm+acme", "on_demand", ""))
 	require.ErrorIs(t, err, asynq.SkipRetry)
 	require.ErrorIs(t, err, state.ErrUnreadable)
+	require.Equal(t, 2, strings.Count(b.logs.String(), `"skipped":"`+skipUnreadable+`"`), "both tasks say why")
+	require.NotContains(t, b.logs.String(), "store unavailable")
+	require.Equal(t, 2, strings.Count(b.logs.String(), `"level":"WARN","msg":"task done"`), "an operator must act: logged as a warning")
 
 	require.Zero(t, b.p.total(), "no provider call")
 	requireNoSecrets(t, b.logs.String())
