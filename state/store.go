@@ -174,7 +174,10 @@ func (s *Store) Shards() int { return s.cfg.Shards }
 
 // --- reads ---
 
-// Get returns one connection, or ErrNotFound.
+// Get returns one connection, or ErrNotFound. When its credentials cannot
+// be opened (sealed with a key no longer in the keyring) the error is an
+// *UnreadableError (errors.Is ErrUnreadable) whose Connection holds the
+// non-secret facts, marked Unreadable.
 func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
 	if err := validateRef(ref); err != nil {
 		return nil, err
@@ -189,7 +192,10 @@ func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
 	return c, nil
 }
 
-// ListConsumer returns every stored connection of one consumer, sorted by id.
+// ListConsumer returns every stored connection of one consumer, sorted by
+// id. A connection whose credentials cannot be opened is listed marked
+// Unreadable (empty Credentials, stored State and Health) rather than
+// failing the listing; so does List.
 func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
 	return s.listConsumer(ctx, consumerID)
 }
@@ -215,6 +221,9 @@ func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
 // (ErrVersionConflict). The service id must be in the catalog with this
 // unified API (catalog.ErrUnknownIntegration) and settings must pass
 // ValidateSettings. A new connection is enabled unless in.Enabled says no.
+// Over credentials that cannot be opened only a Put that sets
+// in.Credentials (a full replacement) goes through; any other consumer or
+// fleet write of such a record returns ErrUnreadable, while Delete works.
 func (s *Store) Put(ctx context.Context, ref Ref, in Input, ifVersion int64) (Change, error) {
 	return s.consumerWrite(ctx, ref, in, ifVersion, modePut)
 }
