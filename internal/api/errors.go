@@ -8,6 +8,7 @@ import (
 	"strconv"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -76,13 +77,13 @@ func errf(status int, code, msg string) *apiError {
 // unreadableMsg says why a connection's stored credentials cannot be used
 // and what to do, naming the key id (never a secret).
 func unreadableMsg(err error) string {
+	const fix = " and cannot be opened: replace them in full with PUT (every credential field) or DELETE the connection"
 	var ue *state.UnreadableError
-	key := ""
-	if errors.As(err, &ue) && ue.KeyID != "" {
-		key = " (key id " + strconv.Quote(ue.KeyID) + ")"
+	if !errors.As(err, &ue) || !errors.Is(err, secrets.ErrUnknownKey) {
+		return "the stored credentials are corrupt or were sealed for another record" + fix
 	}
-	return "the stored credentials are sealed with a retired or unknown key" + key +
-		" and cannot be opened: replace them in full with PUT (every credential field) or DELETE the connection"
+	return "the stored credentials are sealed with a retired key (key id " + strconv.Quote(ue.KeyID) +
+		", no longer in " + secrets.EnvKeys + ")" + fix
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
