@@ -280,6 +280,14 @@ type Connection struct {
 	Health    Health    `json:"health"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// CredentialsKeyID is the id of the encryption key that sealed the
+	// stored credentials ("" when there are none). Not a secret.
+	CredentialsKeyID string `json:"credentials_key_id,omitempty"`
+	// Unreadable is set when the stored credentials cannot be opened (the
+	// key that sealed them left the keyring, or the value is corrupt):
+	// Credentials are empty and State and Health are the stored ones. Only
+	// listings and an *UnreadableError carry such a connection.
+	Unreadable bool `json:"unreadable,omitempty"`
 }
 
 // Ref names a connection in the store.

@@ -3,9 +3,11 @@ package state
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
@@ -42,6 +44,9 @@ type Config struct {
 	NowFunc func() time.Time
 	// Logger, if nil, discards.
 	Logger *slog.Logger
+	// Registerer receives vaultfleet_events_lost_total. If nil, the
+	// counter is kept but not exported.
+	Registerer prometheus.Registerer
 }
 
 // Store keeps connections in Redis with their derived state, their due
@@ -54,6 +59,9 @@ type Store struct {
 	cluster bool
 	// tags are the key prefixes of the shards, "vf:{s07}:", made once.
 	tags []string
+	// eventsLost counts events of committed writes that could not be
+	// appended (Redis Cluster only).
+	eventsLost prometheus.Counter
 }
 
 // Input is what a consumer-side write sets. Nil fields are left alone.
@@ -155,7 +163,17 @@ func New(cfg Config) (*Store, error) {
 		return nil, err
 	}
 	_, cluster := cfg.Client.(*redis.ClusterClient)
-	return &Store{cfg: cfg, cluster: cluster, tags: shardTags(cfg.Prefix, cfg.Shards)}, nil
+	s := &Store{cfg: cfg, cluster: cluster, tags: shardTags(cfg.Prefix, cfg.Shards),
+		eventsLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vaultfleet_events_lost_total",
+			Help: "Events of committed writes that could not be appended to the event stream after retries (Redis Cluster mode, where the append follows the write).",
+		})}
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(s.eventsLost); err != nil {
+			return nil, fmt.Errorf("state: register metrics: %w", err)
+		}
+	}
+	return s, nil
 }
 
 // Shards returns the number of index shards.
@@ -163,7 +181,10 @@ func (s *Store) Shards() int { return s.cfg.Shards }
 
 // --- reads ---
 
-// Get returns one connection, or ErrNotFound.
+// Get returns one connection, or ErrNotFound. When its credentials cannot
+// be opened (sealed with a key no longer in the keyring) the error is an
+// *UnreadableError (errors.Is ErrUnreadable) whose Connection holds the
+// non-secret facts, marked Unreadable.
 func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
 	if err := validateRef(ref); err != nil {
 		return nil, err
@@ -178,7 +199,10 @@ func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
 	return c, nil
 }
 
-// ListConsumer returns every stored connection of one consumer, sorted by id.
+// ListConsumer returns every stored connection of one consumer, sorted by
+// id. A connection whose credentials cannot be opened is listed marked
+// Unreadable (empty Credentials, stored State and Health) rather than
+// failing the listing; so does List.
 func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
 	return s.listConsumer(ctx, consumerID)
 }
@@ -204,6 +228,9 @@ func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
 // (ErrVersionConflict). The service id must be in the catalog with this
 // unified API (catalog.ErrUnknownIntegration) and settings must pass
 // ValidateSettings. A new connection is enabled unless in.Enabled says no.
+// Over credentials that cannot be opened only a Put that sets
+// in.Credentials (a full replacement) goes through; any other consumer or
+// fleet write of such a record returns ErrUnreadable, while Delete works.
 func (s *Store) Put(ctx context.Context, ref Ref, in Input, ifVersion int64) (Change, error) {
 	return s.consumerWrite(ctx, ref, in, ifVersion, modePut)
 }

@@ -184,11 +184,48 @@ func decodeCreds(b []byte) (Credentials, error) {
 		Extra: rc.Extra}, nil
 }
 
-// ErrDecrypt means a record's credentials could not be decrypted: the key
+// ErrUnreadable means a record's credentials cannot be opened: the key
 // that sealed them is no longer in the keyring, or the value is corrupt or
-// was copied from another record. The error names the connection and the
-// key id, never a secret.
-var ErrDecrypt = errors.New("state: cannot decrypt credentials")
+// was copied from another record. It is never transient: retrying cannot
+// help until the key is back or the credentials are replaced in full (PUT
+// with new credentials) or the record is deleted. The error (an
+// *UnreadableError) names the connection and the key id, never a secret.
+var ErrUnreadable = errors.New("state: credentials cannot be opened")
+
+// ErrDecrypt is the former name of ErrUnreadable.
+var ErrDecrypt = ErrUnreadable
+
+// UnreadableError is the error of a read whose credentials cannot be
+// opened. Connection holds the record's non-secret facts (Unreadable set,
+// Credentials empty, State and Health as stored), so a caller can still
+// show it.
+type UnreadableError struct {
+	Ref Ref
+	// KeyID names the key that sealed the value ("" if the value is too
+	// damaged to say).
+	KeyID string
+	// Cause is secrets.ErrUnknownKey, secrets.ErrCorrupt or a note that
+	// the plaintext is malformed.
+	Cause error
+	// Connection is the record without its credentials.
+	Connection *Connection
+}
+
+func (e *UnreadableError) Error() string {
+	why := "the sealed value is corrupt or belongs to another record"
+	switch {
+	case errors.Is(e.Cause, secrets.ErrUnknownKey):
+		why = fmt.Sprintf("sealed with key id %q, which is not in the keyring (%s)", e.KeyID, secrets.EnvKeys)
+	case e.Cause != nil && !errors.Is(e.Cause, secrets.ErrCorrupt):
+		why = e.Cause.Error()
+	}
+	return fmt.Sprintf("%v: connection %s: %s", ErrUnreadable, e.Ref, why)
+}
+
+// Unwrap makes errors.Is see ErrUnreadable and the cause.
+func (e *UnreadableError) Unwrap() []error { return []error{ErrUnreadable, e.Cause} }
+
+var errMalformedPlaintext = errors.New("credentials decrypt to malformed data")
 
 // sealCreds encrypts credentials for the record key.
 func sealCreds(k *secrets.Keyring, recordKey string, c Credentials) ([]byte, error) {
@@ -199,22 +236,24 @@ func sealCreds(k *secrets.Keyring, recordKey string, c Credentials) ([]byte, err
 	return k.Seal(pt, []byte(recordKey)), nil
 }
 
-// openCreds decrypts the credentials of a record.
-func openCreds(k *secrets.Keyring, ref Ref, recordKey string, sealed []byte) (Credentials, error) {
+// openCreds decrypts the credentials of a record. The error is the cause
+// for an UnreadableError.
+func openCreds(k *secrets.Keyring, recordKey string, sealed []byte) (Credentials, error) {
 	pt, err := k.Open(sealed, []byte(recordKey))
 	if err != nil {
-		id, _ := secrets.KeyID(sealed)
-		return Credentials{}, fmt.Errorf("%w of connection %s (sealed with key id %q): %w", ErrDecrypt, ref, id, err)
+		return Credentials{}, err
 	}
 	c, err := decodeCreds(pt)
 	if err != nil {
-		return Credentials{}, fmt.Errorf("%w of connection %s: malformed plaintext", ErrDecrypt, ref)
+		return Credentials{}, errMalformedPlaintext
 	}
 	return c, nil
 }
 
 // decodeRecord builds a connection from the fields of its record.
-// sealed == nil means no credentials.
+// sealed == nil means no credentials. When the credentials cannot be
+// opened it returns the connection marked Unreadable together with an
+// *UnreadableError that holds it too.
 func (s *Store) decodeRecord(ref Ref, recordKey, version, st, svc string, data, sealed []byte) (*Connection, error) {
 	c := &Connection{ID: ref.ConnectionID, ConsumerID: ref.ConsumerID, ServiceID: svc, State: State(st)}
 	c.UnifiedAPI, _, _ = SplitConnectionID(ref.ConnectionID)
@@ -227,8 +266,10 @@ func (s *Store) decodeRecord(ref Ref, recordKey, version, st, svc string, data, 
 		return nil, fmt.Errorf("state: connection %s: malformed record: %v", ref, err)
 	}
 	if len(sealed) > 0 {
-		if c.Credentials, err = openCreds(s.cfg.Keys, ref, recordKey, sealed); err != nil {
-			return nil, err
+		c.CredentialsKeyID, _ = secrets.KeyID(sealed)
+		if c.Credentials, err = openCreds(s.cfg.Keys, recordKey, sealed); err != nil {
+			c.Unreadable = true
+			return c, &UnreadableError{Ref: ref, KeyID: c.CredentialsKeyID, Cause: err, Connection: c}
 		}
 	}
 	return c, nil

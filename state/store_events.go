@@ -13,8 +13,10 @@ import (
 // Events are appended to Config.EventStream in the same Lua call as the
 // write, so a state change and its event are one atomic step. On Redis
 // Cluster the stream lives in another slot than the record, so the events
-// are appended right after the write: a crash (or a failed XADD) between
-// the two loses those events, never the write; the failure is logged.
+// are appended right after the write, detached from the caller's context
+// and retried: only a crash between the two, or Redis refusing every
+// attempt for appendTimeout, loses those events (never the write); that
+// is logged and counted in vaultfleet_events_lost_total.
 
 // deriveEvents computes the events of a write from before and after.
 func (s *Store) deriveEvents(cur, next *Connection, h hints, now time.Time) []Event {
@@ -107,23 +109,66 @@ func eventFields(e Event) []string {
 	return f
 }
 
-// appendEvents appends events outside the write (Redis Cluster).
+// Event appends after the write (Redis Cluster).
+const (
+	// appendTimeout bounds all attempts to append one write's events.
+	appendTimeout = 15 * time.Second
+	// appendAttempts is how often one event's XADD is tried.
+	appendAttempts = 6
+)
+
+// appendEvents appends events outside the write (Redis Cluster). The write
+// is committed: the append never depends on the caller's context (a client
+// that went away must not lose the event), has its own deadline, and
+// retries with backoff; a final failure is logged and counted
+// (vaultfleet_events_lost_total).
 func (s *Store) appendEvents(ctx context.Context, events []Event) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), appendTimeout)
+	defer cancel()
 	for i, e := range events {
 		f := eventFields(e)
 		vals := make([]any, len(f))
 		for j, v := range f {
 			vals[j] = v
 		}
-		id, err := s.cfg.Client.XAdd(ctx, &redis.XAddArgs{Stream: s.cfg.EventStream, MaxLen: s.cfg.EventMaxLen,
-			Approx: true, Values: vals}).Result()
+		var err error
+		for attempt := range appendAttempts {
+			if attempt > 0 {
+				if err = sleepCtx(ctx, appendBackoff(attempt)); err != nil {
+					break
+				}
+			}
+			var id string
+			id, err = s.cfg.Client.XAdd(ctx, &redis.XAddArgs{Stream: s.cfg.EventStream, MaxLen: s.cfg.EventMaxLen,
+				Approx: true, Values: vals}).Result()
+			if err == nil {
+				events[i].ID = id
+				break
+			}
+		}
 		if err != nil {
+			s.eventsLost.Inc()
 			s.cfg.Logger.ErrorContext(ctx, "state: event lost: append to stream failed after the write",
 				slog.String("event_type", e.Type), slog.String("connection", e.ConsumerID+"|"+e.ConnectionID),
-				slog.String("error", err.Error()))
-			continue
+				slog.Int64("version", e.Version), slog.String("error", err.Error()))
 		}
-		events[i].ID = id
+	}
+}
+
+// appendBackoff is 50ms doubling per attempt, at most 2s.
+func appendBackoff(attempt int) time.Duration {
+	return min(50*time.Millisecond<<(attempt-1), 2*time.Second)
+}
+
+// sleepCtx waits d or until ctx is done.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
 	}
 }
 

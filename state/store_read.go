@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
@@ -44,7 +45,8 @@ func (s *Store) decodeFields(ref Ref, key string, vals []any) (*Connection, erro
 }
 
 // fetch reads the records of members of one shard in one pipeline; a
-// member whose record is gone gives nil.
+// member whose record is gone gives nil, one whose credentials cannot be
+// opened a connection marked Unreadable.
 func (s *Store) fetch(ctx context.Context, k keys, members []string) ([]*Connection, error) {
 	if len(members) == 0 {
 		return nil, nil
@@ -64,7 +66,15 @@ func (s *Store) fetch(ctx context.Context, k keys, members []string) ([]*Connect
 			continue
 		}
 		c, err := s.decodeFields(ref, k.record(m), cmds[i].Val())
-		if err != nil {
+		var ue *UnreadableError
+		switch {
+		case errors.As(err, &ue):
+			// One record whose credentials cannot be opened does not take
+			// the listing down: it is listed with its non-secret facts and
+			// marked Unreadable.
+			s.cfg.Logger.DebugContext(ctx, "state: listing a connection whose credentials cannot be opened",
+				slog.String("connection", ref.String()), slog.String("key_id", ue.KeyID))
+		case err != nil:
 			return nil, err
 		}
 		out[i] = c

@@ -19,7 +19,6 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
-	"github.com/vaultfleet/vaultfleet/internal/secrets"
 )
 
 //go:embed lua/write.lua
@@ -62,6 +61,10 @@ type hints struct {
 	// reseal: seal the credentials again (under the primary key) even
 	// though they did not change.
 	reseal bool
+	// replaceCreds: the mutation sets the credentials in full without
+	// reading the stored ones, so it may run on a record whose
+	// credentials cannot be opened (Unreadable).
+	replaceCreds bool
 }
 
 // mutation builds the next connection from the current one (nil when there
@@ -89,19 +92,28 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 			}
 		}
 		var cur *Connection
-		var err error
+		var err, unreadable error
 		if attempt == 0 && seen != nil {
 			// The caller's copy saves a read; if the record moved since,
 			// the script's version check refuses the write and the next
 			// attempt reads it.
 			cur = seen.clone()
 		} else if cur, err = s.read(ctx, ref); err != nil {
-			return Change{}, err
+			var ue *UnreadableError
+			if !errors.As(err, &ue) {
+				return Change{}, err
+			}
+			// Credentials that cannot be opened: only a delete or a full
+			// replacement of the credentials may go on (checked below).
+			cur, unreadable = ue.Connection, err
 		}
 		now := s.now()
 		next, h, err := fn(cur.clone(), now)
 		if err != nil {
 			return Change{}, err
+		}
+		if unreadable != nil && next != nil && !h.replaceCreds {
+			return Change{}, unreadable
 		}
 		if h.noop {
 			return Change{Before: cur, After: cur}, nil
@@ -172,15 +184,18 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 			return nil, nil, fmt.Errorf("state: connection %s: encode: %v", ref, err)
 		}
 		credMode, sealed := "k", []byte(nil)
-		if cur == nil || h.reseal || !sameCredentials(cur.Credentials, next.Credentials) {
+		if cur == nil || h.reseal || cur.Unreadable || !sameCredentials(cur.Credentials, next.Credentials) {
+			// An unreadable value is always replaced or dropped: the
+			// mutation set the credentials in full.
+			next.Unreadable = false
 			switch {
 			case next.Credentials.hasAny():
 				if sealed, err = sealCreds(s.cfg.Keys, recKey, next.Credentials); err != nil {
 					return nil, nil, fmt.Errorf("state: connection %s: encode credentials", ref)
 				}
-				credMode = "s"
+				credMode, next.CredentialsKeyID = "s", s.cfg.Keys.PrimaryID()
 			case cur != nil:
-				credMode = "d"
+				credMode, next.CredentialsKeyID = "d", ""
 			}
 		}
 		checkMode, checkAt := s.dueCheck(cur, next, in, h, now)
@@ -489,12 +504,14 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		if in.Metadata != nil {
 			next.Metadata = meta
 		}
-		h := hints{consumer: true}
+		h := hints{consumer: true, replaceCreds: in.Credentials != nil && mode != modePatch}
 		if cur == nil {
 			h.reason = ReasonCreated
 			return next, h, nil
 		}
-		credsChanged := !cur.Credentials.Equal(next.Credentials)
+		// Credentials replaced over unreadable ones count as changed: the
+		// old verdicts cannot be said to apply to them.
+		credsChanged := cur.Unreadable && h.replaceCreds || !cur.Credentials.Equal(next.Credentials)
 		settingsChanged, checkSettingChanged := false, false
 		for k := range cur.Settings {
 			if cur.Settings[k] != next.Settings[k] {
@@ -532,7 +549,7 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 				next.Transient = Transient{}
 			}
 		}
-		if cur.Credentials.RefreshToken != next.Credentials.RefreshToken {
+		if cur.Unreadable || cur.Credentials.RefreshToken != next.Credentials.RefreshToken {
 			// The failing refresh token is gone with its failures.
 			next.Refresh.Failures, next.Refresh.LastError = 0, ""
 		}
@@ -821,27 +838,28 @@ func (s *Store) recordRefreshFailure(ctx context.Context, ref Ref, used string, 
 
 // Reseal seals a connection's credentials again under the keyring's
 // primary key if another key sealed them, so that the old key can leave
-// the keyring after a rotation. It reports whether it rewrote them; the
-// write bumps the version but appends no event.
+// the keyring after a rotation. It reports whether it rewrote them. The
+// write compares and sets on the version like every other (a concurrent
+// write wins and the reseal looks again); it bumps the version but makes
+// no event of its own. A record whose credentials cannot be opened gives
+// an error wrapping ErrUnreadable.
 func (s *Store) Reseal(ctx context.Context, ref Ref) (bool, error) {
 	if err := validateRef(ref); err != nil {
 		return false, err
 	}
-	sealed, err := s.cfg.Client.HGet(ctx, s.keysOf(ref).record(ref.String()), fieldCreds).Bytes()
-	switch {
-	case errors.Is(err, redis.Nil):
-		return false, nil // no record, or no credentials
-	case err != nil:
-		return false, fmt.Errorf("state: reseal %s: %w", ref, err)
-	}
-	if id, err := secrets.KeyID(sealed); err == nil && id == s.cfg.Keys.PrimaryID() {
-		return false, nil
-	}
-	_, err = s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, _ time.Time) (hints, error) {
-		return hints{reseal: true}, nil
+	// A connection whose integration left the catalog is resealed too.
+	in, _ := s.integration(ref.ConnectionID)
+	primary := s.cfg.Keys.PrimaryID()
+	var resealed bool
+	_, err := s.write(ctx, ref, in, nil, func(cur *Connection, _ time.Time) (*Connection, hints, error) {
+		resealed = cur != nil && cur.CredentialsKeyID != "" && (cur.CredentialsKeyID != primary || cur.Unreadable)
+		if !resealed {
+			return cur, hints{noop: true}, nil
+		}
+		return cur, hints{reseal: true}, nil
 	})
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("state: reseal: %w", err)
 	}
-	return true, nil
+	return resealed, nil
 }

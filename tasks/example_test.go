@@ -2,6 +2,7 @@ package tasks_test
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -55,4 +56,20 @@ func ExampleNewWebhookTask() {
 	// Output:
 	// webhook:deliver {"v":1,"event_id":"1764244800000-0","subscription":"billing"}
 	// webhook:billing:1764244800000-0
+}
+
+// The relay's delivery task carries its event (no secret in it), so the
+// delivery does not need the capped stream to still hold the entry.
+func ExampleNewWebhookEventTask() {
+	task, err := tasks.NewWebhookEventTask("1764244800000-0", "billing", tasks.WebhookEvent{
+		Type: "vault.connection.invalid", ConnectionID: "crm+hubspot", ConsumerID: "c1",
+		StateBefore: "callable", StateAfter: "invalid", Reason: "credentials_rejected", Version: 7,
+		Time: time.Date(2025, 11, 27, 12, 0, 0, 0, time.UTC),
+	})
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(string(task.Payload()))
+	// Output:
+	// {"v":2,"event_id":"1764244800000-0","subscription":"billing","event":{"type":"vault.connection.invalid","connection_id":"crm+hubspot","consumer_id":"c1","state_before":"callable","state_after":"invalid","reason":"credentials_rejected","version":7,"time":"2025-11-27T12:00:00Z"}}
 }

@@ -3,8 +3,10 @@
 // right queue, dedupe and timeouts. Another service imports it and enqueues
 // with its own asynq client.
 //
-// Payloads carry ids and a payload version only, never a secret: the Asynq
-// web monitor shows them. Type names are a wire format: new ones are added,
+// Payloads carry ids and a payload version, never a secret: the Asynq web
+// monitor shows them. A webhook delivery also carries its event (ids,
+// states, healths, reason, version, time: no secret either), so that it
+// does not depend on the capped event stream still holding it. Type names are a wire format: new ones are added,
 // old ones are never renamed.
 package tasks
 
@@ -15,6 +17,7 @@ import (
 	"regexp"
 	"strconv"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
 )
@@ -91,6 +94,12 @@ type ConnectionPayload struct {
 	Key string `json:"key,omitempty"`
 }
 
+// WebhookPayloadVersion is the version of the webhook:deliver payloads
+// this package writes: 2 carries the event itself. Version 1 payloads
+// (event id only; the delivery reads the event from the stream) still
+// parse.
+const WebhookPayloadVersion = 2
+
 // WebhookPayload is the payload of webhook:deliver.
 type WebhookPayload struct {
 	V int `json:"v"`
@@ -98,6 +107,60 @@ type WebhookPayload struct {
 	EventID string `json:"event_id"`
 	// Subscription names the webhook subscription.
 	Subscription string `json:"subscription"`
+	// Event is the event to deliver (version 2), so a delivery never
+	// depends on the stream still holding the entry (it is capped, and
+	// retries span hours). Nil in version 1 payloads.
+	Event *WebhookEvent `json:"event,omitempty"`
+}
+
+// WebhookEvent is a state-change event as a delivery carries it. It holds
+// no secret: ids, states, healths, the reason, the version and the time.
+type WebhookEvent struct {
+	Type         string    `json:"type"`
+	ConnectionID string    `json:"connection_id"`
+	ConsumerID   string    `json:"consumer_id"`
+	ServiceID    string    `json:"service_id,omitempty"`
+	UnifiedAPI   string    `json:"unified_api,omitempty"`
+	StateBefore  string    `json:"state_before,omitempty"`
+	StateAfter   string    `json:"state_after,omitempty"`
+	HealthBefore string    `json:"health_before,omitempty"`
+	HealthAfter  string    `json:"health_after,omitempty"`
+	Reason       string    `json:"reason,omitempty"`
+	Version      int64     `json:"version,omitempty"`
+	Time         time.Time `json:"time,omitzero"`
+}
+
+// Limits of a carried event.
+const (
+	// maxReasonLen bounds the reason (the store keeps 200 characters).
+	maxReasonLen = 1024
+)
+
+var (
+	eventTypeRE = regexp.MustCompile(`^[a-z][a-z0-9._]{0,63}$`)
+	slugRE      = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+	wordRE      = regexp.MustCompile(`^[a-z_]{0,32}$`)
+)
+
+func (e *WebhookEvent) validate() error {
+	switch {
+	case !eventTypeRE.MatchString(e.Type):
+		return fmt.Errorf("%w: event.type missing or not an event type", ErrMalformed)
+	case !consumerRE.MatchString(e.ConsumerID):
+		return fmt.Errorf("%w: event.consumer_id missing or not a valid id", ErrMalformed)
+	case !connectionRE.MatchString(e.ConnectionID):
+		return fmt.Errorf("%w: event.connection_id must look like unified_api+service_id", ErrMalformed)
+	case e.ServiceID != "" && !slugRE.MatchString(e.ServiceID), e.UnifiedAPI != "" && !slugRE.MatchString(e.UnifiedAPI):
+		return fmt.Errorf("%w: event.service_id or event.unified_api not a valid id", ErrMalformed)
+	case !wordRE.MatchString(e.StateBefore), !wordRE.MatchString(e.StateAfter),
+		!wordRE.MatchString(e.HealthBefore), !wordRE.MatchString(e.HealthAfter):
+		return fmt.Errorf("%w: event state or health not a valid value", ErrMalformed)
+	case len(e.Reason) > maxReasonLen || !utf8.ValidString(e.Reason):
+		return fmt.Errorf("%w: event.reason longer than %d bytes or not UTF-8", ErrMalformed, maxReasonLen)
+	case e.Version < 0:
+		return fmt.Errorf("%w: event.version negative", ErrMalformed)
+	}
+	return nil
 }
 
 var (
@@ -207,10 +270,26 @@ func ParseConnectionPayload(b []byte) (ConnectionPayload, error) {
 	return p, p.validate()
 }
 
-// NewWebhookTask returns a webhook:deliver task on the events queue. The
-// task id is the delivery's idempotency key: one per event and subscription.
+// NewWebhookTask returns a version 1 webhook:deliver task, which names
+// the event by its stream id only: its delivery reads the event from the
+// stream, and is dropped if the stream was trimmed past it meanwhile.
+// Prefer NewWebhookEventTask. The task id is the delivery's idempotency
+// key: one per event and subscription.
 func NewWebhookTask(eventID, subscription string) (*asynq.Task, error) {
-	p := WebhookPayload{V: PayloadVersion, EventID: eventID, Subscription: subscription}
+	return newWebhookTask(WebhookPayload{V: 1, EventID: eventID, Subscription: subscription})
+}
+
+// NewWebhookEventTask returns a webhook:deliver task on the events queue
+// that carries the event itself (payload version 2), so its delivery never
+// reads the stream. The task id is the delivery's idempotency key, the
+// same as NewWebhookTask's: one per event and subscription.
+func NewWebhookEventTask(eventID, subscription string, e WebhookEvent) (*asynq.Task, error) {
+	e.Time = e.Time.UTC()
+	return newWebhookTask(WebhookPayload{V: WebhookPayloadVersion, EventID: eventID, Subscription: subscription, Event: &e})
+}
+
+func newWebhookTask(p WebhookPayload) (*asynq.Task, error) {
+	eventID, subscription := p.EventID, p.Subscription
 	if err := p.validate(); err != nil {
 		return nil, err
 	}
@@ -231,12 +310,19 @@ func IdempotencyKey(eventID, subscription string) string {
 
 func (p WebhookPayload) validate() error {
 	switch {
-	case p.V != PayloadVersion:
-		return fmt.Errorf("%w: unsupported payload version %d (want %d)", ErrMalformed, p.V, PayloadVersion)
+	case p.V != 1 && p.V != WebhookPayloadVersion:
+		return fmt.Errorf("%w: unsupported payload version %d (want 1 or %d)", ErrMalformed, p.V, WebhookPayloadVersion)
+	case p.V == 1 && p.Event != nil:
+		return fmt.Errorf("%w: a version 1 payload carries no event", ErrMalformed)
+	case p.V == WebhookPayloadVersion && p.Event == nil:
+		return fmt.Errorf("%w: a version %d payload carries its event", ErrMalformed, WebhookPayloadVersion)
 	case !eventIDRE.MatchString(p.EventID):
 		return fmt.Errorf("%w: event_id must be a stream id like 1700000000000-0", ErrMalformed)
 	case !subscriptionRE.MatchString(p.Subscription):
 		return fmt.Errorf("%w: subscription missing or not a valid name", ErrMalformed)
+	}
+	if p.Event != nil {
+		return p.Event.validate()
 	}
 	return nil
 }

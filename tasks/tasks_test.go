@@ -155,6 +155,49 @@ func TestGoldenPayloads(t *testing.T) {
 	w, err := ParseWebhookPayload(b)
 	require.NoError(t, err)
 	require.Equal(t, "1764244800000-0", w.EventID)
+	require.Nil(t, w.Event, "a v1 payload names its event by id only")
+
+	b, err = os.ReadFile(filepath.Join("testdata", "webhook_v2.json"))
+	require.NoError(t, err)
+	w, err = ParseWebhookPayload(b)
+	require.NoError(t, err)
+	require.Equal(t, 2, w.V)
+	require.NotNil(t, w.Event)
+	require.Equal(t, WebhookEvent{Type: "vault.connection.invalid", ConnectionID: "crm+hubspot", ConsumerID: "c1",
+		ServiceID: "hubspot", UnifiedAPI: "crm", StateBefore: "callable", StateAfter: "invalid",
+		HealthBefore: "ok", HealthAfter: "needs_auth", Reason: "credentials_rejected", Version: 1764244799000,
+		Time: time.Date(2025, 11, 27, 12, 0, 0, 0, time.UTC)}, *w.Event)
+	// What this package writes today is exactly the golden v2 payload.
+	task, err := NewWebhookEventTask(w.EventID, w.Subscription, *w.Event)
+	require.NoError(t, err)
+	require.JSONEq(t, string(b), string(task.Payload()))
+	require.Equal(t, IdempotencyKey(w.EventID, w.Subscription), "webhook:billing:1764244800000-0")
+}
+
+func TestWebhookPayloadVersions(t *testing.T) {
+	t.Parallel()
+	ev := `{"type":"vault.connection.callable","connection_id":"crm+hubspot","consumer_id":"c1"}`
+	for name, tc := range map[string]struct {
+		payload string
+		want    string
+	}{
+		"V1WithEvent":   {`{"v":1,"event_id":"1-0","subscription":"s","event":` + ev + `}`, "a version 1 payload carries no event"},
+		"V2WithoutOne":  {`{"v":2,"event_id":"1-0","subscription":"s"}`, "carries its event"},
+		"V3":            {`{"v":3,"event_id":"1-0","subscription":"s","event":` + ev + `}`, "unsupported payload version 3"},
+		"BadEventType":  {`{"v":2,"event_id":"1-0","subscription":"s","event":{"type":"X Y","connection_id":"crm+hubspot","consumer_id":"c1"}}`, "event.type"},
+		"BadConnection": {`{"v":2,"event_id":"1-0","subscription":"s","event":{"type":"a.b","connection_id":"nope","consumer_id":"c1"}}`, "event.connection_id"},
+		"HugeReason": {`{"v":2,"event_id":"1-0","subscription":"s","event":{"type":"a.b","connection_id":"crm+hubspot","consumer_id":"c1","reason":"` +
+			strings.Repeat("r", 2000) + `"}}`, "event.reason"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := ParseWebhookPayload([]byte(tc.payload))
+			require.ErrorIs(t, err, ErrMalformed)
+			require.Contains(t, err.Error(), tc.want)
+		})
+	}
+	p, err := ParseWebhookPayload([]byte(`{"v":2,"event_id":"1-0","subscription":"s","event":` + ev + `}`))
+	require.NoError(t, err)
+	require.Equal(t, "vault.connection.callable", p.Event.Type)
 }
 
 func TestParseErrors(t *testing.T) {
@@ -211,19 +254,51 @@ func FuzzParseConnectionPayload(f *testing.F) {
 	})
 }
 
+// FuzzParseWebhookPayload: parsing never panics, errors wrap
+// ErrMalformed, and an accepted payload (v1 or v2) rebuilds into a task
+// that parses back to the same payload.
 func FuzzParseWebhookPayload(f *testing.F) {
 	f.Add([]byte(`{"v":1,"event_id":"1-0","subscription":"s"}`))
 	f.Add([]byte(`{"v":1,"event_id":"x","subscription":""}`))
+	f.Add([]byte(`{"v":2,"event_id":"1-0","subscription":"s","event":{"type":"vault.connection.callable","connection_id":"crm+hubspot","consumer_id":"c1","state_after":"callable","version":3,"time":"2026-11-30T08:00:00.123Z"}}`))
+	f.Add([]byte(`{"v":2,"event_id":"1-0","subscription":"s","event":{"type":"vault.connection.invalid","connection_id":"crm+hubspot","consumer_id":"c1","reason":"HTTP 503 (attempt 1)","time":"2026-11-30T08:00:00+02:00"}}`))
+	f.Add([]byte(`{"v":2,"event_id":"1-0","subscription":"s","event":null}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		p, err := ParseWebhookPayload(b)
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) {
 				t.Fatalf("error does not wrap ErrMalformed: %v", err)
 			}
+			if len(b) > 64 && bytes.Contains([]byte(err.Error()), b) {
+				t.Fatalf("error echoes the payload")
+			}
 			return
 		}
-		if _, err := NewWebhookTask(p.EventID, p.Subscription); err != nil {
+		var task *asynq.Task
+		if p.Event != nil {
+			task, err = NewWebhookEventTask(p.EventID, p.Subscription, *p.Event)
+		} else {
+			task, err = NewWebhookTask(p.EventID, p.Subscription)
+		}
+		if err != nil {
 			t.Fatalf("accepted payload does not rebuild: %v", err)
+		}
+		q, err := ParseWebhookPayload(task.Payload())
+		if err != nil {
+			t.Fatalf("rebuilt payload does not parse: %v", err)
+		}
+		if q.V != p.V || q.EventID != p.EventID || q.Subscription != p.Subscription || (q.Event == nil) != (p.Event == nil) {
+			t.Fatalf("round trip: %+v -> %+v", p, q)
+		}
+		if p.Event != nil {
+			pe, qe := *p.Event, *q.Event
+			if !pe.Time.Equal(qe.Time) {
+				t.Fatalf("round trip time: %v -> %v", pe.Time, qe.Time)
+			}
+			pe.Time, qe.Time = time.Time{}, time.Time{}
+			if pe != qe {
+				t.Fatalf("round trip event: %+v -> %+v", pe, qe)
+			}
 		}
 	})
 }

@@ -3,9 +3,11 @@ package worker
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -28,7 +30,7 @@ type outageStore struct {
 func (s *outageStore) StoreRefreshedTokens(ctx context.Context, l *state.RefreshLease, used string, t state.Tokens) (state.Change, error) {
 	if u := s.until.Load(); u != nil && time.Now().Before(*u) {
 		s.refused.Add(1)
-		return state.Change{}, errors.New("dial tcp 127.0.0.1:6379: connect: connection refused")
+		return state.Change{}, &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
 	}
 	s.accepted.Add(1)
 	return s.Store.StoreRefreshedTokens(ctx, l, used, t)

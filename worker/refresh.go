@@ -33,6 +33,16 @@ var errClientRejected = errors.New("worker: the provider rejected the fleet's oa
 // soon (see RetryDelay), not after a provider's backoff.
 var errStoreUnavailable = errors.New("worker: store unavailable")
 
+// storeErr wraps a store error of step what: one that says Redis could not
+// serve is marked errStoreUnavailable (retried soon, no retry used up);
+// others (an unreadable record, a refused write) keep their own meaning.
+func storeErr(what string, err error) error {
+	if state.Unavailable(err) {
+		return fmt.Errorf("%w: %s: %w", errStoreUnavailable, what, err)
+	}
+	return fmt.Errorf("worker: %s: %w", what, err)
+}
+
 // refreshOutcome is what one pass through the refresh path did.
 type refreshOutcome struct {
 	// outcome is one of the refresh* outcomes.
@@ -101,7 +111,7 @@ func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *sta
 			if ctx.Err() != nil {
 				return refreshOutcome{outcome: refreshTransient, err: ctx.Err()}
 			}
-			return transientOut("refresh lease unavailable", fmt.Errorf("%w: %w", errStoreUnavailable, err))
+			return transientOut("refresh lease unavailable", storeErr("refresh lease", err))
 		}
 		// Somebody else is refreshing: wait, then see what they left.
 		waitStart := w.now()
@@ -113,7 +123,7 @@ func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *sta
 			return refreshOutcome{outcome: refreshSkipped, skip: skipNotFound}
 		}
 		if err != nil {
-			return transientOut("store unavailable", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err))
+			return transientOut("store unavailable", storeErr("load connection", err))
 		}
 		if !w.refreshDue(c, in, w.now()) {
 			return refreshOutcome{outcome: refreshLostRace, conn: c}
@@ -143,7 +153,7 @@ func (w *Worker) waitUnlocked(ctx context.Context, ref state.Ref) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			return fmt.Errorf("%w: refresh lease: %w", errStoreUnavailable, err)
+			return storeErr("refresh lease", err)
 		}
 		if !locked {
 			return nil
@@ -195,7 +205,7 @@ func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref
 	case errors.Is(err, state.ErrNotFound):
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNotFound}
 	case err != nil:
-		return transientOut("store unavailable", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err))
+		return transientOut("store unavailable", storeErr("load connection", err))
 	case !c.Enabled:
 		return refreshOutcome{outcome: refreshSkipped, skip: skipDisabled, conn: c}
 	case in.AuthType != catalog.AuthOAuth2:
@@ -240,7 +250,7 @@ func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref
 	case err != nil:
 		done(errNotCounted)
 		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "could not record the exchange intent",
-			err: fmt.Errorf("%w: %w", errStoreUnavailable, err)}
+			err: storeErr("refresh lease", err)}
 	}
 	unknownBefore := prior.Unknown && prior.Lineage == state.Lineage(used)
 
@@ -345,8 +355,9 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, lease 
 		actx, acancel := context.WithTimeout(pctx, storeWriteTimeout)
 		ch, err = w.store.StoreRefreshedTokens(actx, lease, used, t)
 		acancel()
-		if err == nil || errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrNotFound) ||
-			errors.Is(err, state.ErrFenced) || errors.Is(err, state.ErrEmptyAccessToken) {
+		if err == nil || !state.Unavailable(err) {
+			// Stored, or refused for good (stale, gone, fenced, unreadable):
+			// only Redis being away is worth waiting out.
 			break
 		}
 		retried = true
@@ -377,7 +388,7 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, lease 
 		// Fenced (another holder took over after our intent aged out) or
 		// Redis unreachable for PersistTimeout: the outcome is lost to us.
 		out.outcome, out.msg = refreshTransient, "storing refreshed tokens failed"
-		out.err = fmt.Errorf("%w: storing refreshed tokens: %w", errStoreUnavailable, err)
+		out.err = storeErr("storing refreshed tokens", err)
 		w.log.ErrorContext(ctx, "refreshed tokens could not be stored", slog.String(keyIntegration, in.ID),
 			slog.String(keyConnectionID, lease.Ref().ConnectionID), slog.Duration("persist_timeout", w.cfg.PersistTimeout),
 			slog.String("error", err.Error()))
@@ -400,7 +411,7 @@ func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, lease *sta
 	case err != nil:
 		w.settle(ctx, lease, false)
 		out.outcome, out.msg = refreshTransient, "store unavailable"
-		out.err = fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err)
+		out.err = storeErr("load connection", err)
 		return out
 	case c.Credentials.RefreshToken != used:
 		w.settle(ctx, lease, true)
@@ -441,7 +452,7 @@ func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, lease *sta
 	default:
 		w.settle(ctx, lease, true)
 		out.outcome, out.msg = refreshTransient, "store unavailable"
-		out.err = fmt.Errorf("%w: apply verdict: %w", errStoreUnavailable, err)
+		out.err = storeErr("apply verdict", err)
 	}
 	return out
 }
@@ -599,7 +610,7 @@ func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
 	}
 	if err != nil {
 		r.res.Outcome, r.res.Error = refreshTransient, "store unavailable"
-		return r.finish(ctx, fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err))
+		return r.finish(ctx, storeErr("load connection", err))
 	}
 	r.before(c)
 	in := w.integration(c.ServiceID)

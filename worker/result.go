@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -112,6 +113,15 @@ func (r *taskRun) after(c *state.Connection) {
 
 // finish writes the result and the task line and returns err.
 func (r *taskRun) finish(ctx context.Context, err error) error {
+	if errors.Is(err, state.ErrUnreadable) {
+		// Credentials sealed with a retired key never open on a retry:
+		// archive the task and say why (the error names the key id, never
+		// a secret), whichever handler met it.
+		r.res.Outcome, r.res.Skipped, r.res.Error = outcomeSkipped, skipUnreadable, err.Error()
+		if !errors.Is(err, asynq.SkipRetry) {
+			err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
+		}
+	}
 	r.res.At = r.w.now().UTC()
 	r.res.DurationMS = time.Since(r.start).Milliseconds()
 	if rw := r.t.ResultWriter(); rw != nil {
@@ -127,6 +137,9 @@ func (r *taskRun) finish(ctx context.Context, err error) error {
 	level := slog.LevelInfo
 	if r.res.Outcome == outcomeSkipped || r.res.Outcome == refreshLostRace || (err != nil && !isFailure(err)) {
 		level = slog.LevelDebug
+	}
+	if r.res.Skipped == skipUnreadable {
+		level = slog.LevelWarn // an operator must act: the key is gone
 	}
 	if !r.w.log.Enabled(ctx, level) {
 		return err

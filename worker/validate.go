@@ -14,6 +14,10 @@ import (
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
+// skipUnreadable: the connection's credentials cannot be opened (sealed
+// with a key no longer configured); the task is archived, not retried.
+const skipUnreadable = "credentials_unreadable"
+
 // handleValidate processes connection:validate.
 func (w *Worker) handleValidate(ctx context.Context, t *asynq.Task) error {
 	r := w.newRun(ctx, t)
@@ -62,9 +66,16 @@ func (v *validation) load(ctx context.Context) (skip string, err error) {
 	if errors.Is(err, state.ErrNotFound) {
 		return skipNotFound, nil
 	}
+	if errors.Is(err, state.ErrUnreadable) {
+		// Sealed with a key the keyring no longer holds: no retry can
+		// help (the error names the key id, never a secret).
+		v.r.res.Outcome, v.r.res.Skipped, v.r.res.Error = outcomeSkipped, skipUnreadable, err.Error()
+		v.w.metrics.checks.WithLabelValues(unknownLabel, outcomeSkipped).Inc()
+		return "", fmt.Errorf("worker: load connection: %w: %w", err, asynq.SkipRetry)
+	}
 	if err != nil {
 		v.r.res.Outcome, v.r.res.Error = outcomeTransient, "store unavailable"
-		return "", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err)
+		return "", storeErr("load connection", err)
 	}
 	v.c, v.rev = c, c.Revision
 	in := v.w.integration(c.ServiceID)

@@ -144,12 +144,13 @@ func (c *common) setup(w io.Writer) (*app, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: c.shards, Logger: logger})
+	reg := newRegistry()
+	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: c.shards, Logger: logger, Registerer: reg})
 	if err != nil {
 		_ = rdb.Close()
 		return nil, err
 	}
-	return &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: st, Registry: newRegistry()}, nil
+	return &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: st, Registry: reg}, nil
 }
 
 // newRegistry returns a registry with the Go and process collectors.

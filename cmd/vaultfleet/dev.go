@@ -131,13 +131,13 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return fmt.Errorf("dev catalog: %w", err)
 	}
-	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Logger: logger})
+	reg := newRegistry()
+	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Logger: logger, Registerer: reg})
 	if err != nil {
 		return err
 	}
 
 	a := &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: store}
-	reg := newRegistry()
 	a.Registry = reg
 	client := asynq.NewClientFromRedisClient(rdb)
 	defer client.Close()

@@ -25,6 +25,7 @@ var commands = []command{
 	{"scheduler", "sweeps that claim due checks and refreshes and enqueue them", runScheduler},
 	{"serve", "the HTTP API and the embedded Asynq web monitor", runServe},
 	{"enqueue", "enqueue a validation or refresh: enqueue validate|refresh --consumer C --connection ID", runEnqueue},
+	{"reseal", "re-encrypt every connection's credentials under the first key, so old keys can be retired", runReseal},
 }
 
 // Env is what a command reads from outside: environment and output.

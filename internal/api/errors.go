@@ -8,6 +8,7 @@ import (
 	"strconv"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -38,6 +39,17 @@ const (
 	// codeInvalidCredential: a credential value the store refuses (too
 	// long, a control character, not valid UTF-8); 422 naming the field.
 	codeInvalidCredential = "invalid_credential"
+	codeUnreadable        = "credentials_unreadable"
+	codeContention          = "write_contention"
+)
+
+// Retry-After of the 503 answers, in seconds.
+const (
+	// retryAfterContention: many concurrent writes of one connection
+	// clear within moments.
+	retryAfterContention = 1
+	// retryAfterUnavailable: a Redis restart or failover takes seconds.
+	retryAfterUnavailable = 5
 )
 
 type errorBody struct {
@@ -55,12 +67,26 @@ type apiError struct {
 	status int
 	code   string
 	msg    string
+	// retryAfter, if > 0, is sent as Retry-After (seconds).
+	retryAfter int
 }
 
 func (e *apiError) Error() string { return e.code + ": " + e.msg }
 
 func errf(status int, code, msg string) *apiError {
 	return &apiError{status: status, code: code, msg: msg}
+}
+
+// unreadableMsg says why a connection's stored credentials cannot be used
+// and what to do, naming the key id (never a secret).
+func unreadableMsg(err error) string {
+	const fix = " and cannot be opened: replace them in full with PUT (every credential field) or DELETE the connection"
+	var ue *state.UnreadableError
+	if !errors.As(err, &ue) || !errors.Is(err, secrets.ErrUnknownKey) {
+		return "the stored credentials are corrupt or were sealed for another record" + fix
+	}
+	return "the stored credentials are sealed with a retired key (key id " + strconv.Quote(ue.KeyID) +
+		", no longer in " + secrets.EnvKeys + ")" + fix
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
@@ -87,7 +113,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // goes to the log.
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	ae := s.classify(r, err)
+	setRetryAfter(w, ae)
 	writeError(w, ae.status, ae.code, ae.msg)
+}
+
+// setRetryAfter sends an error's Retry-After, if it has one.
+func setRetryAfter(w http.ResponseWriter, ae *apiError) {
+	if ae.retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(ae.retryAfter))
+	}
 }
 
 // classify maps err to its status, code and message (shared by the /v1
@@ -112,9 +146,21 @@ func (s *server) classify(r *http.Request, err error) *apiError {
 		return errf(http.StatusUnprocessableEntity, codeInvalidCredential, fe.Field+": "+fe.Msg)
 	case errors.As(err, &fe):
 		return errf(http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
+	case errors.Is(err, state.ErrUnreadable):
+		return errf(http.StatusConflict, codeUnreadable, unreadableMsg(err))
 	case r.Context().Err() != nil && errors.Is(err, r.Context().Err()):
 		// The client went away; nobody reads this.
 		return errf(http.StatusServiceUnavailable, codeServiceUnavailable, "request cancelled")
+	case errors.Is(err, state.ErrContention):
+		e := errf(http.StatusServiceUnavailable, codeContention, "too many concurrent writes of this connection; try again shortly")
+		e.retryAfter = retryAfterContention
+		return e
+	case state.Unavailable(err):
+		s.log.WarnContext(r.Context(), "api: store unavailable",
+			slog.String("route", r.Pattern), slog.String("error", err.Error()))
+		e := errf(http.StatusServiceUnavailable, codeServiceUnavailable, "the store is unavailable; try again shortly")
+		e.retryAfter = retryAfterUnavailable
+		return e
 	}
 	s.log.ErrorContext(r.Context(), "api: request failed",
 		slog.String("route", r.Pattern), slog.String("error", err.Error()))

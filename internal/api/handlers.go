@@ -205,6 +205,12 @@ func (s *server) getConnection(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c, err := s.cfg.Store.Get(r.Context(), t.ref)
+	var ue *state.UnreadableError
+	if errors.As(err, &ue) && ue.Connection != nil {
+		// Its credentials cannot be opened: show the non-secret facts,
+		// marked, rather than fail.
+		c, err = ue.Connection, nil
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -390,7 +396,9 @@ func (s *server) enqueueFor(r *http.Request, t target, typ string) (taskView, *s
 	case err != nil:
 		s.log.ErrorContext(r.Context(), "api: enqueue failed", slog.String("task_type", typ),
 			slog.String("consumer_id", c.ConsumerID), slog.String("connection_id", c.ID), slog.String("error", err.Error()))
-		return taskView{}, c, errf(http.StatusServiceUnavailable, codeEnqueueFailed, "the task could not be enqueued; try again")
+		e := errf(http.StatusServiceUnavailable, codeEnqueueFailed, "the task could not be enqueued; try again shortly")
+		e.retryAfter = retryAfterUnavailable
+		return taskView{}, c, e
 	default:
 		out.TaskID, out.Queue = info.ID, info.Queue
 	}

@@ -212,6 +212,13 @@ func TestErrorStatusesDocumented(t *testing.T) {
 		{"POST", connPath("c", "crm", "pipedrive") + "/validate", 503},
 		{"POST", connPath("c", "crm", "pipedrive") + "/refresh", 422},
 		{"POST", connPath("c", "crm", "pipedrive") + "/refresh", 409},
+		{"PUT", connPath("c", "crm", "pipedrive"), 503},
+		{"PATCH", connPath("c", "crm", "pipedrive"), 503},
+		{"DELETE", connPath("c", "crm", "pipedrive"), 503},
+		{"GET", connPath("c", "crm", "pipedrive"), 503},
+		{"POST", connPath("c", "crm", "pipedrive") + "/refresh", 503},
+		{"GET", "/v1/connections", 503},
+		{"GET", "/v1/consumers/c/connections", 503},
 		{"GET", "/v1/connections?limit=0", 400},
 		{"GET", "/v1/consumers/c/connections", 400},
 	}

@@ -149,6 +149,7 @@ func vaultTypeName(status int) string {
 // disabled connection is Apideck's InvalidStateError (422), not /v1's 409.
 func (s *server) vaultFail(w http.ResponseWriter, r *http.Request, err error) {
 	ae := s.classify(r, err)
+	setRetryAfter(w, ae)
 	status := ae.status
 	if ae.code == codeConnectionDisabled {
 		status = http.StatusUnprocessableEntity

@@ -32,6 +32,11 @@ type connectionView struct {
 	CreatedAt      *time.Time    `json:"created_at"`
 	UpdatedAt      *time.Time    `json:"updated_at"`
 	Version        int64         `json:"version"`
+	// CredentialsUnreadable is true when the stored credentials cannot be
+	// opened (sealed with a key no longer configured): state and health
+	// are the stored ones and credentials is empty until they are
+	// replaced in full (PUT) or the connection is deleted.
+	CredentialsUnreadable bool `json:"credentials_unreadable,omitempty"`
 }
 
 // optionalTime marshals a zero time as null.
@@ -73,7 +78,14 @@ func view(consumerID string, c *state.Connection, in *catalog.Integration, now t
 		return v
 	}
 	v.ID, v.ServiceID, v.UnifiedAPI = c.ID, c.ServiceID, c.UnifiedAPI
-	if in != nil {
+	if c.Unreadable {
+		// Its credentials are unknown: deriving again would call it
+		// `added`; the stored state and health are the last known.
+		v.State, v.Health, v.CredentialsUnreadable = c.State, c.Health, true
+		if in == nil {
+			v.Name = c.ServiceID
+		}
+	} else if in != nil {
 		v.State, v.Health = state.Derive(c, in, now)
 	} else {
 		v.Name, v.State, v.Health = c.ServiceID, c.State, c.Health
@@ -93,7 +105,7 @@ func view(consumerID string, c *state.Connection, in *catalog.Integration, now t
 			CheckedAt: c.Verdict.CheckedAt.UTC().Truncate(time.Millisecond), Current: c.Verdict.Revision == c.Revision,
 		}
 	}
-	if v.TokenExpiresAt != nil {
+	if v.TokenExpiresAt != nil && !c.Unreadable {
 		v.TokenExpiresAt.t = c.Credentials.ExpiresAt
 	}
 	// Milliseconds, as stored: a write's answer and a later read agree.

@@ -239,19 +239,25 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 		h.outcomes.WithLabelValues(OutcomeDropped).Inc()
 		return fmt.Errorf("%w: %q: %w", ErrUnknownSubscription, p.Subscription, asynq.SkipRetry)
 	}
-	msgs, err := h.cfg.Client.XRange(ctx, h.cfg.Stream, p.EventID, p.EventID).Result()
-	if err != nil {
-		return fmt.Errorf("events: read event %s: %w", p.EventID, err)
-	}
-	if len(msgs) == 0 || len(msgs[0].Values) == 0 {
-		h.outcomes.WithLabelValues(OutcomeDropped).Inc()
-		return fmt.Errorf("%w: %s (trimmed by MAXLEN before delivery to %s): %w", ErrEventGone, p.EventID, sub.Name, asynq.SkipRetry)
-	}
 	key := tasks.IdempotencyKey(p.EventID, sub.Name)
-	wh, err := webhookFromEntry(key, msgs[0])
-	if err != nil {
-		h.outcomes.WithLabelValues(OutcomeDropped).Inc()
-		return fmt.Errorf("events: %w: %w", err, asynq.SkipRetry)
+	var wh Webhook
+	if p.Event != nil {
+		// Version 2: the task carries its event; the stream is not read.
+		wh = webhookFromTask(key, p.EventID, *p.Event)
+	} else {
+		// Version 1 (enqueued before the upgrade): read the entry back.
+		msgs, err := h.cfg.Client.XRange(ctx, h.cfg.Stream, p.EventID, p.EventID).Result()
+		if err != nil {
+			return fmt.Errorf("events: read event %s: %w", p.EventID, err)
+		}
+		if len(msgs) == 0 || len(msgs[0].Values) == 0 {
+			h.outcomes.WithLabelValues(OutcomeDropped).Inc()
+			return fmt.Errorf("%w: %s (trimmed by MAXLEN before delivery to %s): %w", ErrEventGone, p.EventID, sub.Name, asynq.SkipRetry)
+		}
+		if wh, err = webhookFromEntry(key, msgs[0]); err != nil {
+			h.outcomes.WithLabelValues(OutcomeDropped).Inc()
+			return fmt.Errorf("events: %w: %w", err, asynq.SkipRetry)
+		}
 	}
 	attempt := 1
 	if n, ok := asynq.GetRetryCount(ctx); ok {
@@ -329,9 +335,15 @@ func webhookFromEntry(key string, m redis.XMessage) (Webhook, error) {
 	if err != nil {
 		return Webhook{}, err
 	}
+	return webhookFromTask(key, m.ID, TaskEvent(e)), nil
+}
+
+// webhookFromTask builds the body from the event a task carries; the same
+// event gives the same body whether it was carried or read back.
+func webhookFromTask(key, eventID string, e tasks.WebhookEvent) Webhook {
 	created := e.Time.UTC()
 	if e.Time.IsZero() {
-		ms, _, _ := strings.Cut(m.ID, "-")
+		ms, _, _ := strings.Cut(eventID, "-")
 		n, _ := strconv.ParseInt(ms, 10, 64)
 		created = time.UnixMilli(n).UTC()
 	}
@@ -342,11 +354,11 @@ func webhookFromEntry(key string, m redis.XMessage) (Webhook, error) {
 		Data: WebhookData{
 			ConnectionID: e.ConnectionID, ConsumerID: e.ConsumerID,
 			ServiceID: e.ServiceID, UnifiedAPI: e.UnifiedAPI,
-			StateBefore: string(e.StateBefore), StateAfter: string(e.StateAfter),
-			HealthBefore: string(e.HealthBefore), HealthAfter: string(e.HealthAfter),
+			StateBefore: e.StateBefore, StateAfter: e.StateAfter,
+			HealthBefore: e.HealthBefore, HealthAfter: e.HealthAfter,
 			Reason: e.Reason, Version: e.Version,
 		},
-	}, nil
+	}
 }
 
 // RetryAfterError is a failed attempt whose receiver asked to wait.

@@ -356,18 +356,39 @@ func (r *Relay) handle(ctx context.Context, msgs []redis.XMessage) error {
 	return failed
 }
 
+// TaskEvent is the event as a webhook:deliver task carries it.
+func TaskEvent(e state.Event) tasks.WebhookEvent {
+	return tasks.WebhookEvent{Type: e.Type, ConnectionID: e.ConnectionID, ConsumerID: e.ConsumerID,
+		ServiceID: e.ServiceID, UnifiedAPI: e.UnifiedAPI,
+		StateBefore: string(e.StateBefore), StateAfter: string(e.StateAfter),
+		HealthBefore: string(e.HealthBefore), HealthAfter: string(e.HealthAfter),
+		Reason: e.Reason, Version: e.Version, Time: e.Time}
+}
+
 // relay enqueues one entry's tasks.
 func (r *Relay) relay(ctx context.Context, m redis.XMessage) error {
 	if len(m.Values) == 0 {
 		return nil // deleted from the stream meanwhile
 	}
 	typ, _ := m.Values["type"].(string)
+	// The task carries the event, so its delivery does not depend on the
+	// stream (capped by MAXLEN) still holding the entry hours later.
+	ev, evErr := state.ParseEvent(m)
 	for i := range r.cfg.Subscriptions {
 		sub := &r.cfg.Subscriptions[i]
 		if !sub.Matches(typ) {
 			continue
 		}
-		t, err := tasks.NewWebhookTask(m.ID, sub.Name)
+		var t *asynq.Task
+		var err error
+		if evErr == nil {
+			t, err = tasks.NewWebhookEventTask(m.ID, sub.Name, TaskEvent(ev))
+		}
+		if evErr != nil || err != nil {
+			// An entry the store did not write, or one whose fields a
+			// v2 payload refuses: name it by id (v1), as before.
+			t, err = tasks.NewWebhookTask(m.ID, sub.Name)
+		}
 		if err != nil {
 			// Cannot happen for a stream id and a validated name; log
 			// and skip rather than block the stream forever.
