@@ -51,6 +51,42 @@ const (
 	WebhookMaxRetry  = 16
 )
 
+// Retention: how long a completed task stays in Redis with its result, so
+// the Asynq monitor can show it (without retention asynq deletes a task the
+// moment it succeeds). asynq fixes retention at enqueue: a handler cannot
+// keep a task because its verdict changed a state, so retention follows why
+// the task was enqueued. A kept task still holds its task id (a second
+// enqueue with that id is refused with asynq.ErrTaskIDConflict until the
+// retention ends), so only tasks whose id is never legitimately reused are
+// kept: ids from a due time, a credentials revision, a version, a
+// confirmation step, an event, or no key at all (a random id). Refresh tasks
+// with a dedupe key are never kept: their id may stand for the connection's
+// one refresh chain, and a kept one would block the next refresh.
+const (
+	// RetentionRequested keeps what somebody is waiting for: on-demand
+	// validations and refreshes, validations after a credentials change or
+	// an enable, confirming checks. Few per hour.
+	RetentionRequested = 24 * time.Hour
+	// RetentionScheduled keeps periodic checks (the bulk of the traffic)
+	// long enough to open one in the monitor after it ran; a state they
+	// changed stays findable in the event stream.
+	RetentionScheduled = 5 * time.Minute
+	// RetentionWebhook keeps webhook deliveries, one per event and
+	// subscription.
+	RetentionWebhook = time.Hour
+)
+
+// retentionFor is the retention of a connection task (see RetentionRequested).
+func retentionFor(typ string, reason Reason, key string) time.Duration {
+	if typ == TypeRefreshToken && key != "" {
+		return 0
+	}
+	if reason == ReasonScheduled {
+		return RetentionScheduled
+	}
+	return RetentionRequested
+}
+
 // ErrMalformed wraps every payload parse error. The worker archives such a
 // task at once instead of retrying it.
 var ErrMalformed = errors.New("tasks: malformed payload")
@@ -172,6 +208,9 @@ func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key 
 		return nil, err
 	}
 	opts = append(opts, asynq.Queue(queueFor(typ, reason)))
+	if d := retentionFor(typ, reason, key); d > 0 {
+		opts = append(opts, asynq.Retention(d))
+	}
 	if key != "" {
 		opts = append(opts, asynq.TaskID(TaskID(typ, consumerID, connectionID, key)))
 	}
@@ -180,7 +219,8 @@ func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key 
 
 // TaskID is the dedupe id of a connection task: a second enqueue with the
 // same id is refused with asynq.ErrTaskIDConflict while the first is
-// pending, scheduled, retrying or archived (treat that as "already queued").
+// pending, scheduled, retrying, archived or kept completed (retention;
+// treat that as "already queued").
 func TaskID(typ, consumerID, connectionID, key string) string {
 	return typ + ":" + consumerID + "|" + connectionID + ":" + key
 }
@@ -208,7 +248,7 @@ func NewWebhookTask(eventID, subscription string) (*asynq.Task, error) {
 	}
 	return asynq.NewTask(TypeWebhookDeliver, b,
 		asynq.Queue(QueueEvents), asynq.TaskID(IdempotencyKey(eventID, subscription)),
-		asynq.Timeout(WebhookTimeout), asynq.MaxRetry(WebhookMaxRetry)), nil
+		asynq.Timeout(WebhookTimeout), asynq.MaxRetry(WebhookMaxRetry), asynq.Retention(RetentionWebhook)), nil
 }
 
 // IdempotencyKey identifies one delivery of one event to one subscription;
