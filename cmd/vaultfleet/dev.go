@@ -407,7 +407,8 @@ func chooseTenants(ctx context.Context, after time.Duration, store *state.Store,
 
 func printBanner(w io.Writer, base, redisURL string, embedded, authOn bool, seeded []sim.SeededConnection) {
 	redisNote := "embedded Redis (miniredis; nothing is kept after exit)"
-	redisLine := fmt.Sprintf("  Redis        %s   (for other processes: export %s=%s)\n", redisURL, envRedisURL, redisURL)
+	redisLine := fmt.Sprintf("  Redis        %s   (embedded; for vaultfleet enqueue and other services while dev runs:)\nexport %s=%s\n",
+		redisURL, envRedisURL, redisURL)
 	if !embedded {
 		redisNote = "the Redis " + envRedisURL + " names"
 		redisLine = fmt.Sprintf("  Redis        %s   (dev writes there: demo connections, tasks, and its dev key under %s)\n",

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -18,7 +19,7 @@ import (
 
 var (
 	bannerBaseRE   = regexp.MustCompile(`status page  (http://127\.0\.0\.1:\d+)/`)
-	bannerExportRE = regexp.MustCompile(`export REDIS_URL=(redis://127\.0\.0\.1:\d+/0)\)`)
+	bannerExportRE = regexp.MustCompile(`(?m)^export REDIS_URL=(redis://127\.0\.0\.1:\d+/0)$`)
 )
 
 // startDev runs `vaultfleet dev` in-process until the test ends and
@@ -132,6 +133,13 @@ func TestDevBannerRedisAddress(t *testing.T) {
 	require.Contains(t, eout.String(), "enqueued connection:validate task")
 
 	requireAllQueues(t, base+"/monitor/api/queues", "")
+
+	// The banner's count is what is stored.
+	sm := regexp.MustCompile(`seeded (\d+) demo connections`).FindStringSubmatch(out.String())
+	require.NotNil(t, sm, "banner: %s", out)
+	var list struct{ Data []apiConn }
+	getJSON(t, base+"/v1/connections?limit=500", &list)
+	require.Equal(t, sm[1], strconv.Itoa(len(list.Data)), "banner: %s", out)
 	require.Equal(t, 0, stop(), errOut.String())
 }
 
