@@ -39,7 +39,7 @@ func TestConstructorsRetention(t *testing.T) {
 		}, RetentionRequested},
 		"Confirm": {func() (*asynq.Task, error) {
 			return NewValidateTask("c1", "crm+hubspot", ReasonConfirm, "confirm-3-1")
-		}, RetentionRequested},
+		}, RetentionScheduled},
 		"ScheduledCheck": {func() (*asynq.Task, error) {
 			return NewValidateTask("c1", "crm+hubspot", ReasonScheduled, "1700000000")
 		}, RetentionScheduled},

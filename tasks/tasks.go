@@ -65,11 +65,14 @@ const (
 const (
 	// RetentionRequested keeps what somebody is waiting for: on-demand
 	// validations and refreshes, validations after a credentials change or
-	// an enable, confirming checks. Few per hour.
+	// an enable. Few per hour.
 	RetentionRequested = 24 * time.Hour
 	// RetentionScheduled keeps periodic checks (the bulk of the traffic)
-	// long enough to open one in the monitor after it ran; a state they
-	// changed stays findable in the event stream.
+	// and confirming checks long enough to open one in the monitor after it
+	// ran; a state they changed stays findable in the event stream. A
+	// confirming check's id (revision and step) comes back when a valid
+	// verdict resets the confirmation and the credentials fail again, so it
+	// is kept no longer than this.
 	RetentionScheduled = 5 * time.Minute
 	// RetentionWebhook keeps webhook deliveries, one per event and
 	// subscription.
@@ -81,7 +84,7 @@ func retentionFor(typ string, reason Reason, key string) time.Duration {
 	if typ == TypeRefreshToken && key != "" {
 		return 0
 	}
-	if reason == ReasonScheduled {
+	if reason == ReasonScheduled || reason == ReasonConfirm {
 		return RetentionScheduled
 	}
 	return RetentionRequested
