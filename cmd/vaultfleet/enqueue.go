@@ -38,7 +38,8 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 	if len(args) > 0 {
 		sub = args[0]
 	}
-	fs, o := enqueueFlagSet(env, "validate|refresh")
+	var o *enqueueOpts
+	fs, _ := enqueueFlagSet(env, "validate|refresh") // for the usage of enqueue itself
 	switch sub {
 	case "validate", "refresh":
 		fs, o = enqueueFlagSet(env, sub)
