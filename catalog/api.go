@@ -57,9 +57,14 @@ func (in *Integration) Interval(state string) time.Duration {
 }
 
 // RefreshWindowFor returns how long before expiry a token with the given
-// lifetime is refreshed: the catalog's window, or min(10m, 20% of lifetime).
+// lifetime is refreshed: the catalog's window (at most half the lifetime),
+// or min(10m, 20% of lifetime). Every margin scales with the lifetime, so a
+// short-lived token is not due the moment it is issued.
 func (in *Integration) RefreshWindowFor(lifetime time.Duration) time.Duration {
 	if in.RefreshWindow > 0 {
+		if lifetime > 0 {
+			return min(in.RefreshWindow.D(), lifetime/2)
+		}
 		return in.RefreshWindow.D()
 	}
 	if lifetime <= 0 {

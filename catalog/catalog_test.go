@@ -358,3 +358,22 @@ func TestDurationsOrDefault(t *testing.T) {
 	require.Equal(t, 30*time.Minute, set.TokenLifetimeOrDefault())
 	require.Equal(t, 5*time.Second, set.ConfirmSpacingOrDefault())
 }
+
+// TestDefaultCatalogGuardsEveryCheckedIntegration: every integration the
+// fleet checks (live or beta) sets the invalid-wave guard.
+func TestDefaultCatalogGuardsEveryCheckedIntegration(t *testing.T) {
+	t.Parallel()
+	cat, err := catalog.Default()
+	require.NoError(t, err)
+	n := 0
+	for _, in := range cat.Integrations {
+		if !in.Checkable() {
+			continue
+		}
+		n++
+		require.NotNil(t, in.InvalidWave, in.ID)
+		require.Equal(t, 20, in.InvalidWave.Threshold, in.ID)
+		require.Equal(t, 10*time.Minute, in.InvalidWave.Window.D(), in.ID)
+	}
+	require.GreaterOrEqual(t, n, 6)
+}

@@ -425,3 +425,86 @@ func FuzzTextSetting(f *testing.F) {
 		}
 	})
 }
+
+func TestProviderHost(t *testing.T) {
+	t.Parallel()
+	cat, err := catalog.Parse([]byte(`
+integrations:
+  - id: salesforce
+    name: Salesforce
+    unified_api: crm
+    auth_type: oauth2
+    status: live
+    settings:
+      - {name: instance_url, type: url, required: true}
+    check:
+      url: "{instance_url}/services/oauth2/userinfo"
+    oauth:
+      token_url: https://login.salesforce.com/services/oauth2/token
+      client_id_env: SF_ID
+      client_secret_env: SF_SECRET
+    allowed_hosts: ["*.my.salesforce.com", login.salesforce.com]
+  - id: zendesk
+    name: Zendesk
+    unified_api: ticketing
+    auth_type: basic
+    status: live
+    credential_fields: [username, password]
+    settings:
+      - {name: subdomain, required: true}
+    check:
+      url: https://{subdomain}.zendesk.com/api/v2/users/me.json
+    allowed_hosts: ["*.zendesk.com"]
+  - id: bamboohr
+    name: BambooHR
+    unified_api: hris
+    auth_type: api_key
+    status: live
+    credential_fields: [api_key]
+    settings:
+      - {name: subdomain, required: true}
+    base_url: https://api.bamboohr.com
+    check:
+      url: "{base_url}/api/gateway.php/{subdomain}/v1/meta/fields"
+    allowed_hosts: [api.bamboohr.com]
+  - id: local
+    name: Local
+    unified_api: crm
+    auth_type: api_key
+    status: live
+    credential_fields: [api_key]
+    check:
+      url: http://127.0.0.1:8080/me
+    allow_http: true
+    allowed_hosts: ["127.0.0.1:8080"]
+`))
+	require.NoError(t, err)
+	get := func(id string) *catalog.Integration {
+		in, ok := cat.Get(id)
+		require.True(t, ok)
+		return in
+	}
+	u := func(s string) *url.URL {
+		p, err := url.Parse(s)
+		require.NoError(t, err)
+		return p
+	}
+	tests := []struct {
+		id, url string
+		want    bool
+	}{
+		{"salesforce", "https://login.salesforce.com/services/oauth2/token", true},
+		{"salesforce", "https://LOGIN.salesforce.com:443/x", true},
+		{"salesforce", "https://acme.my.salesforce.com/services/oauth2/userinfo", false},
+		{"zendesk", "https://acme.zendesk.com/api/v2/users/me.json", false},
+		{"zendesk", "https://zendesk.com/", false},
+		{"bamboohr", "https://api.bamboohr.com/api/gateway.php/acme/v1/meta/fields", true},
+		{"bamboohr", "http://api.bamboohr.com/", false},
+		{"local", "http://127.0.0.1:8080/me", true},
+		{"local", "http://127.0.0.1:8081/me", false},
+	}
+	for _, tc := range tests {
+		require.Equal(t, tc.want, get(tc.id).ProviderHost(u(tc.url)), "%s %s", tc.id, tc.url)
+	}
+	require.False(t, get("local").ProviderHost(nil))
+}

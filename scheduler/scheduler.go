@@ -99,6 +99,17 @@ type QueueInspector interface {
 
 var _ QueueInspector = (*asynq.Inspector)(nil)
 
+// TaskInspector finds and deletes one task; *asynq.Inspector is one. With
+// it, a refresh chain that asynq archived (retries exhausted) is deleted
+// when the connection's refresh comes due again, since its task id would
+// otherwise refuse every new refresh of that connection.
+type TaskInspector interface {
+	GetTaskInfo(queue, id string) (*asynq.TaskInfo, error)
+	DeleteTask(queue, id string) error
+}
+
+var _ TaskInspector = (*asynq.Inspector)(nil)
+
 // Config configures a Scheduler. Store, Catalog and Client are required;
 // every other field works at its zero value.
 type Config struct {
@@ -484,6 +495,9 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 		return
 	}
 	_, err = s.cfg.Client.EnqueueContext(ctx, task)
+	if errors.Is(err, asynq.ErrTaskIDConflict) && j.idx == state.IndexRefresh && s.unblockRefresh(c.Ref) {
+		_, err = s.cfg.Client.EnqueueContext(ctx, task)
+	}
 	switch {
 	case err == nil:
 		s.m.enqueued.WithLabelValues(label).Inc()
@@ -507,6 +521,21 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 	if j.idx == state.IndexCheck {
 		s.reschedule(ctx, ss, j.idx, c, s.cfg.NowFunc().Add(s.jitter(interval(in, c.State))))
 	}
+}
+
+// unblockRefresh deletes the connection's refresh task if asynq archived
+// it, and reports whether it did (the chain is over; a new one may start).
+func (s *Scheduler) unblockRefresh(ref state.Ref) bool {
+	ti, ok := s.cfg.Inspector.(TaskInspector)
+	if !ok {
+		return false
+	}
+	id := tasks.RefreshTaskID(ref.ConsumerID, ref.ConnectionID)
+	info, err := ti.GetTaskInfo(tasks.QueueCritical, id)
+	if err != nil || info.State != asynq.TaskStateArchived {
+		return false
+	}
+	return ti.DeleteTask(tasks.QueueCritical, id) == nil
 }
 
 // reschedule sets the next due time of a claim, or hands it to the

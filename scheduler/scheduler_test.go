@@ -340,8 +340,7 @@ func TestDisabledSkippedReenabledAtOnce(t *testing.T) {
 		tasks.TaskID(tasks.TypeValidate, "dave", hubspot, fmt.Sprintf("en%d", chD.After.Version)))
 	require.NoError(t, err)
 	require.Equal(t, tasks.ReasonEnabled, payload(t, ti).Reason)
-	ti, err = b.insp.GetTaskInfo(tasks.QueueCritical,
-		tasks.TaskID(tasks.TypeRefreshToken, "dave", hubspot, unix(expiry)))
+	ti, err = b.insp.GetTaskInfo(tasks.QueueCritical, tasks.RefreshTaskID("dave", hubspot))
 	require.NoError(t, err)
 	require.Equal(t, tasks.ReasonExpired, payload(t, ti).Reason)
 
@@ -393,10 +392,11 @@ func TestCredentialsWriteEnqueuesCriticalValidation(t *testing.T) {
 	require.Equal(t, 2, pending(t, b.insp, tasks.QueueCritical))
 }
 
-// TestRefreshClaims: refresh-ahead goes to the default queue, a refresh
-// overdue by more than the refresh window (the token has expired) to the
-// critical queue; refresh claims are not rescheduled (the store does that
-// when tokens are stored); integrations that are not checked get nothing.
+// TestRefreshClaims: refreshes go to the critical queue under one task id
+// per connection; refresh claims are not rescheduled (the store does that
+// when tokens are stored), and a claim that comes back after its lease
+// while the refresh still retries adds no second chain; a chain that asynq
+// archived is replaced; integrations that are not checked get nothing.
 func TestRefreshClaims(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -414,11 +414,12 @@ func TestRefreshClaims(t *testing.T) {
 	s, err := scheduler.New(cfg)
 	require.NoError(t, err)
 	require.NoError(t, s.Sweep(ctx))
-	ts := allTasks(t, b.insp, tasks.QueueDefault)
+	ts := allTasks(t, b.insp, tasks.QueueCritical)
 	require.Len(t, ts, 10)
 	for _, ti := range ts {
 		require.Equal(t, tasks.TypeRefreshToken, ti.Type)
 		p := payload(t, ti)
+		require.Equal(t, tasks.RefreshTaskID(p.ConsumerID, p.ConnectionID), ti.ID)
 		require.Equal(t, tasks.ReasonScheduled, p.Reason)
 		require.Equal(t, unix(expiry.Add(-5*time.Minute)), p.Key)
 	}
@@ -435,16 +436,28 @@ func TestRefreshClaims(t *testing.T) {
 		}
 	}
 
-	// The refresh failed and the lease ran out long after expiry: expired.
-	clk.Add(scheduler.DefaultLease + 6*time.Minute)
-	require.NoError(t, s.Sweep(ctx))
-	ts = allTasks(t, b.insp, tasks.QueueCritical)
-	require.Len(t, ts, 10)
-	for _, ti := range ts {
-		p := payload(t, ti)
-		require.Equal(t, tasks.ReasonExpired, p.Reason)
-		require.Equal(t, unix(b.t0.Add(6*time.Minute).Add(scheduler.DefaultLease)), p.Key, "due again at the lease")
+	// The refreshes still retry and the leases run out, again and again:
+	// each claim comes back, and each finds its chain still there.
+	for range 3 {
+		clk.Add(scheduler.DefaultLease + time.Second)
+		require.NoError(t, s.Sweep(ctx))
 	}
+	ts = allTasks(t, b.insp, tasks.QueueCritical)
+	require.Len(t, ts, 10, "one refresh chain per connection, however many leases")
+	for _, ti := range ts {
+		require.Equal(t, tasks.ReasonScheduled, payload(t, ti).Reason, "the first chain, not a new one")
+	}
+
+	// asynq archived one chain (retries exhausted): the next due claim
+	// replaces it instead of being refused by its task id for good.
+	archived := ts[0]
+	require.NoError(t, b.insp.ArchiveTask(tasks.QueueCritical, archived.ID))
+	clk.Add(scheduler.DefaultLease + time.Second)
+	require.NoError(t, s.Sweep(ctx))
+	info, err := b.insp.GetTaskInfo(tasks.QueueCritical, archived.ID)
+	require.NoError(t, err)
+	require.Equal(t, asynq.TaskStatePending, info.State, "a new chain replaced the archived one")
+	require.Len(t, allTasks(t, b.insp, tasks.QueueCritical), 10)
 }
 
 // TestBackpressure: while the low queue is full, periodic checks wait and
@@ -473,7 +486,7 @@ func TestBackpressure(t *testing.T) {
 	}
 	require.True(t, s.Paused())
 	require.Equal(t, 10, pending(t, b.insp, tasks.QueueLow), "no periodic check enqueued")
-	require.Equal(t, 20, pending(t, b.insp, tasks.QueueDefault), "refreshes went through")
+	require.Equal(t, 20, pending(t, b.insp, tasks.QueueCritical), "refreshes went through")
 	require.Equal(t, 1, rec.count("periodic checks paused"), "logged once per episode")
 	require.EqualValues(t, 1, metric(t, reg, "vaultfleet_scheduler_backpressure"))
 	require.Zero(t, metric(t, reg, "vaultfleet_scheduler_claims_total", "index", "check"))
@@ -577,11 +590,11 @@ func TestRedisOutage(t *testing.T) {
 	down := time.Now()
 	storeSrv.Stop()
 	require.Eventually(t, func() bool { return len(rs.failingSweeps(down)) >= 6 }, 30*time.Second, 10*time.Millisecond)
+	// The backoff is jittered, so neighbouring gaps may shrink; over six
+	// failures it must have grown well beyond the first gap.
 	fails := rs.failingSweeps(down)
-	for i := 2; i < len(fails); i++ {
-		prev, gap := fails[i-1].Sub(fails[i-2]), fails[i].Sub(fails[i-1])
-		require.Greater(t, gap, prev, "backoff grows: gaps %v", gaps(fails))
-	}
+	g := gaps(fails)
+	require.Greater(t, g[len(g)-1], 2*g[0], "backoff grows: gaps %v", g)
 	t.Logf("gaps between failed sweeps: %v", gaps(fails))
 	resumedBefore := rec.count("sweeps resumed")
 

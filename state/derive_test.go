@@ -96,6 +96,12 @@ func TestDeriveTable(t *testing.T) {
 		}), Invalid, HealthRevoked},
 		{"Row4APIKeyRejected", 4, apiKeyBamboo, with(apiKeyConn(3), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 3) }), Invalid, HealthNeedsAuth},
 		{"Row4BasicAssertionFailed", 4, basicZendesk, with(basicConn(1), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonAssertionFailed, 1) }), Invalid, HealthNeedsAuth},
+		{"Row4Misconfigured", 4, basicZendesk, with(basicConn(1), func(c *Connection) {
+			c.Verdict = verdict(InvalidCred, ReasonMisconfiguredAccount, 1)
+		}), Invalid, HealthMisconfigured},
+		{"Row4OldMisconfiguredIgnored", 5, basicZendesk, with(basicConn(2), func(c *Connection) {
+			c.Verdict = verdict(InvalidCred, ReasonMisconfiguredAccount, 1)
+		}), Added, HealthOK},
 		{"Row4DisabledKeepsState", 4, apiKeyBamboo, with(apiKeyConn(3), func(c *Connection) {
 			c.Enabled = false
 			c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 3)
@@ -107,6 +113,9 @@ func TestDeriveTable(t *testing.T) {
 		{"Row5OldInvalidVerdictIgnored", 5, apiKeyBamboo, with(apiKeyConn(2), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 1) }), Added, HealthOK},
 		{"Row5OldValidVerdictIgnored", 5, basicZendesk, with(basicConn(2), func(c *Connection) { c.Verdict = verdict(Valid, ReasonCheckPassed, 1) }), Added, HealthOK},
 		{"Row5PendingDegraded", 5, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) { c.Transient.Failures = 3 }), Added, HealthDegraded},
+		{"Row5PendingMisconfigured", 5, basicZendesk, with(basicConn(1), func(c *Connection) {
+			c.Transient = Transient{Failures: 2, Misconfigured: true}
+		}), Added, HealthMisconfigured},
 		{"Row5PendingConfirmation", 5, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) {
 			c.Confirmation = Confirmation{Invalids: 1, Revision: 1}
 		}), Added, HealthPendingConfirmation},
@@ -124,6 +133,10 @@ func TestDeriveTable(t *testing.T) {
 			c.Verdict = verdict(Valid, ReasonCheckPassed, 1)
 			c.Transient.Failures = 4
 		}), Callable, HealthDegraded},
+		{"Row6Misconfigured", 6, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) {
+			c.Verdict = verdict(Valid, ReasonCheckPassed, 1)
+			c.Transient = Transient{Failures: 1, Misconfigured: true}
+		}), Callable, HealthMisconfigured},
 		{"Row6PendingConfirmation", 6, oauthXero, with(oauthConn(1), func(c *Connection) {
 			c.Verdict = verdict(Valid, ReasonCheckPassed, 1)
 			c.Confirmation = Confirmation{Invalids: 1, Revision: 1}
@@ -169,12 +182,14 @@ func genConnection(t *rapid.T) (*Connection, *catalog.Integration) {
 	}
 	if rapid.Bool().Draw(t, "hasVerdict") {
 		c.Verdict = &Verdict{
-			Outcome:  rapid.SampledFrom([]Outcome{Valid, InvalidCred}).Draw(t, "outcome"),
-			Reason:   rapid.SampledFrom([]string{ReasonCheckPassed, ReasonCredentialsRejected, ReasonRefreshTokenRevoked}).Draw(t, "reason"),
+			Outcome: rapid.SampledFrom([]Outcome{Valid, InvalidCred}).Draw(t, "outcome"),
+			Reason: rapid.SampledFrom([]string{ReasonCheckPassed, ReasonCredentialsRejected, ReasonRefreshTokenRevoked,
+				ReasonMisconfiguredAccount}).Draw(t, "reason"),
 			Revision: rapid.Int64Range(0, 5).Draw(t, "verdictRevision"),
 		}
 	}
 	c.Transient.Failures = rapid.IntRange(0, 3).Draw(t, "transient")
+	c.Transient.Misconfigured = rapid.Bool().Draw(t, "misconfigured")
 	c.Refresh.Failures = rapid.IntRange(0, 3).Draw(t, "refreshFailures")
 	c.Confirmation = Confirmation{Invalids: rapid.IntRange(0, 2).Draw(t, "invalids"), Revision: rapid.Int64Range(0, 5).Draw(t, "confirmRevision")}
 	return c, in
@@ -251,6 +266,18 @@ func TestDeriveProperties(t *testing.T) {
 		if s1 == Callable && in.AuthType != catalog.AuthOAuth2 &&
 			(c.Verdict == nil || c.Verdict.Revision != c.Revision || c.Verdict.Outcome != Valid) {
 			t.Fatalf("non-OAuth callable without a current valid verdict")
+		}
+		// Misconfigured is the consumer's own doing: a current verdict
+		// saying so, or the latest failed check; never anything else.
+		if h1 == HealthMisconfigured {
+			byVerdict := s1 == Invalid && c.Verdict.Reason == ReasonMisconfiguredAccount
+			byCheck := s1 != Invalid && c.Transient.Failures > 0 && c.Transient.Misconfigured
+			if !byVerdict && !byCheck {
+				t.Fatalf("misconfigured without a misconfigured verdict or check: %+v", c)
+			}
+		}
+		if s1 != Invalid && h1 == HealthDegraded && c.Transient.Misconfigured {
+			t.Fatalf("a misconfigured check shown as provider trouble")
 		}
 		// Enabled is separate from state.
 		flipped := clone(c)

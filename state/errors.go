@@ -25,6 +25,11 @@ var ErrExists = errors.New("state: connection already exists")
 type FieldError struct {
 	Field string
 	Msg   string
+	// Err, if set, classifies the error (ErrInvalidCredential); errors.Is
+	// matches it.
+	Err error
 }
 
 func (e *FieldError) Error() string { return fmt.Sprintf("state: %s: %s", e.Field, e.Msg) }
+
+func (e *FieldError) Unwrap() error { return e.Err }

@@ -76,8 +76,22 @@ const (
 	ReasonRotationLost = "rotation_lost"
 )
 
-// ExpirySkew is how close to expiry an access token counts as expired.
+// ExpirySkew is how close to expiry an access token counts as expired, at
+// most: a token's skew is the smaller of ExpirySkew and a tenth of its
+// lifetime, so that a token living a minute is not expired when issued.
 const ExpirySkew = time.Minute
+
+// expirySkewShare is the share of a token's lifetime its expiry skew may
+// take (10%).
+const expirySkewShare = 10
+
+// skewFor is the expiry skew of c's token.
+func skewFor(c Credentials) time.Duration {
+	if !c.IssuedAt.IsZero() && c.ExpiresAt.After(c.IssuedAt) {
+		return min(ExpirySkew, c.ExpiresAt.Sub(c.IssuedAt)/expirySkewShare)
+	}
+	return ExpirySkew
+}
 
 // Credentials are a connection's secrets. They are encrypted at rest and
 // never appear in a task payload, log line, metric label or error string.
@@ -197,6 +211,9 @@ type Verdict struct {
 	// Revision is the credentials revision the verdict was computed for. A
 	// verdict for another revision does not decide the state.
 	Revision int64 `json:"revision"`
+	// Lineage names the refresh token a refresh verdict is about (see
+	// state.Lineage), empty for check verdicts.
+	Lineage string `json:"lineage,omitempty"`
 }
 
 // Transient records provider trouble that did not change the state.
@@ -206,6 +223,11 @@ type Transient struct {
 	Failures  int       `json:"failures,omitempty"`
 	LastError string    `json:"last_error,omitempty"`
 	LastAt    time.Time `json:"last_at,omitzero"`
+	// Misconfigured says the latest failure was the consumer's own, not
+	// the provider's: a host from its settings that does not resolve or
+	// refuses connections, a redirect the catalog refuses. Health is then
+	// misconfigured instead of degraded; the state is kept.
+	Misconfigured bool `json:"misconfigured,omitempty"`
 }
 
 // Confirmation tracks invalid verdicts awaiting confirmation for the
@@ -304,8 +326,13 @@ func Derive(c *Connection, in *catalog.Integration, now time.Time) (State, Healt
 	v := c.Verdict
 	current := v != nil && v.Revision == c.Revision
 	if current && v.Outcome == InvalidCred {
-		if v.Reason == ReasonRefreshTokenRevoked {
+		switch v.Reason {
+		case ReasonRefreshTokenRevoked:
 			return Invalid, HealthRevoked
+		case ReasonMisconfiguredAccount:
+			return Invalid, HealthMisconfigured
+		case ReasonRotationLost:
+			return Invalid, HealthRotationLost
 		}
 		return Invalid, HealthNeedsAuth
 	}
@@ -346,10 +373,20 @@ func pendingHealth(c *Connection) Health {
 	if c.Confirmation.Invalids > 0 && c.Confirmation.Revision == c.Revision {
 		return HealthPendingConfirmation
 	}
-	if c.Transient.Failures > 0 {
-		return HealthDegraded
+	return transientHealth(c)
+}
+
+// transientHealth is the health a run of failed checks leaves: degraded
+// for provider trouble, misconfigured for the consumer's own (the latest
+// failure decides), ok without failures.
+func transientHealth(c *Connection) Health {
+	switch {
+	case c.Transient.Failures == 0:
+		return HealthOK
+	case c.Transient.Misconfigured:
+		return HealthMisconfigured
 	}
-	return HealthOK
+	return HealthDegraded
 }
 
 func callableHealth(c *Connection, in *catalog.Integration, now time.Time) Health {
@@ -361,17 +398,15 @@ func callableHealth(c *Connection, in *catalog.Integration, now time.Time) Healt
 			return HealthPendingRefresh
 		}
 	}
-	if c.Transient.Failures > 0 {
-		return HealthDegraded
-	}
-	return HealthOK
+	return transientHealth(c)
 }
 
 // TokenExpired reports whether the access token is missing, expired or
-// within ExpirySkew of expiry. A token without an expiry never expires.
+// within its expiry skew of expiry (ExpirySkew, or a tenth of the token's
+// lifetime if that is shorter). A token without an expiry never expires.
 func TokenExpired(c Credentials, now time.Time) bool {
 	if c.AccessToken == "" {
 		return true
 	}
-	return !c.ExpiresAt.IsZero() && !now.Add(ExpirySkew).Before(c.ExpiresAt)
+	return !c.ExpiresAt.IsZero() && !now.Add(skewFor(c)).Before(c.ExpiresAt)
 }

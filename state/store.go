@@ -238,7 +238,17 @@ func (s *Store) ApplyVerdictFrom(ctx context.Context, seen *Connection, v Verdic
 // RecordTransient notes a transient failure (provider trouble) for rev
 // without changing the state; ErrStale if the revision moved.
 func (s *Store) RecordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
-	return s.recordTransient(ctx, ref, rev, msg)
+	return s.recordTransient(ctx, ref, rev, msg, false)
+}
+
+// RecordMisconfigured notes a failed check that is the consumer's own
+// doing, not the provider's (a host from its settings that does not
+// resolve or refuses connections, a redirect the catalog refuses): like
+// RecordTransient the state is kept, but the health is misconfigured and
+// no downstream.degraded event is sent (the provider is fine). ErrStale if
+// the revision moved.
+func (s *Store) RecordMisconfigured(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
+	return s.recordTransient(ctx, ref, rev, msg, true)
 }
 
 // StoreTokens persists refreshed tokens. usedRefreshToken is the refresh
@@ -246,7 +256,29 @@ func (s *Store) RecordTransient(ctx context.Context, ref Ref, rev int64, msg str
 // refresh or the consumer changed it and the write is refused (ErrStale).
 // An empty t.RefreshToken keeps the stored one. Clears Refresh failures.
 func (s *Store) StoreTokens(ctx context.Context, ref Ref, usedRefreshToken string, t Tokens) (Change, error) {
-	return s.storeTokens(ctx, ref, usedRefreshToken, t)
+	return s.storeTokens(ctx, ref, usedRefreshToken, t, nil)
+}
+
+// StoreRefreshedTokens is StoreTokens for the tokens of an exchange begun
+// with lease (BeginExchange): the write is refused with ErrFenced unless
+// the exchange intent is still the lease's, and it clears the intent in
+// the same atomic step. The lease itself may have lapsed meanwhile (a
+// slow Redis): nobody else exchanges while our intent stands.
+func (s *Store) StoreRefreshedTokens(ctx context.Context, lease *RefreshLease, usedRefreshToken string, t Tokens) (Change, error) {
+	return s.storeTokens(ctx, lease.ref, usedRefreshToken, t, &fence{lease: lease})
+}
+
+// RevokeRefresh applies an invalid verdict about a refresh token (seen's
+// current one) under lease: refused with ErrFenced unless both the lease
+// and the exchange intent are still ours; clears the intent with the
+// write. The verdict records the token's lineage, so that tokens later
+// stored from that same lineage void it.
+func (s *Store) RevokeRefresh(ctx context.Context, lease *RefreshLease, seen *Connection, v Verdict) (Change, error) {
+	if seen == nil || seen.Ref() != lease.ref {
+		return Change{}, &FieldError{Field: "seen", Msg: "not the lease's connection"}
+	}
+	v.Outcome, v.Lineage = InvalidCred, Lineage(seen.Credentials.RefreshToken)
+	return s.applyVerdictFenced(ctx, lease.ref, seen, seen.Revision, v, &fence{lease: lease, needLock: true})
 }
 
 // RecordRefreshFailure notes a transient refresh failure (health

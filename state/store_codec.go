@@ -37,13 +37,16 @@ type recVerdict struct {
 	CheckedAt  int64   `json:"t,omitempty"`
 	// Revision is left out when it is the record's (the usual case);
 	// revisions are never zero.
-	Revision int64 `json:"rv,omitempty"`
+	Revision int64  `json:"rv,omitempty"`
+	Lineage  string `json:"l,omitempty"`
 }
 
 type recFailures struct {
 	Failures  int    `json:"n,omitempty"`
 	LastError string `json:"e,omitempty"`
 	LastAt    int64  `json:"t,omitempty"`
+	// Misconfigured: Transient.Misconfigured (unused by Refresh).
+	Misconfigured bool `json:"m,omitempty"`
 }
 
 type recConfirmation struct {
@@ -100,13 +103,14 @@ func encodeData(c *Connection) ([]byte, error) {
 	}
 	if v := c.Verdict; v != nil {
 		d.Verdict = &recVerdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
-			CheckedAt: ms(v.CheckedAt), Revision: v.Revision}
+			CheckedAt: ms(v.CheckedAt), Revision: v.Revision, Lineage: v.Lineage}
 		if v.Revision == c.Revision {
 			d.Verdict.Revision = 0
 		}
 	}
 	if t := c.Transient; t != (Transient{}) {
-		d.Transient = &recFailures{Failures: t.Failures, LastError: t.LastError, LastAt: ms(t.LastAt)}
+		d.Transient = &recFailures{Failures: t.Failures, LastError: t.LastError, LastAt: ms(t.LastAt),
+			Misconfigured: t.Misconfigured}
 	}
 	if f := c.Confirmation; f != (Confirmation{}) {
 		d.Confirmation = &recConfirmation{Invalids: f.Invalids, Revision: f.Revision, Reason: f.Reason,
@@ -132,13 +136,14 @@ func decodeData(b []byte, c *Connection) error {
 	c.UpdatedAt = fromMS(d.UpdatedAt)
 	if v := d.Verdict; v != nil {
 		c.Verdict = &Verdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
-			CheckedAt: fromMS(v.CheckedAt), Revision: v.Revision}
+			CheckedAt: fromMS(v.CheckedAt), Revision: v.Revision, Lineage: v.Lineage}
 		if v.Revision == 0 {
 			c.Verdict.Revision = d.Revision
 		}
 	}
 	if t := d.Transient; t != nil {
-		c.Transient = Transient{Failures: t.Failures, LastError: t.LastError, LastAt: fromMS(t.LastAt)}
+		c.Transient = Transient{Failures: t.Failures, LastError: t.LastError, LastAt: fromMS(t.LastAt),
+			Misconfigured: t.Misconfigured}
 	}
 	if f := d.Confirmation; f != nil {
 		c.Confirmation = Confirmation{Invalids: f.Invalids, Revision: f.Revision, Reason: f.Reason,

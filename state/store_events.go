@@ -58,15 +58,24 @@ func (s *Store) deriveEvents(cur, next *Connection, h hints, now time.Time) []Ev
 		add(EventTokenRefreshRecovered, h.reason)
 	}
 	switch {
-	case cur.Transient.Failures == 0 && next.Transient.Failures > 0:
+	case !providerTrouble(cur) && providerTrouble(next):
 		add(EventDownstreamDegraded, next.Transient.LastError)
-	case cur.Transient.Failures > 0 && next.Transient.Failures == 0:
+	case providerTrouble(cur) && !providerTrouble(next):
 		add(EventDownstreamRecovered, h.reason)
 	}
 	if len(out) == 0 && (cur.State != next.State || cur.Health != next.Health || h.consumer) {
 		add(EventUpdated, h.reason)
 	}
 	return out
+}
+
+// providerTrouble reports whether c's failed checks announce provider
+// trouble (downstream.degraded): not when the failures are the consumer's
+// own misconfiguration, and not while c is invalid (its health says
+// needs_auth whatever the provider does; a held or failed re-check of an
+// invalid connection tells its subscribers nothing new).
+func providerTrouble(c *Connection) bool {
+	return c.Transient.Failures > 0 && !c.Transient.Misconfigured && c.State != Invalid
 }
 
 func newEvent(typ string, c *Connection, now time.Time) Event {

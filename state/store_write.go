@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -70,6 +71,13 @@ type mutation func(cur *Connection, now time.Time) (*Connection, hints, error)
 // counts and events in one Lua call that compares and sets the version. A
 // concurrent write of the same connection makes it read again and retry.
 func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, seen *Connection, fn mutation) (Change, error) {
+	return s.writeFenced(ctx, ref, in, seen, nil, fn)
+}
+
+// writeFenced is write under a refresh fence (nil: none): the script
+// refuses the write with ErrFenced, never retried, once the fence is no
+// longer the caller's.
+func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integration, seen *Connection, f *fence, fn mutation) (Change, error) {
 	k := s.keysOf(ref)
 	for attempt := range maxAttempts {
 		if attempt > 0 {
@@ -100,7 +108,7 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, see
 		}
 		events := s.deriveEvents(cur, next, h, now)
 
-		ks, args, err := s.scriptArgs(k, ref, in, cur, next, h, events, now)
+		ks, args, err := s.scriptArgs(k, ref, in, cur, next, h, events, now, f)
 		if err != nil {
 			return Change{}, err
 		}
@@ -111,7 +119,9 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, see
 		if len(res) == 0 {
 			return Change{}, fmt.Errorf("state: write connection %s: empty reply", ref)
 		}
-		if ok, _ := res[0].(int64); ok != 1 {
+		if ok, _ := res[0].(int64); ok == -1 {
+			return Change{}, fmt.Errorf("%w: %s", ErrFenced, ref)
+		} else if ok != 1 {
 			s.cfg.Logger.DebugContext(ctx, "state: write conflict, retrying",
 				slog.String("connection", ref.String()), slog.Int("attempt", attempt+1))
 			continue
@@ -133,10 +143,11 @@ func (s *Store) write(ctx context.Context, ref Ref, in *catalog.Integration, see
 // scriptArgs lays out the keys and arguments of write.lua (documented
 // there) for the change from cur to next (nil: delete).
 func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *Connection, h hints,
-	events []Event, now time.Time) ([]string, []any, error) {
+	events []Event, now time.Time, f *fence) ([]string, []any, error) {
 	member := ref.String()
 	recKey := k.record(member)
-	ks := []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh)}
+	lock, intent := s.fenceKeys(ref)
+	ks := []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
 	args := make([]any, 0, 16+len(events)*25)
 	expected := "0"
 	if cur != nil {
@@ -176,6 +187,14 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 			checkMode, ms(checkAt), refreshMode, ms(refreshAt))
 	}
 	args = append(args, s.cfg.EventMaxLen, len(events))
+	switch {
+	case f == nil:
+		args = append(args, "", "", "")
+	case f.needLock:
+		args = append(args, "L", f.lease.token, "1")
+	default:
+		args = append(args, "I", f.lease.token, "1")
+	}
 	if !s.cluster && len(events) > 0 {
 		ks = append(ks, s.cfg.EventStream)
 	}
@@ -244,7 +263,8 @@ func checkEligible(c *Connection, in *catalog.Integration) bool {
 // refreshEligible reports whether a connection belongs in due:refresh.
 func refreshEligible(c *Connection, in *catalog.Integration) bool {
 	return c != nil && in != nil && c.Enabled && in.Checkable() && in.AuthType == catalog.AuthOAuth2 &&
-		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked
+		c.Credentials.RefreshToken != "" && !c.Credentials.ExpiresAt.IsZero() && c.Health != HealthRevoked &&
+		c.Health != HealthRotationLost
 }
 
 // Due modes of the write script.
@@ -296,9 +316,24 @@ func TokenLifetime(c Credentials, in *catalog.Integration) time.Duration {
 }
 
 // RefreshAt is when a token is due for refresh ahead of expiry: ExpiresAt
-// minus the integration's refresh window for the token's lifetime.
+// minus the integration's refresh window for the token's lifetime. It is
+// the one answer to "when is this token refreshed": the due index, the
+// worker and the scheduler all use it.
 func RefreshAt(c Credentials, in *catalog.Integration) time.Time {
 	return c.ExpiresAt.Add(-in.RefreshWindowFor(TokenLifetime(c, in)))
+}
+
+// RefreshDue reports whether c's access token should be refreshed at now:
+// it has a refresh token and its access token is missing or at or past
+// RefreshAt. A token without an expiry is never due.
+func RefreshDue(c Credentials, in *catalog.Integration, now time.Time) bool {
+	if c.RefreshToken == "" {
+		return false
+	}
+	if c.AccessToken == "" {
+		return true
+	}
+	return !c.ExpiresAt.IsZero() && !now.Before(RefreshAt(c, in))
 }
 
 // defaultExpiry gives an OAuth access token without a known expiry the
@@ -478,6 +513,11 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		if credsChanged || checkSettingChanged {
 			next.Revision++
 			next.Confirmation = Confirmation{}
+			if next.Transient.Misconfigured {
+				// The misconfiguration was the old settings' or
+				// credentials'; the new ones are validated at once.
+				next.Transient = Transient{}
+			}
 		}
 		if cur.Credentials.RefreshToken != next.Credentials.RefreshToken {
 			// The failing refresh token is gone with its failures.
@@ -497,10 +537,24 @@ func nonEmpty(m map[string]string) map[string]string {
 	return out
 }
 
+// MaxCredentialLen caps one credential value, in bytes (16 KiB). The
+// longest real credentials are JWT access tokens carrying many claims, a
+// few KiB; every one of them goes into one request header, and most
+// servers refuse a header line above 8 to 16 KiB. A longer value is a
+// paste error or abuse, not a credential.
+const MaxCredentialLen = 16 << 10
+
+// ErrInvalidCredential is matched (errors.Is) by the *FieldError of a
+// credential value the store refuses: longer than MaxCredentialLen, a
+// control character, or not valid UTF-8. The error names the field, never
+// the value.
+var ErrInvalidCredential = errors.New("state: invalid credential value")
+
 // validateCredentialFields accepts the integration's credential fields,
-// and for OAuth the token fields.
+// and for OAuth the token fields, in name order; and each value that is
+// set must be a credential (checkCredentialValue).
 func validateCredentialFields(in *catalog.Integration, creds map[string]string) error {
-	for f := range creds {
+	for _, f := range slices.Sorted(maps.Keys(creds)) {
 		ok := slices.Contains(in.CredentialFields, f)
 		if in.AuthType == catalog.AuthOAuth2 {
 			ok = ok || f == catalog.FieldAccessToken || f == catalog.FieldRefreshToken || f == catalog.FieldExpiresAt
@@ -511,8 +565,29 @@ func validateCredentialFields(in *catalog.Integration, creds map[string]string) 
 			}
 			return &FieldError{Field: "credentials", Msg: "unknown credential field of " + in.ID}
 		}
+		if msg := checkCredentialValue(creds[f]); msg != "" {
+			return &FieldError{Field: "credentials." + f, Msg: msg, Err: ErrInvalidCredential}
+		}
 	}
 	return nil
+}
+
+// checkCredentialValue says what is wrong with a credential value, "" if
+// nothing: at most MaxCredentialLen bytes, valid UTF-8 (and no U+FFFD, the
+// mark a decoder leaves where it replaced invalid bytes), no C0 control
+// character (CR, LF, NUL, tab, ...) and no DEL. Every credential ends up in
+// a request header or URL, where CR/LF would split or break the request.
+// The message never quotes the value.
+func checkCredentialValue(v string) string {
+	switch {
+	case len(v) > MaxCredentialLen:
+		return fmt.Sprintf("longer than %d bytes", MaxCredentialLen)
+	case !utf8.ValidString(v) || strings.ContainsRune(v, utf8.RuneError):
+		return "not valid UTF-8"
+	case strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		return "control character (CR, LF, NUL, tab, DEL, ...) not allowed"
+	}
+	return ""
 }
 
 // fieldNameRE reports whether a field name is safe to echo in an error
@@ -555,6 +630,10 @@ func (s *Store) delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 // --- fleet-side writes ---
 
 func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
+	return s.fleetWriteFenced(ctx, ref, seen, nil, fn)
+}
+
+func (s *Store) fleetWriteFenced(ctx context.Context, ref Ref, seen *Connection, f *fence, fn func(cur *Connection, in *catalog.Integration, now time.Time) (hints, error)) (Change, error) {
 	if err := validateRef(ref); err != nil {
 		return Change{}, err
 	}
@@ -562,7 +641,7 @@ func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn fu
 	if err != nil {
 		return Change{}, err
 	}
-	return s.write(ctx, ref, in, seen, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+	return s.writeFenced(ctx, ref, in, seen, f, func(cur *Connection, now time.Time) (*Connection, hints, error) {
 		if cur == nil {
 			return nil, hints{}, ErrNotFound
 		}
@@ -572,10 +651,14 @@ func (s *Store) fleetWrite(ctx context.Context, ref Ref, seen *Connection, fn fu
 }
 
 func (s *Store) applyVerdict(ctx context.Context, ref Ref, seen *Connection, rev int64, v Verdict) (Change, error) {
+	return s.applyVerdictFenced(ctx, ref, seen, rev, v, nil)
+}
+
+func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connection, rev int64, v Verdict, f *fence) (Change, error) {
 	if v.Outcome != Valid && v.Outcome != InvalidCred {
 		return Change{}, &FieldError{Field: "verdict.outcome", Msg: `must be "valid" or "invalid"`}
 	}
-	return s.fleetWrite(ctx, ref, seen, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWriteFenced(ctx, ref, seen, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
 		}
@@ -584,31 +667,66 @@ func (s *Store) applyVerdict(ctx context.Context, ref Ref, seen *Connection, rev
 			v.CheckedAt = now
 		}
 		h := hints{reason: v.Reason, verdict: true}
-		c.Transient = Transient{}
-		if v.Outcome == Valid {
-			c.Verdict, c.Confirmation = &v, Confirmation{}
-			return h, nil
-		}
-		alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == InvalidCred
-		invalids := 0
-		if c.Confirmation.Revision == rev {
-			invalids = c.Confirmation.Invalids
-		}
-		if in.ConfirmInvalid > 0 && !alreadyInvalid && invalids < in.ConfirmInvalid {
-			if invalids == 0 {
-				c.Confirmation = Confirmation{Revision: rev, FirstAt: now}
-			}
-			c.Confirmation.Invalids = invalids + 1
-			c.Confirmation.Reason, c.Confirmation.Status = v.Reason, v.HTTPStatus
-			h.confirm = true
-			return h, nil
-		}
-		c.Verdict, c.Confirmation = &v, Confirmation{}
+		h.confirm = foldVerdict(c, in, v, now)
 		return h, nil
 	})
 }
 
-func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string) (Change, error) {
+// foldVerdict applies v (for c's current revision) to c as ApplyVerdict
+// does: a valid verdict clears Confirmation; an invalid one is held in
+// Confirmation while the integration's ConfirmInvalid asks for more
+// (confirm reports that), and decides otherwise. Transient failures end.
+func foldVerdict(c *Connection, in *catalog.Integration, v Verdict, now time.Time) (confirm bool) {
+	rev := v.Revision
+	c.Transient = Transient{}
+	if v.Outcome == Valid {
+		c.Verdict, c.Confirmation = &v, Confirmation{}
+		return false
+	}
+	alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == InvalidCred
+	invalids := 0
+	if c.Confirmation.Revision == rev {
+		invalids = c.Confirmation.Invalids
+	}
+	if in.ConfirmInvalid > 0 && !alreadyInvalid && invalids < in.ConfirmInvalid {
+		if invalids == 0 {
+			c.Confirmation = Confirmation{Revision: rev, FirstAt: now}
+		}
+		c.Confirmation.Invalids = invalids + 1
+		c.Confirmation.Reason, c.Confirmation.Status = v.Reason, v.HTTPStatus
+		return true
+	}
+	c.Verdict, c.Confirmation = &v, Confirmation{}
+	return false
+}
+
+// WouldInvalidate reports whether applying the invalid verdict v to c, as
+// ApplyVerdict would (the integration's confirmation included), changes
+// c's state to invalid: c is not invalid now and would be after. A
+// confirmation step that does not flip yet, a connection already invalid,
+// a valid verdict and a verdict for another revision (v.Revision 0 means
+// c's) all report false. It is pure: c is not modified. The invalid-wave
+// guard counts only verdicts for which it is true.
+func WouldInvalidate(c *Connection, in *catalog.Integration, v Verdict, now time.Time) bool {
+	if c == nil || in == nil || v.Outcome != InvalidCred {
+		return false
+	}
+	if v.Revision == 0 {
+		v.Revision = c.Revision
+	}
+	if v.Revision != c.Revision {
+		return false
+	}
+	if before, _ := Derive(c, in, now); before == Invalid {
+		return false
+	}
+	next := c.clone()
+	foldVerdict(next, in, v, now)
+	after, _ := Derive(next, in, now)
+	return after == Invalid
+}
+
+func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string, misconfigured bool) (Change, error) {
 	msg = truncateText(msg)
 	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
@@ -616,17 +734,24 @@ func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg str
 		}
 		c.Transient.Failures++
 		c.Transient.LastError, c.Transient.LastAt = msg, now
+		c.Transient.Misconfigured = misconfigured
 		return hints{reason: msg}, nil
 	})
 }
 
-func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens) (Change, error) {
+func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens, f *fence) (Change, error) {
 	if t.AccessToken == "" {
 		return Change{}, ErrEmptyAccessToken
 	}
-	return s.fleetWrite(ctx, ref, nil, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWriteFenced(ctx, ref, nil, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale
+		}
+		// Tokens obtained with this lineage prove it was alive: a
+		// revocation verdict about the same lineage (a race that the
+		// fence now prevents, or a lost rotation that recovered) is void.
+		if v := c.Verdict; v != nil && v.Outcome == InvalidCred && v.Lineage != "" && v.Lineage == Lineage(used) {
+			c.Verdict = nil
 		}
 		c.Credentials.AccessToken = t.AccessToken
 		if t.RefreshToken != "" {

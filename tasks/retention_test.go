@@ -43,11 +43,11 @@ func TestConstructorsRetention(t *testing.T) {
 		"ScheduledCheck": {func() (*asynq.Task, error) {
 			return NewValidateTask("c1", "crm+hubspot", ReasonScheduled, "1700000000")
 		}, RetentionScheduled},
-		"OnDemandRefreshNoKey": {func() (*asynq.Task, error) {
+		"OnDemandRefreshNotKept": {func() (*asynq.Task, error) {
 			return NewRefreshTask("c1", "crm+hubspot", ReasonOnDemand, "")
-		}, RetentionRequested},
-		"KeyedRefreshNotKept": {func() (*asynq.Task, error) {
-			return NewRefreshTask("c1", "crm+hubspot", ReasonExpired, "1700000000")
+		}, 0},
+		"ExpiredRefreshNotKept": {func() (*asynq.Task, error) {
+			return NewRefreshTask("c2", "crm+hubspot", ReasonExpired, "1700000000")
 		}, 0},
 		"Webhook": {func() (*asynq.Task, error) {
 			return NewWebhookTask("1700000000000-3", "crm-sync")

@@ -57,15 +57,14 @@ const (
 // keep a task because its verdict changed a state, so retention follows why
 // the task was enqueued. A kept task still holds its task id (a second
 // enqueue with that id is refused with asynq.ErrTaskIDConflict until the
-// retention ends), so only tasks whose id is never legitimately reused are
-// kept: ids from a due time, a credentials revision, a version, a
-// confirmation step, an event, or no key at all (a random id). Refresh tasks
-// with a dedupe key are never kept: their id may stand for the connection's
-// one refresh chain, and a kept one would block the next refresh.
+// retention ends), so only tasks whose id is not legitimately reused soon
+// are kept: ids from a due time, a credentials revision, a version, an
+// event, or no key at all (a random id). Refresh tasks are never kept:
+// every refresh of a connection has the same id (RefreshTaskID), and a kept
+// one would block the connection's next refresh.
 const (
-	// RetentionRequested keeps what somebody is waiting for: on-demand
-	// validations and refreshes, validations after a credentials change or
-	// an enable. Few per hour.
+	// RetentionRequested keeps the validations somebody is waiting for:
+	// on demand, after a credentials change or an enable. Few per hour.
 	RetentionRequested = 24 * time.Hour
 	// RetentionScheduled keeps periodic checks (the bulk of the traffic)
 	// and confirming checks long enough to open one in the monitor after it
@@ -80,11 +79,11 @@ const (
 )
 
 // retentionFor is the retention of a connection task (see RetentionRequested).
-func retentionFor(typ string, reason Reason, key string) time.Duration {
-	if typ == TypeRefreshToken && key != "" {
+func retentionFor(typ string, reason Reason) time.Duration {
+	switch {
+	case typ == TypeRefreshToken:
 		return 0
-	}
-	if reason == ReasonScheduled || reason == ReasonConfirm {
+	case reason == ReasonScheduled, reason == ReasonConfirm:
 		return RetentionScheduled
 	}
 	return RetentionRequested
@@ -172,16 +171,18 @@ func (p ConnectionPayload) validate() error {
 	return nil
 }
 
-// queueFor picks the queue: what a user is waiting for is critical, refresh
-// of an expired token is critical, refresh-ahead default, periodic low.
+// queueFor picks the queue: what a user is waiting for is critical, every
+// token refresh is critical, confirmations default, periodic checks low.
+// Refreshes share one queue whatever their reason because asynq dedupes
+// task ids per queue: one queue is what makes RefreshTaskID one chain.
 func queueFor(typ string, r Reason) string {
+	if typ == TypeRefreshToken {
+		return QueueCritical
+	}
 	switch r {
 	case ReasonCredentialsChanged, ReasonEnabled, ReasonOnDemand, ReasonExpired:
 		return QueueCritical
 	case ReasonConfirm:
-		return QueueDefault
-	}
-	if typ == TypeRefreshToken {
 		return QueueDefault
 	}
 	return QueueLow
@@ -194,11 +195,21 @@ func NewValidateTask(consumerID, connectionID string, reason Reason, key string)
 		asynq.Timeout(ValidateTimeout), asynq.MaxRetry(ValidateMaxRetry))
 }
 
-// NewRefreshTask returns a connection:refresh_token task. Use the token's
-// expiry (unix seconds) as key, so every trigger for one token is one task.
+// NewRefreshTask returns a connection:refresh_token task. Every refresh
+// task of one connection has the same task id, RefreshTaskID, whatever its
+// key: however many triggers, scheduler leases and replicas enqueue it,
+// one retry chain exists per connection at a time (a second enqueue gets
+// asynq.ErrTaskIDConflict). key (e.g. the token's expiry) is kept in the
+// payload for the record.
 func NewRefreshTask(consumerID, connectionID string, reason Reason, key string) (*asynq.Task, error) {
 	return newConnectionTask(TypeRefreshToken, consumerID, connectionID, reason, key,
-		asynq.Timeout(RefreshTimeout), asynq.MaxRetry(RefreshMaxRetry))
+		asynq.Timeout(RefreshTimeout), asynq.MaxRetry(RefreshMaxRetry),
+		asynq.TaskID(RefreshTaskID(consumerID, connectionID)))
+}
+
+// RefreshTaskID is the task id of every refresh task of a connection.
+func RefreshTaskID(consumerID, connectionID string) string {
+	return TypeRefreshToken + ":" + consumerID + "|" + connectionID
 }
 
 func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key string, opts ...asynq.Option) (*asynq.Task, error) {
@@ -211,10 +222,10 @@ func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key 
 		return nil, err
 	}
 	opts = append(opts, asynq.Queue(queueFor(typ, reason)))
-	if d := retentionFor(typ, reason, key); d > 0 {
+	if d := retentionFor(typ, reason); d > 0 {
 		opts = append(opts, asynq.Retention(d))
 	}
-	if key != "" {
+	if key != "" && typ != TypeRefreshToken {
 		opts = append(opts, asynq.TaskID(TaskID(typ, consumerID, connectionID, key)))
 	}
 	return asynq.NewTask(typ, b, opts...), nil

@@ -18,6 +18,34 @@ import (
 
 func TestMain(m *testing.M) { redistest.Main(m) }
 
+// TestRefreshIsOneChainPerConnection: every trigger of a refresh (scheduled
+// with any due time, expired, on demand) is the same task while one is
+// queued or retrying, so a connection never has two refresh chains.
+func TestRefreshIsOneChainPerConnection(t *testing.T) {
+	t.Parallel()
+	rdb := redistest.Start(t).Client(t)
+	client := asynq.NewClientFromRedisClient(rdb)
+	t.Cleanup(func() { _ = client.Close() })
+	first, err := NewRefreshTask("c9", "accounting+xero", ReasonScheduled, "1700000000")
+	require.NoError(t, err)
+	info, err := client.Enqueue(first)
+	require.NoError(t, err)
+	require.Equal(t, RefreshTaskID("c9", "accounting+xero"), info.ID)
+	for _, tc := range []struct {
+		reason Reason
+		key    string
+	}{{ReasonScheduled, "1700000120"}, {ReasonExpired, "1700000240"}, {ReasonOnDemand, ""}, {ReasonOnDemand, "0"}} {
+		again, err := NewRefreshTask("c9", "accounting+xero", tc.reason, tc.key)
+		require.NoError(t, err)
+		_, err = client.Enqueue(again)
+		require.ErrorIs(t, err, asynq.ErrTaskIDConflict, "reason %s key %q", tc.reason, tc.key)
+	}
+	other, err := NewRefreshTask("c9", "accounting+other", ReasonScheduled, "1700000000")
+	require.NoError(t, err)
+	_, err = client.Enqueue(other)
+	require.NoError(t, err, "another connection is another chain")
+}
+
 func TestConstructorsQueueAndOptions(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
@@ -40,12 +68,12 @@ func TestConstructorsQueueAndOptions(t *testing.T) {
 		{"ValidateConfirmIsDefault", func() (*asynq.Task, error) {
 			return NewValidateTask("c1", "crm+hubspot", ReasonConfirm, "c1")
 		}, TypeValidate, QueueDefault, "connection:validate:c1|crm+hubspot:c1", ValidateTimeout},
-		{"RefreshAheadIsDefault", func() (*asynq.Task, error) {
+		{"RefreshAheadIsCritical", func() (*asynq.Task, error) {
 			return NewRefreshTask("c1", "accounting+xero", ReasonScheduled, "1700000000")
-		}, TypeRefreshToken, QueueDefault, "connection:refresh_token:c1|accounting+xero:1700000000", RefreshTimeout},
+		}, TypeRefreshToken, QueueCritical, "connection:refresh_token:c1|accounting+xero", RefreshTimeout},
 		{"RefreshExpiredIsCritical", func() (*asynq.Task, error) {
-			return NewRefreshTask("c1", "accounting+xero", ReasonExpired, "1700000000")
-		}, TypeRefreshToken, QueueCritical, "connection:refresh_token:c1|accounting+xero:1700000000", RefreshTimeout},
+			return NewRefreshTask("c2", "accounting+xero", ReasonExpired, "1700000000")
+		}, TypeRefreshToken, QueueCritical, "connection:refresh_token:c2|accounting+xero", RefreshTimeout},
 		{"WebhookOnEvents", func() (*asynq.Task, error) {
 			return NewWebhookTask("1700000000000-3", "crm-sync")
 		}, TypeWebhookDeliver, QueueEvents, "webhook:crm-sync:1700000000000-3", WebhookTimeout},

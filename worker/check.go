@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -26,6 +27,11 @@ const (
 	kindInvalid
 	// kindThrottled is a 429: transient, with the provider's Retry-After.
 	kindThrottled
+	// kindMisconfigured is a check the consumer's own settings made fail
+	// (a host from its settings that does not resolve or refuses
+	// connections, a redirect the catalog refuses): no verdict, no
+	// provider trouble; the connection's health says misconfigured.
+	kindMisconfigured
 )
 
 func (k kind) String() string {
@@ -36,6 +42,8 @@ func (k kind) String() string {
 		return outcomeInvalid
 	case kindThrottled:
 		return outcomeRateLimited
+	case kindMisconfigured:
+		return outcomeMisconfigured
 	}
 	return outcomeTransient
 }
@@ -104,6 +112,11 @@ func buildCheckRequest(ctx context.Context, in *catalog.Integration, c *state.Co
 		if v == "" {
 			return "", fmt.Errorf("%w: credential field %s is empty", errMisconfigured, f)
 		}
+		if !validHeaderValue(v) {
+			// Stored before values were checked on write, or a token
+			// endpoint's answer: sent, it would make an invalid request.
+			return "", fmt.Errorf("%w: credential field %s holds a control character", errMisconfigured, f)
+		}
 		return v, nil
 	}
 	var basicUser, basicPass string
@@ -167,6 +180,12 @@ func buildCheckRequest(ctx context.Context, in *catalog.Integration, c *state.Co
 	return req, nil
 }
 
+// validHeaderValue reports whether v can go into a header value: no
+// control character but tab, no DEL (net/http refuses to send others).
+func validHeaderValue(v string) bool {
+	return !strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f })
+}
+
 // basicPart resolves a basic-auth part: "literal:x" is x itself, an empty
 // spec is "", otherwise the named credential field (which the user part
 // needs non-empty).
@@ -209,7 +228,11 @@ func (w *Worker) send(ctx context.Context, in *catalog.Integration, req *http.Re
 		if ctx.Err() != nil {
 			return checkResult{}, ctx.Err()
 		}
-		return checkResult{kind: kindTransient, sent: true, latency: lat, msg: transportMsg(err)}, nil
+		k := kindTransient
+		if consumerSide(in, req.URL, err) {
+			k = kindMisconfigured
+		}
+		return checkResult{kind: k, sent: true, latency: lat, msg: transportMsg(err)}, nil
 	}
 	body, over, rerr := readCapped(resp.Body, w.cfg.MaxBodyBytes)
 	_ = resp.Body.Close()
@@ -304,6 +327,29 @@ func assertHolds(a *catalog.Assertion, body []byte) bool {
 		return false
 	}
 	return true
+}
+
+// consumerSide reports whether a transport failure of a request to u is
+// the consumer's own misconfiguration rather than provider trouble: a
+// redirect the catalog's host rules refuse; or, when u's host came from
+// the consumer's settings (not one of the provider's own hosts fixed in
+// the catalog), a name that does not resolve or an address where nothing
+// accepts connections. A server that was reached and then failed
+// (timeout after connecting, reset, TLS) is the provider's trouble
+// wherever it is.
+func consumerSide(in *catalog.Integration, u *url.URL, err error) bool {
+	if errors.Is(err, catalog.ErrHostNotAllowed) {
+		return true
+	}
+	if in.ProviderHost(u) {
+		return false
+	}
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		return !dnsErr.IsTimeout && !dnsErr.IsTemporary || dnsErr.IsNotFound
+	}
+	var opErr *net.OpError
+	return errors.As(err, &opErr) && opErr.Op == "dial" && !opErr.Timeout()
 }
 
 // transportMsg names a transport failure without secrets: timeout, DNS,

@@ -98,6 +98,12 @@ func TestBuildCheckRequest(t *testing.T) {
 		"MissingCredential": {
 			integration: "acme", wantErr: true,
 		},
+		"HeaderValueWithCRLF": {
+			integration: "acme", creds: state.Credentials{APIKey: secretAPIKey + "\r\nX-Injected: 1"}, wantErr: true,
+		},
+		"BearerWithNUL": {
+			integration: "oco", creds: state.Credentials{AccessToken: secretAccess + "\x00", RefreshToken: secretRefresh}, wantErr: true,
+		},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -255,8 +261,12 @@ func TestRevokedGrant(t *testing.T) {
 		return &oauth2.RetrieveError{Response: &http.Response{StatusCode: code}, ErrorCode: errCode, Body: []byte(body)}
 	}
 	require.True(t, revokedGrant(re(400, "invalid_grant", "")))
-	require.True(t, revokedGrant(re(401, "invalid_client", "")))
-	require.True(t, revokedGrant(re(400, "unauthorized_client", "")))
+	require.False(t, revokedGrant(re(401, "invalid_client", "")), "the fleet's client, not the connection")
+	require.False(t, revokedGrant(re(400, "unauthorized_client", "")), "the fleet's client, not the connection")
+	require.True(t, clientRejected(re(401, "invalid_client", "")))
+	require.True(t, clientRejected(re(400, "unauthorized_client", "")))
+	require.False(t, clientRejected(re(503, "invalid_client", "")))
+	require.False(t, clientRejected(re(400, "invalid_grant", "")))
 	require.True(t, revokedGrant(re(400, "", `{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}`)))
 	require.False(t, revokedGrant(re(400, "invalid_request", "")))
 	require.False(t, revokedGrant(re(500, "invalid_grant", "")))

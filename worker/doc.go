@@ -15,7 +15,18 @@
 //     invalid, reason credentials_rejected (misconfigured_account for 404);
 //   - 429: transient, retried after its Retry-After;
 //   - 5xx, timeouts, DNS, connection and TLS errors, anything else:
-//     transient, retried with exponential backoff and full jitter.
+//     transient, retried with exponential backoff and full jitter;
+//   - the consumer's own misconfiguration: a request its settings or
+//     credentials make impossible (nothing sent) is an invalid verdict,
+//     reason misconfigured_account; a redirect the catalog refuses, or a
+//     host chosen by its settings that does not resolve or refuses
+//     connections, is recorded on that connection alone (health
+//     misconfigured, state kept) and never counts in the breaker.
+//
+// The invalid-wave guard (guardFlip, catalog invalid_wave) counts only
+// verdicts that would flip a connection to invalid, after confirmation,
+// from a provider's answer, and holds those over the threshold of a
+// sliding window.
 //
 // Valid and invalid verdicts are applied with compare-and-set on the
 // credentials revision read before the check; a verdict for credentials
@@ -40,7 +51,8 @@
 // # Protection of providers
 //
 // A circuit breaker per integration stops calling a provider whose checks
-// fail transiently en masse, and a fleet-wide rate limit per integration
+// fail transiently en masse (provider trouble only: 5xx, timeouts,
+// connection errors on the provider's own hosts), and a fleet-wide rate limit per integration
 // (in Redis) keeps all workers together under the catalog's limit. Tasks
 // held back by either are retried later without using up a retry.
 //
@@ -49,7 +61,8 @@
 // Registered on Config.Registerer, labelled by integration, never by
 // connection or consumer: vaultfleet_checks_total{integration,outcome}
 // (valid, invalid, transient, rate_limited: a provider 429 or the fleet's
-// own limit, skipped: no request made), vaultfleet_check_duration_seconds,
+// own limit, misconfigured: the consumer's own settings made the check
+// fail, skipped: no request made), vaultfleet_invalid_verdicts_held_total, vaultfleet_check_duration_seconds,
 // vaultfleet_state_transitions_total{integration,from,to},
 // vaultfleet_token_refreshes_total{integration,outcome} (refreshed,
 // revoked, transient, skipped, lost_race),

@@ -204,6 +204,22 @@ integrations:
     token_lifetime: 1h
     allow_http: true
     allowed_hosts: ["HOST"]
+  - id: owave
+    name: OWave
+    unified_api: accounting
+    auth_type: oauth2
+    status: live
+    check:
+      url: http://HOST/owave/me
+    oauth:
+      token_url: http://HOST/owave/token
+      client_id_env: OCO_CLIENT_ID
+      client_secret_env: OCO_CLIENT_SECRET
+      auth_style: header
+    token_lifetime: 1h
+    invalid_wave: {threshold: 1, window: 1m}
+    allow_http: true
+    allowed_hosts: ["HOST"]
   - id: limited
     name: Limited
     unified_api: crm
@@ -236,6 +252,19 @@ integrations:
     check:
       url: http://HOST/waveco/me
     invalid_wave: {threshold: 2, window: 1m}
+    allow_http: true
+    allowed_hosts: ["HOST"]
+  - id: waveconfirm
+    name: WaveConfirm
+    unified_api: crm
+    auth_type: api_key
+    status: live
+    credential_fields: [api_key]
+    check:
+      url: http://HOST/waveconfirm/me
+    confirm_invalid: 1
+    confirm_spacing: 1h
+    invalid_wave: {threshold: 1, window: 1m}
     allow_http: true
     allowed_hosts: ["HOST"]
   - id: devco
@@ -427,11 +456,13 @@ func eventually(t testing.TB, d time.Duration, cond func() bool, msg string, arg
 	require.Failf(t, "condition not met in time", msg, args...)
 }
 
-// requireNoSecrets fails if any test secret shows in s.
+// requireNoSecrets fails if any test secret shows in s. Every secret the
+// tests and their providers hand out has "_SECRET_" in it (the names of
+// environment variables such as OCO_CLIENT_SECRET are no secret).
 func requireNoSecrets(t testing.TB, s string) {
 	t.Helper()
 	for _, sec := range []string{secretAPIKey, secretAccess, secretRefresh, secretPassword, clientSecret,
-		"SECRET"} {
+		"_SECRET_"} {
 		require.NotContains(t, s, sec)
 	}
 }

@@ -18,6 +18,9 @@ const (
 	outcomeTransient   = "transient"
 	outcomeRateLimited = "rate_limited"
 	outcomeSkipped     = "skipped"
+	// outcomeMisconfigured: the consumer's own settings made the check
+	// fail (no verdict, never provider trouble).
+	outcomeMisconfigured = "misconfigured"
 )
 
 // outcomeHeld is the task result's outcome of an invalid verdict held back
@@ -31,6 +34,14 @@ const (
 	refreshTransient = "transient"
 	refreshSkipped   = "skipped"
 	refreshLostRace  = "lost_race"
+	// refreshRotationLost: invalid_grant while an earlier exchange of the
+	// same refresh token had an unknown outcome.
+	refreshRotationLost = "rotation_lost"
+	// refreshClientError: the provider rejected the fleet's own OAuth
+	// client (invalid_client, unauthorized_client): no verdict.
+	refreshClientError = "client_error"
+	// refreshHeld: a revocation held back by the invalid-wave guard.
+	refreshHeld = "revocation_held"
 )
 
 // Outcomes of vaultfleet_tasks_processed_total.
@@ -60,6 +71,9 @@ type metrics struct {
 	circuitOpen    *prometheus.GaugeVec
 	tasksProcessed *prometheus.CounterVec
 	taskDuration   *prometheus.HistogramVec
+	rotationsLost  *prometheus.CounterVec
+	clientErrors   *prometheus.CounterVec
+	tokenWrites    *prometheus.CounterVec
 }
 
 // providerBuckets fit provider latencies: tens of milliseconds to a timeout.
@@ -69,7 +83,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		checks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_checks_total",
-			Help: "Connection checks by integration and outcome (valid, invalid, transient, rate_limited, skipped).",
+			Help: "Connection checks by integration and outcome (valid, invalid, transient, rate_limited, misconfigured, skipped).",
 		}, []string{"integration", "outcome"}),
 		checkDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "vaultfleet_check_duration_seconds",
@@ -82,15 +96,27 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"integration", "from", "to"}),
 		refreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_token_refreshes_total",
-			Help: "Token refresh attempts by integration and outcome (refreshed, revoked, transient, skipped, lost_race).",
+			Help: "Token refresh attempts by integration and outcome (refreshed, revoked, transient, skipped, lost_race, rotation_lost, client_error, revocation_held).",
 		}, []string{"integration", "outcome"}),
+		rotationsLost: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vaultfleet_token_rotations_lost_total",
+			Help: "Refreshes answered invalid_grant while an earlier exchange of the same refresh token had an unknown outcome: a rotated token the fleet lost (never expected; alert).",
+		}, []string{"integration"}),
+		clientErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vaultfleet_oauth_client_errors_total",
+			Help: "Token endpoint answers rejecting the fleet's own OAuth client (invalid_client, unauthorized_client): an integration incident, no connection is flipped.",
+		}, []string{"integration"}),
+		tokenWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vaultfleet_token_write_retries_total",
+			Help: "Retried writes of refreshed tokens (Redis unavailable after the exchange), by outcome of the write (stored, failed).",
+		}, []string{"outcome"}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_verdicts_dropped_total",
 			Help: "Verdicts not applied because the credentials changed while the check ran.",
 		}, []string{"reason"}),
 		held: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_invalid_verdicts_held_total",
-			Help: "Invalid check verdicts held back by the catalog's invalid-wave guard (retried later, state unchanged).",
+			Help: "Invalid verdicts that would have turned a connection invalid, held back by the catalog's invalid-wave guard (retried later, state unchanged).",
 		}, []string{"integration"}),
 		circuitOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "vaultfleet_circuit_open",
@@ -107,7 +133,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"task_type"}),
 	}
 	for _, c := range []prometheus.Collector{m.checks, m.checkDuration, m.transitions, m.refreshes,
-		m.dropped, m.held, m.circuitOpen, m.tasksProcessed, m.taskDuration} {
+		m.dropped, m.held, m.circuitOpen, m.tasksProcessed, m.taskDuration, m.rotationsLost, m.clientErrors,
+		m.tokenWrites} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

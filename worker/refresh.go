@@ -3,16 +3,15 @@ package worker
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/hibiken/asynq"
-	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
@@ -20,25 +19,23 @@ import (
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
-// releaseLock deletes a lock only if it still holds the caller's token, so
-// a holder whose lease ran out never releases its successor's lock.
-var releaseLock = redis.NewScript(`
-if redis.call("GET", KEYS[1]) == ARGV[1] then
-  return redis.call("DEL", KEYS[1])
-end
-return 0`)
-
 // errClientCredentials means the environment variables the catalog names
 // for the OAuth client credentials are empty: a fleet misconfiguration,
 // retried (never a verdict against the consumer).
 var errClientCredentials = errors.New("worker: oauth client credentials not configured")
 
-// storeTokensAttempts bounds the writes of refreshed tokens.
-const storeTokensAttempts = 5
+// errClientRejected means the token endpoint rejected the fleet's own OAuth
+// client (invalid_client, unauthorized_client): an incident of the
+// integration, never a verdict on a connection.
+var errClientRejected = errors.New("worker: the provider rejected the fleet's oauth client credentials")
+
+// errStoreUnavailable marks failures to reach Redis: the task is retried
+// soon (see RetryDelay), not after a provider's backoff.
+var errStoreUnavailable = errors.New("worker: store unavailable")
 
 // refreshOutcome is what one pass through the refresh path did.
 type refreshOutcome struct {
-	// outcome is refreshed, revoked, transient, skipped or lost_race.
+	// outcome is one of the refresh* outcomes.
 	outcome string
 	// conn is the latest connection read or written, if any.
 	conn *state.Connection
@@ -47,7 +44,7 @@ type refreshOutcome struct {
 	// status and latency of the token request, if one was made.
 	status  int
 	latency time.Duration
-	// reason is the verdict's reason (outcome revoked).
+	// reason is the verdict's reason (outcome revoked or rotation_lost).
 	reason string
 	// dropped is set when a revoked verdict was not applied.
 	dropped string
@@ -56,108 +53,67 @@ type refreshOutcome struct {
 	msg string
 }
 
-func (w *Worker) lockKey(ref state.Ref) string {
-	return w.cfg.KeyPrefix + ":lock:refresh:" + ref.String()
+func transientOut(msg string, err error) refreshOutcome {
+	return refreshOutcome{outcome: refreshTransient, msg: msg, err: err}
 }
 
-// lockLease outlasts one token request plus the store write that follows
-// it, so the lock never expires under a holder that is still working.
-func (w *Worker) lockLease() time.Duration {
-	return w.cfg.TokenTimeout + storeWriteTimeout + 5*time.Second
+// leaseTTL is the refresh lease's time to live; the holder extends it every
+// third of that while it works, so it lapses only if the holder dies or
+// Redis stalls for longer.
+const leaseTTL = 15 * time.Second
+
+// intentMaxAge is how long another holder's exchange intent is presumed
+// alive (its holder may still be persisting the tokens): the longest an
+// exchange plus its persisting can take, and a margin.
+func (w *Worker) intentMaxAge() time.Duration {
+	return w.cfg.TokenTimeout + w.cfg.PersistTimeout + 30*time.Second
 }
 
-// tryLock takes the refresh lock of a connection: SET NX PX with a random
-// token.
-func (w *Worker) tryLock(ctx context.Context, key string) (token string, ok bool, err error) {
-	b := make([]byte, 16)
-	_, _ = rand.Read(b)
-	token = hex.EncodeToString(b)
-	ok, err = w.rdb.SetNX(ctx, key, token, w.lockLease()).Result()
-	return token, ok, err
-}
-
-// unlock releases the lock if it is still ours, whatever the task's
-// context says.
-func (w *Worker) unlock(ctx context.Context, key, token string) {
-	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if err := releaseLock.Run(uctx, w.rdb, []string{key}, token).Err(); err != nil {
-		w.log.WarnContext(uctx, "refresh lock release failed (it expires by itself)", slog.String("error", err.Error()))
-	}
-}
-
-// waitUnlocked waits until the lock is released (or expires), polling with
-// backoff, bounded by ctx and by one lease.
-func (w *Worker) waitUnlocked(ctx context.Context, key string) error {
-	deadline := time.Now().Add(w.lockLease() + time.Second)
-	d := 5 * time.Millisecond
-	for {
-		n, err := w.rdb.Exists(ctx, key).Result()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return fmt.Errorf("worker: refresh lock: %w", err)
-		}
-		if n == 0 {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return &RetryAfterError{After: jitter(time.Second), Err: ErrRefreshBusy}
-		}
-		if err := sleep(ctx, d); err != nil {
-			return err
-		}
-		d = min(2*d, 200*time.Millisecond)
-	}
-}
-
-// refreshWindow is how long before expiry c's token is refreshed: the
-// integration's window for the token's lifetime, and never less than
-// NearExpiry.
-func (w *Worker) refreshWindow(c *state.Connection, in *catalog.Integration) time.Duration {
-	return max(in.RefreshWindowFor(state.TokenLifetime(c.Credentials, in)), w.cfg.NearExpiry)
-}
-
-// refreshDue reports whether c's access token should be refreshed now.
+// refreshDue reports whether c's access token should be refreshed now
+// (state.RefreshDue: the same rule as the due index).
 func (w *Worker) refreshDue(c *state.Connection, in *catalog.Integration, now time.Time) bool {
-	if c.Credentials.RefreshToken == "" {
-		return false
-	}
-	return state.TokenExpired(c.Credentials, now.Add(w.refreshWindow(c, in)))
+	return state.RefreshDue(c.Credentials, in, now)
 }
 
 // refresh is the one path by which tokens are refreshed, for refresh tasks
 // and for checks alike. seen is the connection as the caller read it.
 // Exactly one worker at a time refreshes a connection: the others wait for
-// its lock and then find the token fresh.
+// its lease and then find the token fresh. The protocol is written down in
+// the README (Token refresh).
 func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *state.Connection) refreshOutcome {
 	ref := seen.Ref()
-	key := w.lockKey(ref)
+	if until, paused := w.clientErrorPause(in.ID); paused {
+		msg := "refreshes of " + in.ID + " paused: the provider rejects the fleet's oauth client credentials"
+		return transientOut(msg, &RetryAfterError{After: jitter(until), Err: ErrCircuitOpen})
+	}
 	for {
-		token, ok, err := w.tryLock(ctx, key)
-		if err != nil {
+		lease, err := w.store.AcquireRefresh(ctx, ref, leaseTTL)
+		if err == nil {
+			out := w.refreshLeased(ctx, in, ref, seen, lease)
+			uctx, cancel := storeCtx(ctx)
+			if err := w.store.ReleaseRefresh(uctx, lease); err != nil {
+				w.log.WarnContext(uctx, "refresh lease release failed (it expires by itself)", slog.String("error", err.Error()))
+			}
+			cancel()
+			return out
+		}
+		if !errors.Is(err, state.ErrRefreshLocked) {
 			if ctx.Err() != nil {
 				return refreshOutcome{outcome: refreshTransient, err: ctx.Err()}
 			}
-			return refreshOutcome{outcome: refreshTransient, err: fmt.Errorf("worker: refresh lock: %w", err), msg: "refresh lock unavailable"}
-		}
-		if ok {
-			out := w.refreshLocked(ctx, in, ref, seen)
-			w.unlock(ctx, key, token)
-			return out
+			return transientOut("refresh lease unavailable", fmt.Errorf("%w: %w", errStoreUnavailable, err))
 		}
 		// Somebody else is refreshing: wait, then see what they left.
 		waitStart := w.now()
-		if err := w.waitUnlocked(ctx, key); err != nil {
-			return refreshOutcome{outcome: refreshTransient, err: err, msg: "waiting for another worker's refresh"}
+		if err := w.waitUnlocked(ctx, ref); err != nil {
+			return transientOut("waiting for another worker's refresh", err)
 		}
 		c, err := w.store.Get(ctx, ref)
 		if errors.Is(err, state.ErrNotFound) {
 			return refreshOutcome{outcome: refreshSkipped, skip: skipNotFound}
 		}
 		if err != nil {
-			return refreshOutcome{outcome: refreshTransient, err: fmt.Errorf("worker: load connection: %w", err), msg: "store unavailable"}
+			return transientOut("store unavailable", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err))
 		}
 		if !w.refreshDue(c, in, w.now()) {
 			return refreshOutcome{outcome: refreshLostRace, conn: c}
@@ -172,18 +128,74 @@ func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *sta
 			return refreshOutcome{outcome: refreshTransient, conn: c, msg: msg, err: errors.New("worker: " + msg)}
 		}
 		// Still due (the other worker's lease ran out, or it found nothing
-		// to do): take the lock ourselves.
+		// to do): take the lease ourselves.
 	}
 }
 
-// refreshLocked runs with the connection's refresh lock held.
-func (w *Worker) refreshLocked(ctx context.Context, in *catalog.Integration, ref state.Ref, seen *state.Connection) refreshOutcome {
+// waitUnlocked waits until the lease is released (or expires), polling
+// with backoff, bounded by ctx and by a few lease lifetimes.
+func (w *Worker) waitUnlocked(ctx context.Context, ref state.Ref) error {
+	deadline := time.Now().Add(2 * leaseTTL)
+	d := 5 * time.Millisecond
+	for {
+		locked, err := w.store.RefreshLocked(ctx, ref)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("%w: refresh lease: %w", errStoreUnavailable, err)
+		}
+		if !locked {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return &RetryAfterError{After: jitter(time.Second), Err: ErrRefreshBusy}
+		}
+		if err := sleep(ctx, d); err != nil {
+			return err
+		}
+		d = min(2*d, 200*time.Millisecond)
+	}
+}
+
+// keepLease extends lease every third of its TTL until stop is called. A
+// lease that could not be extended is not fatal: the intent still fences
+// the exchange in flight, and fenced writes say whether we still own it.
+func (w *Worker) keepLease(ctx context.Context, lease *state.RefreshLease) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(leaseTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), leaseTTL/3)
+				err := w.store.ExtendRefresh(ectx, lease, leaseTTL)
+				cancel()
+				if err != nil && w.errLog.Allow() {
+					w.log.WarnContext(ctx, "refresh lease not extended", slog.String("error", err.Error()))
+				}
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+// refreshLeased runs with the connection's refresh lease held.
+func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref state.Ref, seen *state.Connection, lease *state.RefreshLease) refreshOutcome {
+	stop := w.keepLease(ctx, lease)
+	defer stop()
 	c, err := w.store.Get(ctx, ref)
 	switch {
 	case errors.Is(err, state.ErrNotFound):
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNotFound}
 	case err != nil:
-		return refreshOutcome{outcome: refreshTransient, err: fmt.Errorf("worker: load connection: %w", err), msg: "store unavailable"}
+		return transientOut("store unavailable", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err))
 	case !c.Enabled:
 		return refreshOutcome{outcome: refreshSkipped, skip: skipDisabled, conn: c}
 	case in.AuthType != catalog.AuthOAuth2:
@@ -200,18 +212,74 @@ func (w *Worker) refreshLocked(ctx context.Context, in *catalog.Integration, ref
 		}
 		return refreshOutcome{outcome: refreshSkipped, skip: skipNotDue, conn: c}
 	}
+	// The provider's breaker and the fleet-wide rate limit hold for token
+	// endpoints as for checks.
+	done, err := w.breakers.allow(in.ID)
+	if err != nil {
+		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "circuit breaker open", err: err}
+	}
+	if err := w.waitRateLimit(ctx, in); err != nil {
+		done(errNotCounted)
+		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "fleet rate limit of the integration reached", err: err}
+	}
+	// Step: no exchange starts once shutdown began.
+	if !w.startExchange() {
+		done(errNotCounted)
+		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "worker shutting down",
+			err: &RetryAfterError{After: time.Second, Err: ErrRefreshBusy}}
+	}
+	defer w.exchanges.Done()
 	used := c.Credentials.RefreshToken
+	// Step: record the intent (lineage, time) before calling the provider.
+	prior, err := w.store.BeginExchange(ctx, lease, state.Lineage(used), w.intentMaxAge())
+	switch {
+	case errors.Is(err, state.ErrExchangeInFlight):
+		done(errNotCounted)
+		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "another worker's token exchange may still be persisting",
+			err: &RetryAfterError{After: jitter(5 * time.Second), Err: ErrRefreshBusy}}
+	case err != nil:
+		done(errNotCounted)
+		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "could not record the exchange intent",
+			err: fmt.Errorf("%w: %w", errStoreUnavailable, err)}
+	}
+	unknownBefore := prior.Unknown && prior.Lineage == state.Lineage(used)
+
 	start := time.Now()
 	tok, status, err := w.exchange(ctx, in, c)
 	lat := time.Since(start)
-	out := refreshOutcome{status: status, latency: lat}
-	if err == nil {
-		return w.keepTokens(ctx, in, ref, used, tok, now, out)
-	}
-	if errors.Is(err, errMisconfigured) || revokedGrant(err) {
-		return w.revoke(ctx, in, ref, used, err, now, out)
+	out := refreshOutcome{status: status, latency: lat, conn: c}
+	switch {
+	case err == nil:
+		done(nil)
+		return w.keepTokens(ctx, in, lease, used, tok, now, out)
+	case errors.Is(err, errMisconfigured):
+		done(errNotCounted)
+		w.settle(ctx, lease, true)
+		return w.revoke(ctx, in, lease, used, err, state.ReasonMisconfiguredAccount, now, out)
+	case clientRejected(err):
+		done(errNotCounted)
+		w.settle(ctx, lease, true)
+		return w.clientRejected(ctx, in, out)
+	case revokedGrant(err):
+		done(nil)
+		reason := state.ReasonRefreshTokenRevoked
+		if unknownBefore {
+			reason = state.ReasonRotationLost
+		}
+		return w.revoke(ctx, in, lease, used, err, reason, now, out)
 	}
 	// Transient: provider trouble, timeouts, 429, our own configuration.
+	answered := status != 0
+	if answered && status != http.StatusTooManyRequests && status < 500 {
+		done(errNotCounted)
+	} else if errors.Is(err, errClientCredentials) {
+		done(errNotCounted)
+	} else {
+		done(errProviderTrouble)
+	}
+	// A request that got no answer may have reached the provider and
+	// rotated the token: its outcome stays unknown in the intent.
+	w.settle(ctx, lease, answered || errors.Is(err, errClientCredentials) || dialFailed(err))
 	out.outcome, out.msg = refreshTransient, "token refresh failed: "+safeErr(err)
 	if errors.Is(err, errClientCredentials) {
 		out.msg = err.Error()
@@ -232,10 +300,28 @@ func (w *Worker) refreshLocked(ctx context.Context, in *catalog.Integration, ref
 	return out
 }
 
-// keepTokens stores the new tokens before anything else, retrying the
-// write while its own deadline allows: tokens lost here lose the
-// connection, since the provider may have rotated the refresh token.
-func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, ref state.Ref, used string, tok *oauth2.Token, now time.Time, out refreshOutcome) refreshOutcome {
+// settle ends our exchange intent without a write: known clears it,
+// otherwise its outcome is recorded as unknown.
+func (w *Worker) settle(ctx context.Context, lease *state.RefreshLease, known bool) {
+	sctx, cancel := storeCtx(ctx)
+	defer cancel()
+	if err := w.store.SettleExchange(sctx, lease, known); err != nil && w.errLog.Allow() {
+		w.log.WarnContext(ctx, "exchange intent not settled (it ages out)", slog.String("error", err.Error()))
+	}
+}
+
+// dialFailed reports whether err happened before any byte was sent (the
+// provider cannot have rotated anything).
+func dialFailed(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// keepTokens stores the new tokens before anything else. The write is
+// fenced by our exchange intent and retried with backoff for up to
+// PersistTimeout while the lease is kept alive: tokens lost here lose the
+// connection, since the provider has rotated the refresh token.
+func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, lease *state.RefreshLease, used string, tok *oauth2.Token, now time.Time, out refreshOutcome) refreshOutcome {
 	t := state.Tokens{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, IssuedAt: now}
 	switch {
 	case tok.ExpiresIn > 0:
@@ -245,18 +331,30 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, ref st
 	}
 	// No expires_in (Salesforce): the store gives the token the catalog's
 	// lifetime from IssuedAt.
-	sctx, cancel := storeCtx(ctx)
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.PersistTimeout)
 	defer cancel()
 	var ch state.Change
 	var err error
-	// A few attempts ride out a Redis failover; refusals (stale, not
-	// found) are final.
-	for attempt, d := 1, 100*time.Millisecond; ; attempt, d = attempt+1, 2*d {
-		ch, err = w.store.StoreTokens(sctx, ref, used, t)
+	retried := false
+	for d := 100 * time.Millisecond; ; d = min(2*d, 3*time.Second) {
+		actx, acancel := context.WithTimeout(pctx, storeWriteTimeout)
+		ch, err = w.store.StoreRefreshedTokens(actx, lease, used, t)
+		acancel()
 		if err == nil || errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrNotFound) ||
-			attempt == storeTokensAttempts || sleep(sctx, d) != nil {
+			errors.Is(err, state.ErrFenced) || errors.Is(err, state.ErrEmptyAccessToken) {
 			break
 		}
+		retried = true
+		if sleep(pctx, jitter(d)) != nil {
+			break
+		}
+	}
+	if retried {
+		label := "stored"
+		if err != nil {
+			label = "failed"
+		}
+		w.metrics.tokenWrites.WithLabelValues(label).Inc()
 	}
 	switch {
 	case err == nil:
@@ -266,56 +364,109 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, ref st
 		// The consumer re-authorized while we refreshed: their tokens win.
 		out.outcome = refreshLostRace
 		w.log.WarnContext(ctx, "refreshed tokens dropped: credentials changed meanwhile", slog.String(keyIntegration, in.ID))
+		w.settle(ctx, lease, true)
 	case errors.Is(err, state.ErrNotFound):
 		out.outcome, out.skip = refreshSkipped, skipNotFound
+		w.settle(ctx, lease, true)
 	default:
+		// Fenced (another holder took over after our intent aged out) or
+		// Redis unreachable for PersistTimeout: the outcome is lost to us.
 		out.outcome, out.msg = refreshTransient, "storing refreshed tokens failed"
-		out.err = fmt.Errorf("worker: storing refreshed tokens: %w", err)
+		out.err = fmt.Errorf("%w: storing refreshed tokens: %w", errStoreUnavailable, err)
 		w.log.ErrorContext(ctx, "refreshed tokens could not be stored", slog.String(keyIntegration, in.ID),
-			slog.String(keyConnectionID, ref.ConnectionID), slog.String("error", err.Error()))
+			slog.String(keyConnectionID, lease.Ref().ConnectionID), slog.Duration("persist_timeout", w.cfg.PersistTimeout),
+			slog.String("error", err.Error()))
+		w.settle(ctx, lease, false)
 	}
 	return out
 }
 
-// revoke applies the invalid verdict of a rejected refresh token, unless
-// the refresh token changed meanwhile (another refresh won the race).
-func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, ref state.Ref, used string, cause error, now time.Time, out refreshOutcome) refreshOutcome {
+// revoke applies the invalid verdict of a rejected refresh token, under the
+// fence, unless the refresh token changed meanwhile (another refresh won
+// the race) or the invalid-wave guard holds it back.
+func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, lease *state.RefreshLease, used string, cause error, reason string, now time.Time, out refreshOutcome) refreshOutcome {
 	sctx, cancel := storeCtx(ctx)
 	defer cancel()
-	c, err := w.store.Get(sctx, ref)
+	c, err := w.store.Get(sctx, lease.Ref())
 	switch {
 	case errors.Is(err, state.ErrNotFound):
 		out.outcome, out.skip = refreshSkipped, skipNotFound
 		return out
 	case err != nil:
+		w.settle(ctx, lease, false)
 		out.outcome, out.msg = refreshTransient, "store unavailable"
-		out.err = fmt.Errorf("worker: load connection: %w", err)
+		out.err = fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err)
 		return out
 	case c.Credentials.RefreshToken != used:
+		w.settle(ctx, lease, true)
 		out.outcome, out.conn = refreshLostRace, c
 		return out
 	}
-	reason := state.ReasonRefreshTokenRevoked
-	if errors.Is(cause, errMisconfigured) {
-		reason = state.ReasonMisconfiguredAccount
-	}
 	out.msg, out.reason = safeErr(cause), reason
 	v := state.Verdict{Outcome: state.InvalidCred, Reason: reason, HTTPStatus: out.status, CheckedAt: now, Revision: c.Revision}
-	ch, err := w.store.ApplyVerdictFrom(sctx, c, v)
+	if reason == state.ReasonRotationLost {
+		w.metrics.rotationsLost.WithLabelValues(in.ID).Inc()
+		w.log.ErrorContext(ctx, "token rotation lost: invalid_grant for a refresh token whose earlier exchange had an unknown outcome",
+			slog.String(keyIntegration, in.ID), slog.String(keyConnectionID, c.ID))
+	} else if held, after := w.holdRevocation(sctx, in, c, v, now); held {
+		// A wave of revocations across one integration looks like a
+		// provider incident: keep the state, try again after the window.
+		w.settle(ctx, lease, true)
+		out.outcome, out.conn = refreshHeld, c
+		out.msg = "revocation held back: wave of invalid verdicts for " + in.ID
+		out.err = &RetryAfterError{After: after, Err: errors.New("worker: " + out.msg)}
+		return out
+	}
+	ch, err := w.store.RevokeRefresh(sctx, lease, c, v)
 	switch {
 	case err == nil:
 		out.outcome, out.conn = refreshRevoked, ch.After
+		if reason == state.ReasonRotationLost {
+			out.outcome = refreshRotationLost
+		}
 		w.metrics.transition(in.ID, ch)
 	case errors.Is(err, state.ErrStale):
 		out.outcome, out.dropped = refreshLostRace, dropStale
 		w.metrics.dropped.WithLabelValues(dropStale).Inc()
+	case errors.Is(err, state.ErrFenced):
+		// Somebody else owns the refresh now: their outcome decides.
+		out.outcome = refreshLostRace
 	case errors.Is(err, state.ErrNotFound):
 		out.outcome, out.skip = refreshSkipped, skipNotFound
 	default:
+		w.settle(ctx, lease, true)
 		out.outcome, out.msg = refreshTransient, "store unavailable"
-		out.err = fmt.Errorf("worker: apply verdict: %w", err)
+		out.err = fmt.Errorf("%w: apply verdict: %w", errStoreUnavailable, err)
 	}
 	return out
+}
+
+// clientRejected handles invalid_client / unauthorized_client: the
+// fleet's own OAuth client credentials are wrong. No connection is
+// flipped; the integration's refreshes pause, and the operator is told
+// which environment variable holds the secret.
+func (w *Worker) clientRejected(ctx context.Context, in *catalog.Integration, out refreshOutcome) refreshOutcome {
+	w.metrics.clientErrors.WithLabelValues(in.ID).Inc()
+	w.clientErrMu.Lock()
+	w.clientErrUntil[in.ID] = time.Now().Add(w.cfg.ClientErrorPause)
+	w.clientErrMu.Unlock()
+	if w.errLog.Allow() {
+		w.log.ErrorContext(ctx, "the provider rejects the fleet's oauth client credentials: refreshes of this integration pause; fix the client id/secret",
+			slog.String(keyIntegration, in.ID), slog.String("client_id_env", in.OAuth.ClientIDEnv),
+			slog.String("client_secret_env", in.OAuth.ClientSecretEnv), slog.Duration("pause", w.cfg.ClientErrorPause))
+	}
+	out.outcome, out.msg = refreshClientError, "the provider rejects the fleet's oauth client credentials"
+	out.err = &RetryAfterError{After: jitter(w.cfg.ClientErrorPause), Err: fmt.Errorf("%w (%s)", errClientRejected, in.ID)}
+	return out
+}
+
+// clientErrorPause reports whether the integration's refreshes are paused
+// after a client rejection, and for how much longer.
+func (w *Worker) clientErrorPause(integration string) (time.Duration, bool) {
+	w.clientErrMu.Lock()
+	defer w.clientErrMu.Unlock()
+	d := time.Until(w.clientErrUntil[integration])
+	return d, d > 0
 }
 
 // exchange trades c's refresh token for new tokens at the integration's
@@ -361,8 +512,7 @@ func (w *Worker) exchange(ctx context.Context, in *catalog.Integration, c *state
 }
 
 // revokedGrant reports whether a token endpoint error means the refresh
-// token (or the client) is no longer accepted: invalid_grant,
-// invalid_client, unauthorized_client (HubSpot: BAD_REFRESH_TOKEN). Only
+// token is no longer accepted: invalid_grant (HubSpot: BAD_REFRESH_TOKEN). Only
 // answers the provider gave on purpose count: never a 5xx or a 429.
 func revokedGrant(err error) bool {
 	var re *oauth2.RetrieveError
@@ -373,12 +523,25 @@ func revokedGrant(err error) bool {
 		return false
 	}
 	switch re.ErrorCode {
-	case "invalid_grant", "invalid_client", "unauthorized_client":
+	case "invalid_grant":
 		return true
 	case "":
 		return bytes.Contains(re.Body, []byte("BAD_REFRESH_TOKEN"))
 	}
 	return false
+}
+
+// clientRejected reports whether a token endpoint error rejects the
+// fleet's own OAuth client (invalid_client, unauthorized_client).
+func clientRejected(err error) bool {
+	var re *oauth2.RetrieveError
+	if !errors.As(err, &re) {
+		return false
+	}
+	if re.Response != nil && (re.Response.StatusCode >= 500 || re.Response.StatusCode == http.StatusTooManyRequests) {
+		return false
+	}
+	return re.ErrorCode == "invalid_client" || re.ErrorCode == "unauthorized_client"
 }
 
 // retryAfterOf returns the Retry-After of a token endpoint answer, if any.
@@ -395,7 +558,8 @@ func retryAfterOf(err error, now time.Time) time.Duration {
 // re-authorizes (which starts a new credentials revision).
 func revokedNow(c *state.Connection) bool {
 	v := c.Verdict
-	return v != nil && v.Revision == c.Revision && v.Outcome == state.InvalidCred && v.Reason == state.ReasonRefreshTokenRevoked
+	return v != nil && v.Revision == c.Revision && v.Outcome == state.InvalidCred &&
+		(v.Reason == state.ReasonRefreshTokenRevoked || v.Reason == state.ReasonRotationLost)
 }
 
 // handleRefresh processes connection:refresh_token.
@@ -419,7 +583,7 @@ func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
 	}
 	if err != nil {
 		r.res.Outcome, r.res.Error = refreshTransient, "store unavailable"
-		return r.finish(ctx, fmt.Errorf("worker: load connection: %w", err))
+		return r.finish(ctx, fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err))
 	}
 	r.before(c)
 	in := w.integration(c.ServiceID)
@@ -460,10 +624,10 @@ func (w *Worker) noteRefresh(ctx context.Context, r *taskRun, in *catalog.Integr
 	if out.latency > 0 {
 		r.res.LatencyMS = max(out.latency.Milliseconds(), 1)
 	}
-	if out.outcome == refreshRevoked {
+	switch out.outcome {
+	case refreshRevoked, refreshRotationLost:
 		r.res.Verdict, r.res.Reason = outcomeInvalid, out.reason
-	}
-	if out.outcome == refreshTransient {
+	case refreshTransient, refreshClientError, refreshHeld:
 		r.res.Error = out.msg
 		var ra *RetryAfterError
 		if errors.As(out.err, &ra) {
@@ -472,4 +636,12 @@ func (w *Worker) noteRefresh(ctx context.Context, r *taskRun, in *catalog.Integr
 	}
 	r.after(out.conn)
 	return out.err
+}
+
+// holdRevocation asks the invalid-wave guard whether a revocation of c
+// would be part of a wave across the integration (then it is held back
+// and retried after the returned delay). guardFlip counts only a
+// revocation that flips c to invalid, and counts a held one.
+func (w *Worker) holdRevocation(ctx context.Context, in *catalog.Integration, c *state.Connection, v state.Verdict, now time.Time) (bool, time.Duration) {
+	return w.guardFlip(ctx, in, c, v, now)
 }

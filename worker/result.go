@@ -30,8 +30,8 @@ const (
 type Result struct {
 	// Task is the task type.
 	Task string `json:"task"`
-	// Outcome is valid, invalid, transient, rate_limited or skipped for a
-	// validation; refreshed, revoked, transient, skipped or lost_race for a
+	// Outcome is valid, invalid, invalid_held, transient, rate_limited,
+	// misconfigured or skipped for a validation; refreshed, revoked, transient, skipped or lost_race for a
 	// refresh; malformed for a payload that cannot be read; canceled for a
 	// task cut short by a shutdown (it goes back to its queue).
 	Outcome string `json:"outcome"`

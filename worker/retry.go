@@ -51,12 +51,19 @@ func (e *RetryAfterError) Unwrap() error { return e.Err }
 // by the fleet itself (breaker, rate limit, another worker's refresh) do
 // not.
 func isFailure(err error) bool {
-	return !errors.Is(err, ErrCircuitOpen) && !errors.Is(err, ErrRateLimited) && !errors.Is(err, ErrRefreshBusy)
+	return !errors.Is(err, ErrCircuitOpen) && !errors.Is(err, ErrRateLimited) && !errors.Is(err, ErrRefreshBusy) &&
+		!errors.Is(err, errStoreUnavailable)
 }
+
+// storeRetryCeiling bounds the retry delay of a task that failed because
+// Redis was unreachable: work a person asked for runs soon after the store
+// returns, not after a provider's exponential backoff.
+const storeRetryCeiling = 5 * time.Second
 
 // RetryDelay is the worker's asynq RetryDelayFunc: the task type's own
 // function from Config.ExtraRetryDelay if it has one; else a
-// RetryAfterError's delay (capped by MaxRetryAfter); else exponential
+// RetryAfterError's delay (capped by MaxRetryAfter); else, when Redis was
+// unreachable, a delay of at most 5s; else exponential
 // backoff with full jitter: uniform in [0, min(RetryMaxDelay,
 // RetryBaseDelay*2^n)), at least one second.
 func (w *Worker) RetryDelay(n int, err error, t *asynq.Task) time.Duration {
@@ -68,6 +75,9 @@ func (w *Worker) RetryDelay(n int, err error, t *asynq.Task) time.Duration {
 	var ra *RetryAfterError
 	if errors.As(err, &ra) && ra.After > 0 {
 		return min(ra.After, w.cfg.MaxRetryAfter)
+	}
+	if errors.Is(err, errStoreUnavailable) {
+		return backoff(n, time.Second, storeRetryCeiling)
 	}
 	return backoff(n, w.cfg.RetryBaseDelay, w.cfg.RetryMaxDelay)
 }

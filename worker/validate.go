@@ -64,7 +64,7 @@ func (v *validation) load(ctx context.Context) (skip string, err error) {
 	}
 	if err != nil {
 		v.r.res.Outcome, v.r.res.Error = outcomeTransient, "store unavailable"
-		return "", fmt.Errorf("worker: load connection: %w", err)
+		return "", fmt.Errorf("%w: load connection: %w", errStoreUnavailable, err)
 	}
 	v.c, v.rev = c, c.Revision
 	in := v.w.integration(c.ServiceID)
@@ -146,13 +146,13 @@ func (v *validation) refreshFirst(ctx context.Context) (done bool, err error) {
 	v.w.metrics.refreshes.WithLabelValues(v.in.ID, out.outcome).Inc()
 	v.r.res.TokenRefresh = out.outcome
 	switch out.outcome {
-	case refreshRevoked:
+	case refreshRevoked, refreshRotationLost:
 		v.r.res.Outcome, v.r.res.Verdict, v.r.res.Reason = outcomeInvalid, outcomeInvalid, out.reason
 		v.r.res.HTTPStatus = out.status
 		v.w.metrics.checks.WithLabelValues(v.in.ID, outcomeInvalid).Inc()
 		v.r.after(out.conn)
 		return true, nil
-	case refreshTransient:
+	case refreshTransient, refreshClientError, refreshHeld:
 		// The refresh recorded its failure; the check waits for a token.
 		v.r.res.Outcome, v.r.res.Error, v.r.res.HTTPStatus = outcomeTransient, out.msg, out.status
 		v.w.metrics.checks.WithLabelValues(v.in.ID, outcomeTransient).Inc()
@@ -206,7 +206,8 @@ func (v *validation) check(ctx context.Context) (checkResult, error) {
 		done(errNotCounted)
 		v.r.res.Outcome = taskCanceled
 		return res, err
-	case !res.sent:
+	case !res.sent, res.kind == kindMisconfigured:
+		// The consumer's own doing: never the provider's trouble.
 		done(errNotCounted)
 	case res.kind == kindTransient || res.kind == kindThrottled:
 		done(errProviderTrouble)
@@ -241,20 +242,40 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 	defer cancel()
 	now := w.now()
 
-	// A wave of invalid verdicts across one integration looks like a
-	// provider auth incident: where the catalog asks for it, hold the
-	// verdict back as a transient failure and check again after the window.
-	// The check still counts as invalid above, so the InvalidationWave
+	// A wave of connections turning invalid across one integration looks
+	// like a provider auth incident: where the catalog asks for it, hold
+	// the flip back as a transient failure and check again later. Only a
+	// provider's answer that would flip the connection counts (guardFlip);
+	// the check still counts as invalid above, so the InvalidationWave
 	// alert sees the wave.
-	if res.kind == kindInvalid {
-		if held, n, window := w.holdInvalid(sctx, in, now); held {
-			w.metrics.held.WithLabelValues(in.ID).Inc()
-			w.log.WarnContext(ctx, "invalid verdict held back: wave of invalid verdicts",
-				slog.String(keyIntegration, in.ID), slog.Int64("invalid_in_window", n),
-				slog.Int("threshold", in.InvalidWave.Threshold), slog.Duration("window", window))
-			res.kind, res.msg, res.retryAfter = kindTransient, heldMessage(in, n, window), window
+	if res.kind == kindInvalid && res.sent {
+		flip := state.Verdict{Outcome: state.InvalidCred, Reason: res.reason, HTTPStatus: res.status, CheckedAt: now, Revision: v.rev}
+		if held, after := w.guardFlip(sctx, in, v.c, flip, now); held {
+			res.kind, res.msg, res.retryAfter = kindTransient, heldMessage(in), after
 			r.res.Outcome = outcomeHeld
 		}
+	}
+
+	if res.kind == kindMisconfigured {
+		// The consumer's own settings make the check fail (a host that
+		// does not resolve or refuses connections, a refused redirect):
+		// that connection's problem alone, shown as its health; state
+		// kept. The task is done: the periodic check looks again, and a
+		// change of settings validates at once.
+		r.res.Error = res.msg
+		ch, err := w.store.RecordMisconfigured(sctx, v.ref, v.rev, res.msg)
+		switch {
+		case errors.Is(err, state.ErrStale):
+			r.res.Dropped = dropStale
+			w.metrics.dropped.WithLabelValues(dropStale).Inc()
+		case errors.Is(err, state.ErrNotFound):
+			r.res.Dropped = skipNotFound
+		case err != nil:
+			return fmt.Errorf("worker: record misconfigured check: %w", err)
+		default:
+			r.after(ch.After)
+		}
+		return nil
 	}
 
 	if res.kind == kindTransient || res.kind == kindThrottled {

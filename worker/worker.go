@@ -42,7 +42,8 @@ const (
 	defaultBreakerWindow     = time.Minute
 	defaultBreakerCoolDown   = 30 * time.Second
 	defaultBreakerProbes     = 3
-	defaultNearExpiry        = 2 * time.Minute
+	defaultPersistTimeout    = 90 * time.Second
+	defaultClientErrorPause  = 5 * time.Minute
 	storeWriteTimeout        = 10 * time.Second
 	maxConcurrency           = 10_000
 )
@@ -59,10 +60,22 @@ type Store interface {
 	// RecordTransient notes provider trouble for rev without changing the
 	// state.
 	RecordTransient(ctx context.Context, ref state.Ref, rev int64, msg string) (state.Change, error)
-	// StoreTokens persists refreshed tokens obtained with usedRefreshToken.
-	StoreTokens(ctx context.Context, ref state.Ref, usedRefreshToken string, t state.Tokens) (state.Change, error)
+	// RecordMisconfigured notes a failed check that is the consumer's own
+	// doing (health misconfigured) for rev without changing the state.
+	RecordMisconfigured(ctx context.Context, ref state.Ref, rev int64, msg string) (state.Change, error)
 	// RecordRefreshFailure notes a transient refresh failure.
 	RecordRefreshFailure(ctx context.Context, ref state.Ref, usedRefreshToken string, msg string) (state.Change, error)
+
+	// The refresh fence (see state/refresh_fence.go and the README's
+	// token refresh protocol).
+	AcquireRefresh(ctx context.Context, ref state.Ref, ttl time.Duration) (*state.RefreshLease, error)
+	ExtendRefresh(ctx context.Context, l *state.RefreshLease, ttl time.Duration) error
+	ReleaseRefresh(ctx context.Context, l *state.RefreshLease) error
+	RefreshLocked(ctx context.Context, ref state.Ref) (bool, error)
+	BeginExchange(ctx context.Context, l *state.RefreshLease, lineage string, maxAge time.Duration) (state.Prior, error)
+	SettleExchange(ctx context.Context, l *state.RefreshLease, known bool) error
+	StoreRefreshedTokens(ctx context.Context, l *state.RefreshLease, usedRefreshToken string, t state.Tokens) (state.Change, error)
+	RevokeRefresh(ctx context.Context, l *state.RefreshLease, seen *state.Connection, v state.Verdict) (state.Change, error)
 }
 
 var _ Store = (*state.Store)(nil)
@@ -135,9 +148,15 @@ type Config struct {
 	BreakerCoolDown time.Duration
 	BreakerProbes   int
 
-	// NearExpiry is how close to expiry an access token counts as due for
-	// refresh whatever the integration's refresh window. If zero, 2m.
-	NearExpiry time.Duration
+	// PersistTimeout is how long the tokens of a finished exchange are
+	// retried into Redis (the provider may have rotated the refresh
+	// token: losing them loses the connection), long enough to ride out a
+	// Sentinel failover. If zero, 90s.
+	PersistTimeout time.Duration
+	// ClientErrorPause is how long an integration's refreshes pause after
+	// its token endpoint rejected the fleet's own OAuth client
+	// (invalid_client, unauthorized_client). If zero, 5m.
+	ClientErrorPause time.Duration
 
 	// KeyPrefix prefixes the worker's Redis keys (refresh locks, rate
 	// limits). If empty, state.DefaultPrefix.
@@ -214,8 +233,11 @@ func (c Config) withDefaults() Config {
 	if c.BreakerProbes == 0 {
 		c.BreakerProbes = defaultBreakerProbes
 	}
-	if c.NearExpiry == 0 {
-		c.NearExpiry = defaultNearExpiry
+	if c.PersistTimeout == 0 {
+		c.PersistTimeout = defaultPersistTimeout
+	}
+	if c.ClientErrorPause == 0 {
+		c.ClientErrorPause = defaultClientErrorPause
 	}
 	if c.KeyPrefix == "" {
 		c.KeyPrefix = state.DefaultPrefix
@@ -249,7 +271,7 @@ func (c Config) validate() error {
 		return fmt.Errorf("worker: shutdown timeout must not be negative, got %s", c.ShutdownTimeout)
 	case c.PollInterval < 0, c.ConnectTimeout < 0, c.CheckTimeout < 0, c.TokenTimeout < 0,
 		c.RetryBaseDelay < 0, c.RetryMaxDelay < 0, c.MaxRetryAfter < 0, c.RateLimitWait < 0,
-		c.BreakerWindow < 0, c.BreakerCoolDown < 0, c.NearExpiry < 0:
+		c.BreakerWindow < 0, c.BreakerCoolDown < 0, c.PersistTimeout < 0, c.ClientErrorPause < 0:
 		return errors.New("worker: durations must not be negative")
 	case c.RetryMaxDelay < c.RetryBaseDelay:
 		return fmt.Errorf("worker: retry max delay %s is below the base delay %s", c.RetryMaxDelay, c.RetryBaseDelay)
@@ -307,6 +329,20 @@ type Worker struct {
 	// inflight tracks handler goroutines, which asynq may leave running
 	// for a moment after Shutdown returns.
 	inflight sync.WaitGroup
+
+	// exchanges tracks token exchanges from the moment one may start until
+	// its outcome is stored (or given up): Run waits for them before it
+	// returns, so Redis is never closed under an exchange whose provider
+	// may already have rotated the refresh token. closing, set under exMu
+	// when shutdown begins, stops new exchanges from starting.
+	exMu      sync.Mutex
+	closing   bool
+	exchanges sync.WaitGroup
+
+	// clientErrUntil pauses an integration's refreshes after its token
+	// endpoint rejected the fleet's own client (by integration id).
+	clientErrMu    sync.Mutex
+	clientErrUntil map[string]time.Time
 }
 
 // New validates cfg, applies defaults and returns a Worker.
@@ -320,17 +356,18 @@ func New(cfg Config) (*Worker, error) {
 		return nil, err
 	}
 	w := &Worker{
-		cfg:      cfg,
-		store:    cfg.Store,
-		cat:      cfg.Catalog,
-		rdb:      cfg.Redis,
-		log:      cfg.Logger,
-		now:      cfg.NowFunc,
-		limiter:  redis_rate.NewLimiter(cfg.Redis),
-		metrics:  m,
-		handlers: map[string]asynq.Handler{},
-		enqueuer: asynq.NewClientFromRedisClient(cfg.Redis),
-		errLog:   rate.NewLimiter(rate.Every(100*time.Millisecond), 50),
+		cfg:            cfg,
+		store:          cfg.Store,
+		cat:            cfg.Catalog,
+		rdb:            cfg.Redis,
+		log:            cfg.Logger,
+		now:            cfg.NowFunc,
+		limiter:        redis_rate.NewLimiter(cfg.Redis),
+		metrics:        m,
+		handlers:       map[string]asynq.Handler{},
+		clientErrUntil: map[string]time.Time{},
+		enqueuer:       asynq.NewClientFromRedisClient(cfg.Redis),
+		errLog:         rate.NewLimiter(rate.Every(100*time.Millisecond), 50),
 	}
 	w.breakers = newBreakers(cfg, m, cfg.Logger)
 	w.transport = cfg.Transport
@@ -417,21 +454,52 @@ func (w *Worker) Run(ctx context.Context) error {
 		slog.Duration("shutdown_timeout", w.cfg.ShutdownTimeout))
 	<-ctx.Done()
 	w.log.Info("worker shutting down")
+	// No token exchange starts from here on; the ones in flight finish,
+	// store their tokens and are waited for below.
+	w.exMu.Lock()
+	w.closing = true
+	w.exMu.Unlock()
 	srv.Shutdown()
 	// asynq returns once every task is finished or put back; a handler
-	// whose task was put back sees its context cancelled and returns soon.
-	done := make(chan struct{})
-	go func() { w.inflight.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		w.log.Warn("worker: handlers still running after shutdown")
-	}
+	// whose task was put back sees its context cancelled and returns soon,
+	// except one persisting the tokens of an exchange (detached from the
+	// task's context on purpose): wait for those, however long their
+	// bounded retries take, before the caller may close Redis.
+	w.waitFor("token exchanges", &w.exchanges)
+	w.waitFor("handlers", &w.inflight)
 	if w.ownsTrans {
 		w.transport.(*http.Transport).CloseIdleConnections()
 	}
 	w.log.Info("worker stopped")
 	return nil
+}
+
+// waitFor waits for wg, logging every few seconds while it takes long.
+func (w *Worker) waitFor(what string, wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			w.log.Warn("worker: still waiting for "+what+" to finish before stopping", slog.String("what", what))
+		}
+	}
+}
+
+// startExchange registers a token exchange about to start, unless
+// shutdown has begun (then it reports false and nothing may start).
+func (w *Worker) startExchange() bool {
+	w.exMu.Lock()
+	defer w.exMu.Unlock()
+	if w.closing {
+		return false
+	}
+	w.exchanges.Add(1)
+	return true
 }
 
 func (w *Worker) serverConfig() asynq.Config {

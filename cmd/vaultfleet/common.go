@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"syscall"
 	"time"
@@ -160,20 +161,97 @@ func newRegistry() *prometheus.Registry {
 
 func (a *app) Close() { _ = a.Redis.Close() }
 
+// multiHostURL turns the documented multi-host forms,
+// redis-sentinel://[auth@]host:port[,host:port...]/db?master=name and
+// redis-cluster://[auth@]host:port[,host:port...], into go-redis's own
+// (redis://[auth@]host:port/db?addr=host:port&...): the first host in
+// the authority, the others as addr parameters, and master renamed
+// master_name. go-redis's form (?addr=..., ?master_name=...) passes
+// through unchanged.
+func multiHostURL(rest string) (string, error) {
+	authority, tail := rest, ""
+	if i := strings.IndexAny(rest, "/?"); i >= 0 {
+		authority, tail = rest[:i], rest[i:]
+	}
+	userinfo := ""
+	if i := strings.LastIndex(authority, "@"); i >= 0 {
+		userinfo, authority = authority[:i+1], authority[i+1:]
+	}
+	hosts := strings.Split(authority, ",")
+	for _, h := range hosts {
+		if _, _, err := net.SplitHostPort(h); err != nil || h == "" {
+			return "", fmt.Errorf("%s: %q is not host:port (use host:port[,host:port...])", envRedisURL, h)
+		}
+	}
+	path, query := tail, ""
+	if i := strings.Index(tail, "?"); i >= 0 {
+		path, query = tail[:i], tail[i+1:]
+	}
+	q, err := url.ParseQuery(query)
+	if err != nil {
+		return "", fmt.Errorf("%s: malformed query: %v", envRedisURL, err)
+	}
+	if m := q.Get("master"); m != "" {
+		if q.Get("master_name") != "" {
+			return "", fmt.Errorf("%s: give master or master_name, not both", envRedisURL)
+		}
+		q.Set("master_name", m)
+		q.Del("master")
+	}
+	for _, h := range hosts[1:] {
+		q.Add("addr", h)
+	}
+	out := "redis://" + userinfo + hosts[0] + path
+	if len(q) > 0 {
+		out += "?" + q.Encode()
+	}
+	return out, nil
+}
+
+// parseFailover parses a redis-sentinel:// URL (rest is what follows the
+// scheme) and insists on a master name.
+func parseFailover(rest string) (*redis.FailoverOptions, error) {
+	u, err := multiHostURL(rest)
+	if err != nil {
+		return nil, err
+	}
+	opt, err := redis.ParseFailoverURL(u)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+	}
+	if opt.MasterName == "" {
+		return nil, fmt.Errorf("%s: a redis-sentinel:// URL needs ?master=<name>", envRedisURL)
+	}
+	return opt, nil
+}
+
+// parseCluster parses a redis-cluster:// URL (rest follows the scheme).
+func parseCluster(rest string) (*redis.ClusterOptions, error) {
+	u, err := multiHostURL(rest)
+	if err != nil {
+		return nil, err
+	}
+	opt, err := redis.ParseClusterURL(u)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+	}
+	return opt, nil
+}
+
 // asynqConnOpt turns REDIS_URL into the connection option asynqmon needs
 // (it makes its own client).
 func asynqConnOpt(raw string) (asynq.RedisConnOpt, error) {
 	if rest, ok := strings.CutPrefix(raw, "redis-cluster://"); ok {
-		opt, err := redis.ParseClusterURL("redis://" + rest)
+		opt, err := parseCluster(rest)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
 		}
 		return asynq.RedisClusterClientOpt{Addrs: opt.Addrs, Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLSConfig}, nil
 	}
 	if rest, ok := strings.CutPrefix(raw, "redis-sentinel://"); ok {
-		opt, err := redis.ParseFailoverURL("redis://" + rest)
+		opt, err := parseFailover(rest)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+			return nil, err
 		}
 		return asynq.RedisFailoverClientOpt{MasterName: opt.MasterName, SentinelAddrs: opt.SentinelAddrs,
 			SentinelPassword: opt.SentinelPassword, Username: opt.Username, Password: opt.Password, DB: opt.DB, TLSConfig: opt.TLSConfig}, nil
@@ -191,15 +269,15 @@ func asynqConnOpt(raw string) (asynq.RedisConnOpt, error) {
 func openRedis(raw string) (redis.UniversalClient, error) {
 	switch {
 	case strings.HasPrefix(raw, "redis-cluster://"):
-		opt, err := redis.ParseClusterURL("redis://" + strings.TrimPrefix(raw, "redis-cluster://"))
+		opt, err := parseCluster(strings.TrimPrefix(raw, "redis-cluster://"))
 		if err != nil {
-			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+			return nil, err
 		}
 		return redis.NewClusterClient(opt), nil
 	case strings.HasPrefix(raw, "redis-sentinel://"):
-		opt, err := redis.ParseFailoverURL("redis://" + strings.TrimPrefix(raw, "redis-sentinel://"))
+		opt, err := parseFailover(strings.TrimPrefix(raw, "redis-sentinel://"))
 		if err != nil {
-			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
+			return nil, err
 		}
 		return redis.NewFailoverClient(opt), nil
 	}

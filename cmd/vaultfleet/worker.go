@@ -21,6 +21,7 @@ import (
 const (
 	envWorkerConcurrency     = "VAULTFLEET_CONCURRENCY"
 	envWorkerShutdownTimeout = "VAULTFLEET_SHUTDOWN_TIMEOUT"
+	envWorkerPersistTimeout  = "VAULTFLEET_PERSIST_TIMEOUT"
 
 	defaultWorkerAddr = ":9101"
 )
@@ -28,6 +29,7 @@ const (
 func init() {
 	knownEnv[envWorkerConcurrency] = true
 	knownEnv[envWorkerShutdownTimeout] = true
+	knownEnv[envWorkerPersistTimeout] = true
 	// The worker also reads the OAuth client credentials the built-in
 	// catalog names (a catalog file given at run time may name others).
 	if cat, err := catalog.Default(); err == nil {
@@ -46,6 +48,7 @@ func init() {
 var workerEnvHelp = [][2]string{
 	{envWorkerConcurrency, "tasks processed at once (default " + strconv.Itoa(worker.DefaultConcurrency) + ")"},
 	{envWorkerShutdownTimeout, "how long in-flight tasks may finish after SIGTERM before they go back to the queue (default " + worker.DefaultShutdownTimeout.String() + ")"},
+	{envWorkerPersistTimeout, "how long the tokens of a finished token exchange are retried into Redis (a failover) before they are given up (default 90s); SIGTERM waits for it"},
 	{envWebhooks, "webhook subscriptions file: the worker relays state-change events to them and delivers them (optional)"},
 	{"(catalog client_id_env, client_secret_env)", "OAuth client credentials of each integration, named by the catalog"},
 }
@@ -62,6 +65,8 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 	shutdown, shutErr := workerEnvDuration(env, envWorkerShutdownTimeout, worker.DefaultShutdownTimeout)
 	fs.IntVar(&concurrency, "concurrency", concurrency, "tasks processed at once ($"+envWorkerConcurrency+")")
 	fs.DurationVar(&shutdown, "shutdown-timeout", shutdown, "grace period for in-flight tasks on SIGTERM ($"+envWorkerShutdownTimeout+")")
+	persist, persistErr := workerEnvDuration(env, envWorkerPersistTimeout, 90*time.Second)
+	fs.DurationVar(&persist, "persist-timeout", persist, "retry window for storing refreshed tokens ($"+envWorkerPersistTimeout+")")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -72,6 +77,12 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 	}
 	if shutErr != nil && !set["shutdown-timeout"] {
 		return shutErr
+	}
+	if persistErr != nil && !set["persist-timeout"] {
+		return persistErr
+	}
+	if persist <= 0 {
+		return fmt.Errorf("--persist-timeout must be positive, got %s", persist)
 	}
 	if concurrency < 1 {
 		return fmt.Errorf("--concurrency must be at least 1, got %d", concurrency)
@@ -105,6 +116,7 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 		Redis:           a.Redis,
 		Concurrency:     concurrency,
 		ShutdownTimeout: shutdown,
+		PersistTimeout:  persist,
 		Getenv:          env.Getenv,
 		Logger:          a.Logger,
 		Registerer:      a.Registry,

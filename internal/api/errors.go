@@ -35,6 +35,9 @@ const (
 	codeEnqueueFailed       = "enqueue_failed"
 	codeServiceUnavailable  = "unavailable"
 	codeInvalidSetting      = "invalid_setting"
+	// codeInvalidCredential: a credential value the store refuses (too
+	// long, a control character, not valid UTF-8); 422 naming the field.
+	codeInvalidCredential = "invalid_credential"
 )
 
 type errorBody struct {
@@ -98,6 +101,8 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusUnprocessableEntity, codeHostNotAllowed, "a setting points at a host the integration does not allow")
 	case errors.Is(err, catalog.ErrInvalidSetting):
 		writeError(w, http.StatusBadRequest, codeInvalidSetting, "a setting has a value its type does not allow")
+	case errors.As(err, &fe) && errors.Is(err, state.ErrInvalidCredential):
+		writeError(w, http.StatusUnprocessableEntity, codeInvalidCredential, fe.Field+": "+fe.Msg)
 	case errors.As(err, &fe):
 		writeError(w, http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
 	case r.Context().Err() != nil && errors.Is(err, r.Context().Err()):

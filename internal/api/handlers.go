@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
 
@@ -375,6 +377,9 @@ func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) 
 		return
 	}
 	out := taskView{TaskID: tasks.TaskID(typ, c.ConsumerID, c.ID, key), Queue: tasks.QueueCritical}
+	if typ == tasks.TypeRefreshToken {
+		out.TaskID = tasks.RefreshTaskID(c.ConsumerID, c.ID)
+	}
 	info, err := s.cfg.Enqueuer.EnqueueContext(r.Context(), task)
 	switch {
 	case errors.Is(err, asynq.ErrTaskIDConflict):
@@ -412,14 +417,23 @@ func ifMatch(r *http.Request) (int64, error) {
 }
 
 // decode reads a JSON object body into dst: JSON content type, at most
-// MaxBodyBytes, no unknown fields, one value. Error messages never quote
+// MaxBodyBytes, valid UTF-8, no unknown fields, one value. Error messages never quote
 // the body (it holds credentials).
 func (s *server) decode(w http.ResponseWriter, r *http.Request, dst any) error {
 	if !isJSON(r.Header.Get("Content-Type")) {
 		return errf(http.StatusUnsupportedMediaType, codeUnsupportedMedia, "the body must be JSON (Content-Type: application/json)")
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
-	dec := json.NewDecoder(r.Body)
+	raw, err := io.ReadAll(r.Body)
+	if err != nil {
+		return s.decodeError(err)
+	}
+	if !utf8.Valid(raw) {
+		// encoding/json would replace the bytes with U+FFFD silently, and
+		// a credential would be stored other than it was sent.
+		return errf(http.StatusBadRequest, codeInvalidJSON, "the body is not valid UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
 		return s.decodeError(err)

@@ -3,19 +3,36 @@
 --
 -- KEYS: 1 record, 2 all index, 3 service index, 4 old state index,
 --       5 new state index, 6 counts, 7 due:check, 8 due:refresh,
---       9 event stream (optional: absent on Redis Cluster)
+--       9 refresh lease, 10 refresh intent,
+--       11 event stream (optional: absent on Redis Cluster)
 -- ARGV: 1 expected version ("0": must not exist), 2 op ("s" set, "d" delete),
 --       3 member, 4 new version, 5 new state, 6 old state ("" when created),
 --       7 service id, 8 data, 9 credentials mode ("k" keep, "s" set, "d" drop),
 --       10 sealed credentials, 11 check mode ("d" remove, "s" set, "n" set if
 --       absent), 12 check score, 13 refresh mode (as 11), 14 refresh score,
---       15 stream max length, 16 number of events, then per event the number
---       of field/value strings followed by them.
--- Returns {1, stream ids...} or {0, current version}.
+--       15 stream max length, 16 number of events, 17 fence ("" none, "I"
+--       the refresh intent must be ours, "L" the lease and the intent must be
+--       ours), 18 lease token, 19 "1" to clear our intent with the write,
+--       then from 20 per event the number of field/value strings followed by
+--       them.
+-- Returns {1, stream ids...}, {0, current version} or {-1} (fence lost).
 local cur = redis.call('HGET', KEYS[1], 'v')
 if not cur then cur = '0' end
 if cur ~= ARGV[1] then
   return {0, cur}
+end
+
+local fence, token = ARGV[17], ARGV[18]
+if fence ~= '' then
+  if redis.call('HGET', KEYS[10], 'o') ~= token then
+    return {-1}
+  end
+  if fence == 'L' and redis.call('GET', KEYS[9]) ~= token then
+    return {-1}
+  end
+  if ARGV[19] == '1' then
+    redis.call('DEL', KEYS[10])
+  end
 end
 
 local member, svc = ARGV[3], ARGV[7]
@@ -70,8 +87,8 @@ end
 
 local out = {1}
 local n = tonumber(ARGV[16])
-if n > 0 and KEYS[9] then
-  local i = 17
+if n > 0 and KEYS[11] then
+  local i = 20
   for _ = 1, n do
     local k = tonumber(ARGV[i])
     local fields = {}
@@ -79,7 +96,7 @@ if n > 0 and KEYS[9] then
       fields[j] = ARGV[i + j]
     end
     i = i + k + 1
-    out[#out + 1] = redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[15], '*', unpack(fields))
+    out[#out + 1] = redis.call('XADD', KEYS[11], 'MAXLEN', '~', ARGV[15], '*', unpack(fields))
   end
 end
 return out

@@ -1,0 +1,152 @@
+package state
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestRefreshLeaseIsExclusiveAndFenced(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t)
+	ctx := context.Background()
+	_, err := b.store.Put(ctx, refSF, sfInput("at", "rt", storeT0.Add(time.Hour)), 0)
+	require.NoError(t, err)
+
+	l1, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.ErrorIs(t, err, ErrRefreshLocked)
+	locked, err := b.store.RefreshLocked(ctx, refSF)
+	require.NoError(t, err)
+	require.True(t, locked)
+	lock, intent := b.store.fenceKeys(refSF)
+	require.Equal(t, b.store.keysOf(refSF).tag, lock[:len(b.store.keysOf(refSF).tag)], "the lease shares the record's hash tag")
+	require.Equal(t, b.store.keysOf(refSF).tag, intent[:len(b.store.keysOf(refSF).tag)])
+
+	require.NoError(t, b.store.ExtendRefresh(ctx, l1, 2*time.Minute))
+	require.Greater(t, b.rdb.PTTL(ctx, lock).Val(), time.Minute)
+
+	// The lease lapses (Redis stalled past its TTL): another holder gets
+	// it, and the first one can neither extend nor release it.
+	p, err := b.store.BeginExchange(ctx, l1, Lineage("rt"), time.Minute)
+	require.NoError(t, err)
+	require.Equal(t, Prior{}, p)
+	require.NoError(t, b.rdb.Del(ctx, lock).Err())
+	l2, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	require.ErrorIs(t, b.store.ExtendRefresh(ctx, l1, time.Minute), ErrFenced)
+	require.NoError(t, b.store.ReleaseRefresh(ctx, l1))
+	require.EqualValues(t, 1, b.rdb.Exists(ctx, lock).Val(), "only the holder releases")
+
+	// l1's exchange may still be persisting: l2 must not start another.
+	_, err = b.store.BeginExchange(ctx, l2, Lineage("rt"), time.Minute)
+	require.ErrorIs(t, err, ErrExchangeInFlight)
+
+	// l2 cannot revoke (the intent is l1's); l1 can still store its tokens
+	// although its lease is gone, and that clears the intent.
+	seen, err := b.store.Get(ctx, refSF)
+	require.NoError(t, err)
+	_, err = b.store.RevokeRefresh(ctx, l2, seen, Verdict{Reason: ReasonRefreshTokenRevoked})
+	require.ErrorIs(t, err, ErrFenced)
+	ch, err := b.store.StoreRefreshedTokens(ctx, l1, "rt", Tokens{AccessToken: "at2", RefreshToken: "rt2", ExpiresAt: storeT0.Add(2 * time.Hour)})
+	require.NoError(t, err)
+	require.Equal(t, "rt2", ch.After.Credentials.RefreshToken)
+	require.Equal(t, Callable, ch.After.State)
+	require.Zero(t, b.rdb.Exists(ctx, intent).Val(), "the intent ends with the write")
+
+	// With no intent, l2 may begin; storing for l1 again is fenced out.
+	_, err = b.store.BeginExchange(ctx, l2, Lineage("rt2"), time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.StoreRefreshedTokens(ctx, l1, "rt2", Tokens{AccessToken: "at3"})
+	require.ErrorIs(t, err, ErrFenced)
+}
+
+func TestExchangeIntentUnknownOutcome(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t)
+	ctx := context.Background()
+	_, err := b.store.Put(ctx, refSF, sfInput("at", "rt", storeT0.Add(time.Hour)), 0)
+	require.NoError(t, err)
+	l1, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.BeginExchange(ctx, l1, Lineage("rt"), time.Minute)
+	require.NoError(t, err)
+	// The request timed out: its outcome is unknown.
+	require.NoError(t, b.store.SettleExchange(ctx, l1, false))
+	require.NoError(t, b.store.ReleaseRefresh(ctx, l1))
+
+	l2, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	p, err := b.store.BeginExchange(ctx, l2, Lineage("rt"), time.Minute)
+	require.NoError(t, err)
+	require.Equal(t, Prior{Lineage: Lineage("rt"), Unknown: true}, p)
+
+	// An intent whose holder died ages out into an unknown outcome too.
+	require.NoError(t, b.store.ReleaseRefresh(ctx, l2))
+	l3, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.BeginExchange(ctx, l3, Lineage("rt"), time.Minute)
+	require.ErrorIs(t, err, ErrExchangeInFlight, "l2's intent is young")
+	time.Sleep(10 * time.Millisecond)
+	p, err = b.store.BeginExchange(ctx, l3, Lineage("rt"), 5*time.Millisecond)
+	require.NoError(t, err, "l2's intent is older than the max age")
+	require.True(t, p.Unknown)
+}
+
+// TestStoredTokensVoidRevocationOfSameLineage: a revocation verdict about a
+// refresh token is void once tokens obtained with that same token are
+// stored (the race of issue 10's defect 2 leaves no invalid connection
+// with valid tokens behind).
+func TestStoredTokensVoidRevocationOfSameLineage(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t)
+	ctx := context.Background()
+	_, err := b.store.Put(ctx, refSF, sfInput("at", "rt", storeT0.Add(time.Hour)), 0)
+	require.NoError(t, err)
+	l, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.BeginExchange(ctx, l, Lineage("rt"), time.Minute)
+	require.NoError(t, err)
+	seen, err := b.store.Get(ctx, refSF)
+	require.NoError(t, err)
+	ch, err := b.store.RevokeRefresh(ctx, l, seen, Verdict{Reason: ReasonRefreshTokenRevoked, CheckedAt: storeT0})
+	require.NoError(t, err)
+	require.Equal(t, Invalid, ch.After.State)
+	require.Equal(t, HealthRevoked, ch.After.Health)
+	require.Equal(t, Lineage("rt"), ch.After.Verdict.Lineage)
+
+	ch, err = b.store.StoreTokens(ctx, refSF, "rt", Tokens{AccessToken: "at2", RefreshToken: "rt2", ExpiresAt: storeT0.Add(2 * time.Hour)})
+	require.NoError(t, err)
+	require.Nil(t, ch.After.Verdict)
+	require.Equal(t, Callable, ch.After.State)
+	require.Equal(t, HealthOK, ch.After.Health)
+}
+
+func TestRefreshDueScalesWithLifetime(t *testing.T) {
+	t.Parallel()
+	in := oauthHubSpot // no refresh_window: min(10m, 20% of the lifetime)
+	tests := map[string]struct {
+		lifetime, age time.Duration
+		due, expired  bool
+	}{
+		"OneMinuteJustIssued":   {time.Minute, 0, false, false},
+		"OneMinuteAt40s":        {time.Minute, 40 * time.Second, false, false},
+		"OneMinuteAt50s":        {time.Minute, 50 * time.Second, true, false},
+		"OneMinuteAt55s":        {time.Minute, 55 * time.Second, true, true},
+		"ThreeMinutesJustIssue": {3 * time.Minute, time.Second, false, false},
+		"OneHourAt49m":          {time.Hour, 49 * time.Minute, false, false},
+		"OneHourAt51m":          {time.Hour, 51 * time.Minute, true, false},
+		"OneHourAt59m30s":       {time.Hour, 59*time.Minute + 30*time.Second, true, true},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			c := Credentials{AccessToken: "a", RefreshToken: "r", IssuedAt: storeT0, ExpiresAt: storeT0.Add(tc.lifetime)}
+			now := storeT0.Add(tc.age)
+			require.Equal(t, tc.due, RefreshDue(c, in, now), "due")
+			require.Equal(t, tc.expired, TokenExpired(c, now), "expired")
+		})
+	}
+}
