@@ -410,7 +410,7 @@ func printBanner(w io.Writer, base, redisURL string, embedded, authOn bool, seed
 	redisLine := fmt.Sprintf("  Redis        %s   (embedded; for vaultfleet enqueue and other services while dev runs:)\nexport %s=%s\n",
 		redisURL, envRedisURL, redisURL)
 	if !embedded {
-		redisNote = "the Redis " + envRedisURL + " names"
+		redisNote = "the Redis that " + envRedisURL + " (or --redis) names"
 		redisLine = fmt.Sprintf("  Redis        %s   (dev writes there: demo connections, tasks, and its dev key under %s)\n",
 			redactRedisURL(redisURL), devKeyKey)
 	}

@@ -94,7 +94,7 @@ func TestDevTwiceOnOneRedis(t *testing.T) {
 	vars := map[string]string{envRedisURL: url}
 	for i := range 2 {
 		base, out, errOut, stop := startDev(t, vars)
-		require.Contains(t, out.String(), "on the Redis REDIS_URL names", "run %d", i+1)
+		require.Contains(t, out.String(), "on the Redis that REDIS_URL (or --redis) names", "run %d", i+1)
 		require.Contains(t, out.String(), "Redis        "+url+"   (dev writes there", "run %d", i+1)
 		// An API-key connection becomes callable only once its check ran,
 		// which opens its sealed credentials.
