@@ -81,7 +81,8 @@ func connState(t *testing.T, base, consumer, id string) string {
 }
 
 // TestDevTwiceOnOneRedis runs dev twice against one private redis-server,
-// as `REDIS_URL=... vaultfleet dev` twice would: the second run opens what
+// as `REDIS_URL=... vaultfleet dev` and then `vaultfleet dev --redis ...`
+// would: the second run opens what
 // the first sealed (its demo connections and one added through the API),
 // validates again, and its banner says dev writes into that Redis.
 func TestDevTwiceOnOneRedis(t *testing.T) {
@@ -91,9 +92,13 @@ func TestDevTwiceOnOneRedis(t *testing.T) {
 	t.Parallel()
 	srv := redistest.New(t)
 	url := "redis://" + srv.Addr + "/0"
-	vars := map[string]string{envRedisURL: url}
 	for i := range 2 {
-		base, out, errOut, stop := startDev(t, vars)
+		// The first run reads REDIS_URL, the second takes --redis.
+		vars, args := map[string]string{envRedisURL: url}, []string(nil)
+		if i == 1 {
+			vars, args = nil, []string{"--redis", url}
+		}
+		base, out, errOut, stop := startDev(t, vars, args...)
 		require.Contains(t, out.String(), "on the Redis that REDIS_URL (or --redis) names", "run %d", i+1)
 		require.Contains(t, out.String(), "Redis        "+url+"   (dev writes there", "run %d", i+1)
 		// An API-key connection becomes callable only once its check ran,
