@@ -391,7 +391,20 @@ type dashboardJSON struct {
 	SchemaVersion int             `json:"schemaVersion"`
 	Panels        []dashPanel     `json:"panels"`
 	Time          json.RawMessage `json:"time"`
-	Templating    struct {
+	Links         []struct {
+		Title string `json:"title"`
+		Type  string `json:"type"`
+		URL   string `json:"url"`
+	} `json:"links"`
+	Annotations struct {
+		List []struct {
+			Name       string          `json:"name"`
+			Enable     bool            `json:"enable"`
+			Datasource json.RawMessage `json:"datasource"`
+			Expr       string          `json:"expr"`
+		} `json:"list"`
+	} `json:"annotations"`
+	Templating struct {
 		List []struct {
 			Name       string          `json:"name"`
 			Type       string          `json:"type"`
@@ -413,7 +426,8 @@ type dashPanel struct {
 		RefID string `json:"refId"`
 		Expr  string `json:"expr"`
 	} `json:"targets"`
-	Panels []dashPanel `json:"panels"` // a collapsed row's panels
+	Panels    []dashPanel `json:"panels"` // a collapsed row's panels
+	Collapsed bool        `json:"collapsed"`
 }
 
 // grafanaVarRE matches $name, ${name}, ${name:format} and [[name]].
@@ -510,6 +524,16 @@ func TestDashboard(t *testing.T) {
 	ids := map[int]string{}
 	for i, p := range panels {
 		where := fmt.Sprintf("%s: panel %d %q", dashboardFile, i, p.Title)
+		if p.Type == "row" {
+			require.NotNil(t, p.ID, "%s: id", where)
+			require.NotContains(t, ids, *p.ID, "%s: id %d also used by %q", where, *p.ID, ids[*p.ID])
+			ids[*p.ID] = p.Title
+			require.NotNil(t, p.GridPos, "%s: gridPos", where)
+			require.Equal(t, 24, p.GridPos.W, "%s: a row spans the width", where)
+			require.Empty(t, p.Targets, "%s: a row has no queries", where)
+			rects = append(rects, rect{p.Title, p.GridPos.X, p.GridPos.Y, p.GridPos.W, p.GridPos.H})
+			continue
+		}
 		require.NotNil(t, p.ID, "%s: id", where)
 		require.Positive(t, *p.ID, "%s: id", where)
 		require.NotContains(t, ids, *p.ID, "%s: id %d also used by %q", where, *p.ID, ids[*p.ID])
@@ -541,6 +565,9 @@ func TestDashboard(t *testing.T) {
 			require.False(t, overlap, "%s: panels %q and %q overlap", dashboardFile, a.title, b.title)
 		}
 	}
+
+	requireDashboardRows(t, d)
+	requireDashboardNavigation(t, d, vars, panelExprs(panels))
 
 	// Query variables list label values of metrics the fleet exports.
 	labelValuesRE := regexp.MustCompile(`label_values\(\s*([^,]+?)\s*,`)
@@ -580,6 +607,108 @@ func TestDashboard(t *testing.T) {
 	require.Contains(t, all, "histogram_quantile(", "%s: no latency quantiles", dashboardFile)
 }
 
+// panelExprs joins the PromQL of every panel.
+func panelExprs(panels []dashPanel) string {
+	var b strings.Builder
+	for _, p := range panels {
+		for _, tg := range p.Targets {
+			b.WriteString(tg.Expr + "\n")
+		}
+	}
+	return b.String()
+}
+
+// dashboardRows are the dashboard's rows, in order.
+var dashboardRows = []string{"Fleet", "Checks", "Refreshes", "Queues", "Scheduler", "Webhooks"}
+
+// requireDashboardRows: every panel sits in one of the rows, and every row
+// holds panels (a collapsed row inside it, an open one up to the next row).
+func requireDashboardRows(t *testing.T, d *dashboardJSON) {
+	t.Helper()
+	require.NotEmpty(t, d.Panels)
+	require.Equal(t, "row", d.Panels[0].Type, "%s: the first panel is a row, so every panel belongs to one", dashboardFile)
+	var titles []string
+	count := map[string]int{}
+	var current string
+	for _, p := range d.Panels {
+		if p.Type == "row" {
+			current = p.Title
+			titles = append(titles, p.Title)
+			if p.Collapsed {
+				require.NotEmpty(t, p.Panels, "%s: collapsed row %q holds no panels", dashboardFile, p.Title)
+				count[current] += len(p.Panels)
+			} else {
+				require.Empty(t, p.Panels, "%s: open row %q: its panels follow it", dashboardFile, p.Title)
+			}
+			for _, in := range p.Panels {
+				require.NotEqual(t, "row", in.Type, "%s: row in row %q", dashboardFile, p.Title)
+			}
+			continue
+		}
+		require.Empty(t, p.Panels, "%s: panel %q nests panels", dashboardFile, p.Title)
+		count[current]++
+	}
+	require.Equal(t, dashboardRows, titles, "%s: rows", dashboardFile)
+	for _, r := range dashboardRows {
+		require.Positive(t, count[r], "%s: row %q has no panels", dashboardFile, r)
+	}
+}
+
+// requireDashboardNavigation: the instance and queue variables filter
+// panels, the links reach the monitor and the status page, and firing
+// alerts of alerts.yml show as annotations.
+func requireDashboardNavigation(t *testing.T, d *dashboardJSON, vars map[string]bool, exprs string) {
+	t.Helper()
+	for _, v := range []string{"instance", "queue", "vaultfleet_url"} {
+		require.True(t, vars[v], "%s: no %s variable", dashboardFile, v)
+	}
+	require.Contains(t, exprs, `instance=~"$instance"`, "%s: no panel filters by instance", dashboardFile)
+	require.Contains(t, exprs, `queue=~"$queue"`, "%s: no panel filters by queue", dashboardFile)
+	var urls []string
+	for _, l := range d.Links {
+		urls = append(urls, l.URL)
+	}
+	require.Contains(t, urls, "${vaultfleet_url}/monitor/", "%s: link to the monitor", dashboardFile)
+	require.Contains(t, urls, "${vaultfleet_url}/", "%s: link to the status page", dashboardFile)
+
+	var cfg struct {
+		Groups []struct {
+			Rules []struct {
+				Alert string `yaml:"alert"`
+			} `yaml:"rules"`
+		} `yaml:"groups"`
+	}
+	readYAML(t, alertsFile, &cfg)
+	var alerts []string
+	for _, g := range cfg.Groups {
+		for _, r := range g.Rules {
+			if r.Alert != "" {
+				alerts = append(alerts, r.Alert)
+			}
+		}
+	}
+	require.NotEmpty(t, alerts)
+	found := false
+	nameRE := regexp.MustCompile(`alertname=~"([^"]*)"`)
+	for _, a := range d.Annotations.List {
+		if !strings.Contains(a.Expr, "ALERTS{") || !strings.Contains(a.Expr, `alertstate="firing"`) {
+			continue
+		}
+		found = true
+		require.True(t, a.Enable, "%s: annotation %q is off", dashboardFile, a.Name)
+		require.NotEmpty(t, a.Datasource, "%s: annotation %q: datasource", dashboardFile, a.Name)
+		m := nameRE.FindStringSubmatch(a.Expr)
+		if m == nil {
+			continue // every alert
+		}
+		re := regexp.MustCompile("^(?:" + m[1] + ")$")
+		for _, name := range alerts {
+			require.True(t, re.MatchString(name), "%s: annotation %q leaves out alert %s", dashboardFile, a.Name, name)
+		}
+	}
+	require.True(t, found, "%s: no annotation from firing alerts (ALERTS{alertstate=\"firing\"})", dashboardFile)
+}
+
 // TestDashboardPromQL parses every panel's PromQL with promtool: one
 // recording rule per expression, Grafana variables replaced by concrete
 // values first.
@@ -603,6 +732,29 @@ func TestDashboardPromQL(t *testing.T) {
 			rules = append(rules, rule{Record: name, Expr: expr})
 			fmt.Fprintf(&listing, "%s (%q): %s\n", name, p.Title, expr)
 		}
+	}
+	// The variables' label_values selectors and the annotations' queries.
+	d, _, _ := loadDashboard(t)
+	selectorRE := regexp.MustCompile(`^label_values\(\s*(.+?)\s*,\s*[A-Za-z_][A-Za-z0-9_]*\s*\)$`)
+	for _, v := range d.Templating.List {
+		if v.Type != "query" {
+			continue
+		}
+		m := selectorRE.FindStringSubmatch(strings.TrimSpace(v.Definition))
+		require.NotNil(t, m, "variable %s: want label_values(selector, label), got %q", v.Name, v.Definition)
+		expr, unknown := expandGrafanaVars(m[1], vars)
+		require.Empty(t, unknown, "variable %s: undefined variables", v.Name)
+		rules = append(rules, rule{Record: "dashboard:variable_" + v.Name, Expr: expr})
+		fmt.Fprintf(&listing, "variable %s: %s\n", v.Name, expr)
+	}
+	for i, a := range d.Annotations.List {
+		if a.Expr == "" {
+			continue
+		}
+		expr, unknown := expandGrafanaVars(a.Expr, vars)
+		require.Empty(t, unknown, "annotation %q: undefined variables", a.Name)
+		rules = append(rules, rule{Record: fmt.Sprintf("dashboard:annotation_%d", i), Expr: expr})
+		fmt.Fprintf(&listing, "annotation %q: %s\n", a.Name, expr)
 	}
 	file := map[string]any{"groups": []any{map[string]any{"name": "dashboard", "rules": rules}}}
 	b, err := yaml.Marshal(file)

@@ -54,6 +54,44 @@ const (
 	WebhookMaxRetry  = 16
 )
 
+// Retention: how long a completed task stays in Redis with its result, so
+// the Asynq monitor can show it (without retention asynq deletes a task the
+// moment it succeeds). asynq fixes retention at enqueue: a handler cannot
+// keep a task because its verdict changed a state, so retention follows why
+// the task was enqueued. A kept task still holds its task id (a second
+// enqueue with that id is refused with asynq.ErrTaskIDConflict until the
+// retention ends), so only tasks whose id is not legitimately reused soon
+// are kept: ids from a due time, a credentials revision, a version, an
+// event, or no key at all (a random id). Refresh tasks are never kept:
+// every refresh of a connection has the same id (RefreshTaskID), and a kept
+// one would block the connection's next refresh.
+const (
+	// RetentionRequested keeps the validations somebody is waiting for:
+	// on demand, after a credentials change or an enable. Few per hour.
+	RetentionRequested = 24 * time.Hour
+	// RetentionScheduled keeps periodic checks (the bulk of the traffic)
+	// and confirming checks long enough to open one in the monitor after it
+	// ran; a state they changed stays findable in the event stream. A
+	// confirming check's id (revision and step) comes back when a valid
+	// verdict resets the confirmation and the credentials fail again, so it
+	// is kept no longer than this.
+	RetentionScheduled = 5 * time.Minute
+	// RetentionWebhook keeps webhook deliveries, one per event and
+	// subscription.
+	RetentionWebhook = time.Hour
+)
+
+// retentionFor is the retention of a connection task (see RetentionRequested).
+func retentionFor(typ string, reason Reason) time.Duration {
+	switch {
+	case typ == TypeRefreshToken:
+		return 0
+	case reason == ReasonScheduled, reason == ReasonConfirm:
+		return RetentionScheduled
+	}
+	return RetentionRequested
+}
+
 // ErrMalformed wraps every payload parse error. The worker archives such a
 // task at once instead of retrying it.
 var ErrMalformed = errors.New("tasks: malformed payload")
@@ -247,6 +285,9 @@ func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key 
 		return nil, err
 	}
 	opts = append(opts, asynq.Queue(queueFor(typ, reason)))
+	if d := retentionFor(typ, reason); d > 0 {
+		opts = append(opts, asynq.Retention(d))
+	}
 	if key != "" && typ != TypeRefreshToken {
 		opts = append(opts, asynq.TaskID(TaskID(typ, consumerID, connectionID, key)))
 	}
@@ -255,7 +296,8 @@ func newConnectionTask(typ, consumerID, connectionID string, reason Reason, key 
 
 // TaskID is the dedupe id of a connection task: a second enqueue with the
 // same id is refused with asynq.ErrTaskIDConflict while the first is
-// pending, scheduled, retrying or archived (treat that as "already queued").
+// pending, scheduled, retrying, archived or kept completed (retention;
+// treat that as "already queued").
 func TaskID(typ, consumerID, connectionID, key string) string {
 	return typ + ":" + consumerID + "|" + connectionID + ":" + key
 }
@@ -299,7 +341,7 @@ func newWebhookTask(p WebhookPayload) (*asynq.Task, error) {
 	}
 	return asynq.NewTask(TypeWebhookDeliver, b,
 		asynq.Queue(QueueEvents), asynq.TaskID(IdempotencyKey(eventID, subscription)),
-		asynq.Timeout(WebhookTimeout), asynq.MaxRetry(WebhookMaxRetry)), nil
+		asynq.Timeout(WebhookTimeout), asynq.MaxRetry(WebhookMaxRetry), asynq.Retention(RetentionWebhook)), nil
 }
 
 // IdempotencyKey identifies one delivery of one event to one subscription;

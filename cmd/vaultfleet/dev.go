@@ -36,8 +36,8 @@ import (
 const defaultDevAddr = "127.0.0.1:8080"
 
 var devEnvHelp = [][2]string{
-	{envRedisURL, "use this Redis instead of the embedded one"},
-	{secrets.EnvKeys, "credential encryption keys (default: a fresh key for this run only)"},
+	{envRedisURL, "use this Redis instead of the embedded one (same as --redis): dev writes its demo connections, tasks and dev key there"},
+	{secrets.EnvKeys, "credential encryption keys (default: a fresh key; with REDIS_URL, the dev key kept in that Redis)"},
 	{envAPITokens, "require these API tokens (default: none, and dev listens on loopback only)"},
 	{envAddr, "listen address (same as --addr; default " + defaultDevAddr + ")"},
 	{envWebhooks, "webhook subscriptions file (optional)"},
@@ -49,6 +49,7 @@ var devEnvHelp = [][2]string{
 // devOptions are the dev command's flags.
 type devOptions struct {
 	addr         string
+	redisURL     string
 	consumers    int
 	speed        float64
 	concurrency  int
@@ -65,6 +66,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	fs := newFlagSet("dev", "Run the whole fleet in one process on an embedded Redis, with simulated providers and demo connections.", env, devEnvHelp)
 	var o devOptions
 	fs.StringVar(&o.addr, "addr", or(env.Getenv(envAddr), defaultDevAddr), "listen address for the API, monitor, status page and metrics ($"+envAddr+")")
+	fs.StringVar(&o.redisURL, "redis", env.Getenv(envRedisURL), "Redis URL to use instead of the embedded Redis ($"+envRedisURL+"; default: embedded)")
 	fs.IntVar(&o.consumers, "consumers", sim.DefaultConsumers, "demo consumers to seed")
 	fs.Float64Var(&o.speed, "speed", sim.DefaultSpeed, "time scale of the simulated providers (2 = twice as fast; above 1 is for tests)")
 	fs.IntVar(&o.concurrency, "concurrency", 20, "worker concurrency")
@@ -106,22 +108,34 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	}
 	defer ln.Close()
 
-	rdb, connOpt, stopRedis, embedded, err := devRedis(env.Getenv(envRedisURL))
+	rdb, connOpt, stopRedis, redisURL, err := devRedis(o.redisURL)
 	if err != nil {
 		return err
 	}
 	defer stopRedis()
+	embedded := o.redisURL == ""
 
 	keySpec := env.Getenv(secrets.EnvKeys)
 	if keySpec == "" {
-		keySpec = secrets.NewKey("dev")
+		if keySpec, err = devKey(ctx, rdb, embedded); err != nil {
+			return err
+		}
 	}
 	keys, err := secrets.ParseKeyring(keySpec)
 	if err != nil {
 		return err
 	}
 
-	g, gctx := errgroup.WithContext(ctx)
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	g, gctx := errgroup.WithContext(runCtx)
+	// abort ends what already runs before dev returns err: the worker must
+	// be stopped before its Redis client is closed.
+	abort := func(err error) error {
+		stopRun()
+		_ = g.Wait()
+		return err
+	}
 	providers, err := sim.Start(gctx, sim.Config{Speed: o.speed, Logger: logger})
 	if err != nil {
 		return err
@@ -138,6 +152,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	}
 
 	a := &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: store}
+	announceFleet(ctx, rdb, "dev", logger)
 	a.Registry = reg
 	client := asynq.NewClientFromRedisClient(rdb)
 	defer client.Close()
@@ -216,9 +231,17 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	g.Go(func() error { return sched.Run(gctx) })
 	g.Go(func() error { return relay.Run(gctx) })
 
+	// A Redis kept from an earlier run holds that run's demo connections,
+	// minted by providers that are gone: start their story afresh.
+	for _, ref := range sim.Refs(o.consumers) {
+		if _, err := store.Delete(gctx, ref, 0); err != nil && !errors.Is(err, state.ErrNotFound) {
+			return abort(fmt.Errorf("reset demo connection %s in %s (set %s to the key that sealed it, or use an empty Redis): %w",
+				ref, redactRedisURL(redisURL), secrets.EnvKeys, err))
+		}
+	}
 	seeded, err := sim.Seed(gctx, store, providers, o.consumers)
 	if err != nil {
-		return fmt.Errorf("seed demo connections: %w", err)
+		return abort(fmt.Errorf("seed demo connections: %w", err))
 	}
 	// Validate what was seeded at once, as the API does after a write.
 	for _, sc := range seeded {
@@ -236,7 +259,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	g.Go(func() error { return chooseTenants(gctx, o.tenantAfter, store, notifier, seeded, logger) })
 
 	base := "http://" + ln.Addr().String()
-	printBanner(env.Stdout, base, embedded, tokens != nil, len(seeded))
+	printBanner(env.Stdout, base, redisURL, embedded, tokens != nil, seeded)
 	if o.summaryEvery > 0 {
 		g.Go(func() error { return printSummaries(gctx, env.Stdout, o.summaryEvery, store, inspector, providers) })
 	}
@@ -260,25 +283,51 @@ func mountAPI(mux *http.ServeMux, h http.Handler) {
 	mux.Handle("GET /openapi.yaml", h)
 }
 
-// devRedis opens REDIS_URL when set, else starts an embedded miniredis on
-// loopback.
-func devRedis(url string) (rdb redis.UniversalClient, opt asynq.RedisConnOpt, stop func(), embedded bool, err error) {
+// devRedis opens url when set, else starts an embedded miniredis on
+// loopback. It returns the URL other processes reach it at.
+func devRedis(url string) (rdb redis.UniversalClient, opt asynq.RedisConnOpt, stop func(), at string, err error) {
 	if url != "" {
 		if rdb, err = openRedis(url); err != nil {
-			return nil, nil, nil, false, err
+			return nil, nil, nil, "", err
 		}
 		if opt, err = asynqConnOpt(url); err != nil {
 			_ = rdb.Close()
-			return nil, nil, nil, false, err
+			return nil, nil, nil, "", err
 		}
-		return rdb, opt, func() { _ = rdb.Close() }, false, nil
+		return rdb, opt, func() { _ = rdb.Close() }, url, nil
 	}
 	m := miniredis.NewMiniRedis()
 	if err := m.StartAddr("127.0.0.1:0"); err != nil {
-		return nil, nil, nil, false, fmt.Errorf("start embedded redis: %v", err)
+		return nil, nil, nil, "", fmt.Errorf("start embedded redis: %v", err)
 	}
 	c := redis.NewClient(&redis.Options{Addr: m.Addr()})
-	return c, asynq.RedisClientOpt{Addr: m.Addr()}, func() { _ = c.Close(); m.Close() }, true, nil
+	return c, asynq.RedisClientOpt{Addr: m.Addr()}, func() { _ = c.Close(); m.Close() }, "redis://" + m.Addr() + "/0", nil
+}
+
+// devKeyKey holds dev's encryption key in the Redis dev runs on (not the
+// embedded one), so that the next dev run on that Redis opens what this
+// one sealed. Only dev does this: a fleet's keys never live in Redis.
+const devKeyKey = "vaultfleet:dev:encryption-key"
+
+// devKey returns the key dev seals credentials with when
+// VAULTFLEET_ENCRYPTION_KEYS is unset: a fresh one on the embedded Redis;
+// on REDIS_URL, the one an earlier dev run left there, or a fresh one kept
+// there for the next run.
+func devKey(ctx context.Context, rdb redis.UniversalClient, embedded bool) (string, error) {
+	fresh := secrets.NewKey("dev")
+	if embedded {
+		return fresh, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, announceTimeout)
+	defer cancel()
+	if err := rdb.SetNX(ctx, devKeyKey, fresh, 0).Err(); err != nil {
+		return "", fmt.Errorf("keep the dev encryption key in Redis: %v", err)
+	}
+	spec, err := rdb.Get(ctx, devKeyKey).Result()
+	if err != nil {
+		return "", fmt.Errorf("read the dev encryption key from Redis: %v", err)
+	}
+	return spec, nil
 }
 
 // loopbackAddr reports whether addr binds only to a loopback address.
@@ -357,10 +406,22 @@ func chooseTenants(ctx context.Context, after time.Duration, store *state.Store,
 	return nil
 }
 
-func printBanner(w io.Writer, base string, embedded, authOn bool, seeded int) {
+func printBanner(w io.Writer, base, redisURL string, embedded, authOn bool, seeded []sim.SeededConnection) {
 	redisNote := "embedded Redis (miniredis; nothing is kept after exit)"
+	redisLine := fmt.Sprintf("  Redis        %s   (embedded; for vaultfleet enqueue and other services while dev runs:)\nexport %s=%s\n",
+		redisURL, envRedisURL, redisURL)
 	if !embedded {
-		redisNote = "Redis from " + envRedisURL
+		redisNote = "the Redis that " + envRedisURL + " (or --redis) names"
+		redisLine = fmt.Sprintf("  Redis        %s   (dev writes there: demo connections, tasks, and its dev key under %s)\n",
+			redactRedisURL(redisURL), devKeyKey)
+	}
+	stored, available := 0, 0
+	for _, sc := range seeded {
+		if sc.Written {
+			stored++
+		} else {
+			available++
+		}
 	}
 	authNote := "no token needed: loopback only; set " + envAPITokens + " to require one"
 	if authOn {
@@ -373,9 +434,9 @@ func printBanner(w io.Writer, base string, embedded, authOn bool, seeded int) {
   OpenAPI      %s/openapi.yaml
   monitor      %s/monitor/
   metrics      %s/metrics
-seeded %d demo connections; simulated providers: Salesforce-like, BambooHR-like, Xero-like, and a flaky Pipedrive-like one.
+%sseeded %d demo connections (%d more integrations left available); simulated providers: Salesforce-like, BambooHR-like, Xero-like, and a flaky Pipedrive-like one.
 Ctrl-C stops.
-`, redisNote, base, base, authNote, base, base, base, base, seeded)
+`, redisNote, base, base, authNote, base, base, base, base, redisLine, stored, available)
 }
 
 // printSummaries prints one line every interval: connections per state,

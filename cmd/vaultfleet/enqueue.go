@@ -11,13 +11,17 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
 const enqueueSynopsis = `Enqueues one validation or token refresh of a connection (reason
 on_demand, on the critical queue unless --queue says otherwise) and prints
 the task id and queue. It needs only Redis: the worker reads the connection
-when the task runs.
+when the task runs. The connection id must name an integration of the
+catalog, and the Redis must be a vaultfleet fleet's (one that a worker,
+scheduler, serve or dev has run against): enqueue refuses another Redis
+rather than leave a task nobody will run.
 
 subcommands:
   validate   check the connection's credentials now
@@ -34,7 +38,8 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 	if len(args) > 0 {
 		sub = args[0]
 	}
-	fs, o := enqueueFlagSet(env, "validate|refresh")
+	var o *enqueueOpts
+	fs, _ := enqueueFlagSet(env, "validate|refresh") // for the usage of enqueue itself
 	switch sub {
 	case "validate", "refresh":
 		fs, o = enqueueFlagSet(env, sub)
@@ -66,6 +71,9 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
+	if err := checkIntegration(o.catalog, o.connection); err != nil {
+		return err
+	}
 	var opts []asynq.Option
 	if o.queue != "" {
 		opts = append(opts, asynq.Queue(o.queue))
@@ -77,6 +85,9 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 	defer rdb.Close()
 	ctx, cancel := context.WithTimeout(ctx, enqueueTimeout)
 	defer cancel()
+	if err := checkFleet(ctx, rdb, o.redisURL); err != nil {
+		return err
+	}
 	info, err := asynq.NewClientFromRedisClient(rdb).EnqueueContext(ctx, task, opts...)
 	if err != nil {
 		return fmt.Errorf("enqueue %s: %v", task.Type(), err)
@@ -86,13 +97,40 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 }
 
 type enqueueOpts struct {
-	redisURL, consumer, connection, queue string
+	redisURL, catalog, consumer, connection, queue string
+}
+
+// checkIntegration refuses a connection id whose integration the catalog
+// (path, or the built-in one) does not have: the worker would skip it.
+func checkIntegration(path, connectionID string) error {
+	var cat *catalog.Catalog
+	var err error
+	if path != "" {
+		cat, err = catalog.Load(path)
+	} else {
+		cat, err = catalog.Default()
+	}
+	if err != nil {
+		return err
+	}
+	api, svc, _ := strings.Cut(connectionID, "+")
+	if _, err := cat.Lookup(api, svc); err != nil {
+		var known []string
+		for _, id := range cat.IDs() {
+			if in, ok := cat.Get(id); ok {
+				known = append(known, in.UnifiedAPI+"+"+in.ID)
+			}
+		}
+		return fmt.Errorf("--connection %q: no such integration in the catalog (known: %s)", connectionID, strings.Join(known, ", "))
+	}
+	return nil
 }
 
 func enqueueFlagSet(env Env, sub string) (*flag.FlagSet, *enqueueOpts) {
-	fs := newFlagSet("enqueue "+sub, enqueueSynopsis, env, [][2]string{commonEnvHelp[0]})
+	fs := newFlagSet("enqueue "+sub, enqueueSynopsis, env, [][2]string{commonEnvHelp[0], commonEnvHelp[2]})
 	o := &enqueueOpts{}
 	fs.StringVar(&o.redisURL, "redis", or(env.Getenv(envRedisURL), defaultRedisURL), "Redis URL ($"+envRedisURL+")")
+	fs.StringVar(&o.catalog, "catalog", env.Getenv(envCatalog), "integration catalog file ($"+envCatalog+"; default built-in)")
 	fs.StringVar(&o.consumer, "consumer", "", "consumer id (required)")
 	fs.StringVar(&o.connection, "connection", "", "connection id, unified_api+service_id, e.g. crm+salesforce (required)")
 	fs.StringVar(&o.queue, "queue", "", "queue: critical, default or low (default critical)")

@@ -110,6 +110,7 @@ func runScheduler(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	defer a.Close()
+	announceFleet(ctx, a.Redis, "scheduler", a.Logger)
 	cfg.Store, cfg.Catalog = a.Store, a.Catalog
 	cfg.Client = asynq.NewClientFromRedisClient(a.Redis)
 	cfg.Inspector = asynq.NewInspectorFromRedisClient(a.Redis)

@@ -66,6 +66,7 @@ func runServe(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	defer a.Close()
+	announceFleet(ctx, a.Redis, "serve", a.Logger)
 	client := asynq.NewClientFromRedisClient(a.Redis)
 	h, err := api.New(api.Config{
 		Store:      a.Store,

@@ -96,6 +96,7 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	defer a.Close()
+	announceFleet(ctx, a.Redis, "worker", a.Logger)
 	// Webhooks: the delivery handler runs on the worker's server, and a
 	// relay turns the state-change stream into delivery tasks (relays of
 	// several workers share the stream's consumer group).

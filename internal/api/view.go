@@ -24,8 +24,9 @@ type connectionView struct {
 	// Settings are consumer settings (instance URL, tenant): not secrets.
 	Settings map[string]string `json:"settings"`
 	// Credentials lists the names of the credential fields that are set.
-	Credentials []string        `json:"credentials"`
-	Validation  *validationView `json:"validation"`
+	Credentials []string `json:"credentials"`
+	// Validation is absent before the first verdict.
+	Validation *validationView `json:"validation,omitempty"`
 	// TokenExpiresAt is present for OAuth integrations only (null when
 	// unknown).
 	TokenExpiresAt *optionalTime `json:"token_expires_at,omitempty"`

@@ -92,8 +92,9 @@ var seedServices = [4]string{Salesforce, BambooHR, Xero, Pipedrive}
 // profiles are the demo consumers' connections, by consumer index (mod
 // len): the first MinConsumers together show every state.
 var profiles = [][4]demo{
-	// acme: callable everywhere, Xero waiting for its tenant.
-	{sfValid, keyValid, xeroNoTenant, keyValid},
+	// acme: callable, Xero waiting for its tenant, Pipedrive not added
+	// (the README's tour shows it as available).
+	{sfValid, keyValid, xeroNoTenant, notAdded},
 	// globex: a session refreshed at once, a wrong key, a connection
 	// without its key, Xero not added.
 	{sfExpiring, keyWrong, notAdded, keyMissing},
@@ -168,6 +169,26 @@ func Seed(ctx context.Context, w Writer, p *Providers, n int) ([]SeededConnectio
 	}
 	p.log.Info("demo connections seeded", slog.Int("consumers", n), slog.Int("connections", len(out)))
 	return out, nil
+}
+
+// Refs returns the connections Seed writes for n demo consumers (n as for
+// Seed), the ones it leaves available excluded, so a caller can remove what
+// an earlier run seeded before seeding again.
+func Refs(n int) []state.Ref {
+	if n <= 0 {
+		n = DefaultConsumers
+	}
+	var out []state.Ref
+	for i := range n {
+		for j, d := range profiles[i%len(profiles)] {
+			if d == notAdded {
+				continue
+			}
+			svc := seedServices[j]
+			out = append(out, state.Ref{ConsumerID: consumerName(i), ConnectionID: state.ConnectionID(UnifiedAPIs[svc], svc)})
+		}
+	}
+	return out
 }
 
 // ChooseTenant sets the tenant of a Xero demo connection that sits in

@@ -881,6 +881,19 @@ func TestSeed(t *testing.T) {
 		verifySeeded(t, b, sc, c)
 	}
 	require.Equal(t, written, w.puts)
+	// Refs lists exactly what was written; the first consumer (the
+	// README's tour: acme) has an integration left available.
+	var refs []state.Ref
+	acmeAvailable := 0
+	for _, sc := range seeded {
+		if sc.Written {
+			refs = append(refs, sc.Ref)
+		} else if sc.Ref.ConsumerID == "acme" {
+			acmeAvailable++
+		}
+	}
+	require.Equal(t, refs, Refs(DefaultConsumers))
+	require.Positive(t, acmeAvailable, "acme shows an available integration")
 
 	// Later: revocations take effect, tenants are chosen.
 	b.clock.Advance(max(DefaultTimings.RevokeAfter, DefaultTimings.KeyRevokeAfter))
