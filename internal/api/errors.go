@@ -40,7 +40,7 @@ const (
 	// long, a control character, not valid UTF-8); 422 naming the field.
 	codeInvalidCredential = "invalid_credential"
 	codeUnreadable        = "credentials_unreadable"
-	codeContention          = "write_contention"
+	codeContention        = "write_contention"
 )
 
 // Retry-After of the 503 answers, in seconds.
