@@ -188,7 +188,7 @@ func basicPart(creds state.Credentials, spec string, required bool) (string, err
 // redirect target is checked against the integration's host rules, and the
 // request never reaches a host the catalog does not allow.
 func (w *Worker) httpClient(in *catalog.Integration) *http.Client {
-	return &http.Client{Transport: w.transport, CheckRedirect: in.CheckRedirect}
+	return &http.Client{Transport: scopedTransport{id: in.ID, inner: w.transport}, CheckRedirect: in.CheckRedirect}
 }
 
 // send sends a built check request with the check's timeout and
@@ -312,6 +312,8 @@ func transportMsg(err error) string {
 	var dnsErr *net.DNSError
 	var opErr *net.OpError
 	switch {
+	case errors.Is(err, errAddressNotAllowed):
+		return "host resolves to a non-public address the catalog does not list: nothing was sent"
 	case errors.Is(err, catalog.ErrHostNotAllowed):
 		return "redirect to a host the catalog does not allow: " + safeErr(err)
 	case errors.Is(err, context.DeadlineExceeded), isTimeout(err):
