@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -205,12 +206,18 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 
-	done := serveOpsOn(gctx, ln, reg, redisReady(rdb), logger, func(mux *http.ServeMux) {
+	var handler http.Handler = opsMux(reg, redisReady(rdb), func(mux *http.ServeMux) {
 		mountAPI(mux, apiHandler)
 		mux.Handle(monitor.DefaultRootPath+"/", mon)
 		mux.Handle(monitor.DefaultRootPath, mon)
 		mux.Handle("GET /{$}", page)
 	})
+	if tokens == nil {
+		// The API and the monitor are open: a page on another site must
+		// not reach them through a name rebound to 127.0.0.1.
+		handler = loopbackHostsOnly(handler)
+	}
+	done := startServer(gctx, ln, handler, logger)
 	g.Go(func() error { return <-done })
 	g.Go(func() error { return wk.Run(gctx) })
 	g.Go(func() error { return sched.Run(gctx) })
@@ -291,6 +298,35 @@ func loopbackAddr(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// loopbackHostsOnly answers 421 to a request whose Host is not a loopback
+// name (localhost, 127.0.0.1 or [::1], any port): without it, DNS
+// rebinding lets a web page on another site drive dev's open API and
+// monitor through the visitor's browser.
+func loopbackHostsOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !loopbackHost(r.Host) {
+			w.Header().Set("Connection", "close")
+			http.Error(w, "misdirected request: vaultfleet dev answers only to localhost, 127.0.0.1 or [::1] (set "+envAPITokens+" to serve other names)", http.StatusMisdirectedRequest)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// loopbackHost reports whether a Host header names loopback.
+func loopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Zone() == "" && ip.Unmap().IsLoopback()
 }
 
 func loadSubscriptions(path string, getenv func(string) string) ([]events.Subscription, error) {
