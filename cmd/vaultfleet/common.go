@@ -187,7 +187,9 @@ func asynqConnOpt(raw string) (asynq.RedisConnOpt, error) {
 
 // openRedis parses REDIS_URL into a UniversalClient: one Redis, Sentinel
 // (redis-sentinel://[:pw@]host:port[,host:port]/db?master=name) or Cluster
-// (redis-cluster://[:pw@]host:port[,host:port]).
+// (redis-cluster://[:pw@]host:port[,host:port]). The client honours
+// context deadlines (go-redis ignores them by default and waits for its
+// own read timeout on every command), so a request's deadline bounds it.
 func openRedis(raw string) (redis.UniversalClient, error) {
 	switch {
 	case strings.HasPrefix(raw, "redis-cluster://"):
@@ -195,18 +197,21 @@ func openRedis(raw string) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
 		}
+		opt.ContextTimeoutEnabled = true
 		return redis.NewClusterClient(opt), nil
 	case strings.HasPrefix(raw, "redis-sentinel://"):
 		opt, err := redis.ParseFailoverURL("redis://" + strings.TrimPrefix(raw, "redis-sentinel://"))
 		if err != nil {
 			return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
 		}
+		opt.ContextTimeoutEnabled = true
 		return redis.NewFailoverClient(opt), nil
 	}
 	opt, err := redis.ParseURL(raw)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
 	}
+	opt.ContextTimeoutEnabled = true
 	return redis.NewClient(opt), nil
 }
 

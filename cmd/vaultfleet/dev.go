@@ -201,16 +201,14 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	defer mon.Close()
 	page := ui.New(ui.Config{Store: store, Catalog: cat, QueuesFunc: queueDepths(inspector),
 		MonitorPath: monitor.DefaultRootPath, Authorize: browser, Title: "vaultfleet dev", Logger: logger})
-	reg.MustRegister(obs.NewConnectionsCollector(store, cat, logger))
-	if err := obs.RegisterQueueMetrics(reg, inspector); err != nil {
+	if err := obs.RegisterRedisCollectors(reg, obs.RedisCollectorsConfig{Store: store, Catalog: cat,
+		Inspector: inspector, Logger: logger}); err != nil {
 		return err
 	}
 
 	var handler http.Handler = opsMux(reg, redisReady(rdb), func(mux *http.ServeMux) {
 		mountAPI(mux, apiHandler)
-		mux.Handle(monitor.DefaultRootPath+"/", mon)
-		mux.Handle(monitor.DefaultRootPath, mon)
-		mux.Handle("GET /{$}", page)
+		mountPages(mux, mon, page)
 	})
 	if tokens == nil {
 		// The API and the monitor are open: a page on another site must
@@ -264,6 +262,21 @@ func init() { knownEnv[envPrometheusURL] = true }
 func mountAPI(mux *http.ServeMux, h http.Handler) {
 	mux.Handle("/v1/", h)
 	mux.Handle("GET /openapi.yaml", h)
+}
+
+// pageTimeout bounds a monitor or status-page request. Both read Redis
+// through asynq's Inspector, which takes no context: without a bound, a
+// stalled Redis hangs them for its read timeout times every command. A
+// request past it gets 503 (the read is abandoned, not cancelled).
+const pageTimeout = 5 * time.Second
+
+// mountPages puts the Asynq monitor and the status page on their routes,
+// each behind pageTimeout.
+func mountPages(mux *http.ServeMux, mon, page http.Handler) {
+	mon = http.TimeoutHandler(mon, pageTimeout, "the monitor did not answer in time (Redis slow or unreachable); retry")
+	mux.Handle(monitor.DefaultRootPath+"/", mon)
+	mux.Handle(monitor.DefaultRootPath, mon)
+	mux.Handle("GET /{$}", http.TimeoutHandler(page, pageTimeout, "the status page did not answer in time (Redis slow or unreachable); retry"))
 }
 
 // devRedis opens REDIS_URL when set, else starts an embedded miniredis on

@@ -104,8 +104,8 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	// once, not by every worker.
 	inspector := asynq.NewInspectorFromRedisClient(a.Redis)
 	defer inspector.Close()
-	a.Registry.MustRegister(obs.NewConnectionsCollector(a.Store, a.Catalog, a.Logger))
-	if err := obs.RegisterQueueMetrics(a.Registry, inspector); err != nil {
+	if err := obs.RegisterRedisCollectors(a.Registry, obs.RedisCollectorsConfig{Store: a.Store, Catalog: a.Catalog,
+		Inspector: inspector, Logger: a.Logger}); err != nil {
 		return err
 	}
 	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, ReadOnly: *readOnly,
@@ -120,9 +120,7 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	h = trackInflight(h, &inflight)
 	addr, done, err := serveOps(ctx, c.addr, a.Registry, redisReady(a.Redis), a.Logger, func(mux *http.ServeMux) {
 		mountAPI(mux, h)
-		mux.Handle(monitor.DefaultRootPath+"/", mon)
-		mux.Handle(monitor.DefaultRootPath, mon)
-		mux.Handle("GET /{$}", page)
+		mountPages(mux, mon, page)
 	})
 	if err != nil {
 		return err

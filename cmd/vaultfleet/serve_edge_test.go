@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -84,4 +85,87 @@ func TestServeMonitorReadOnlyEnv(t *testing.T) {
 	qi, err := in.GetQueueInfo(tasks.QueueCritical)
 	require.NoError(t, err)
 	require.False(t, qi.Paused)
+}
+
+// TestServeRedisStall pauses serve's Redis (SIGSTOP: connections stay
+// open, nothing answers) and checks that every route that reads Redis
+// answers within its deadline: /readyz 503 within about a second, API
+// reads 503 within DefaultRequestTimeout, /metrics 200 without the
+// Redis-backed families and with vaultfleet_scrape_timeouts_total saying
+// so, the monitor and the status page 503 within pageTimeout.
+func TestServeRedisStall(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs serve")
+	}
+	t.Parallel()
+	p, srv := startServe(t, nil)
+	if !srv.Real {
+		t.Skip("needs redis-server to pause")
+	}
+	client := asynq.NewClient(asynq.RedisClientOpt{Addr: srv.Addr})
+	defer client.Close()
+	task, err := tasks.NewValidateTask("c1", "crm+pipedrive", tasks.ReasonOnDemand, "")
+	require.NoError(t, err)
+	_, err = client.Enqueue(task, asynq.Queue(tasks.QueueCritical))
+	require.NoError(t, err)
+	base := "http://" + p.addr
+	hc := &http.Client{Timeout: 30 * time.Second}
+	get := func(path string) (int, string, time.Duration) {
+		req, err := http.NewRequest(http.MethodGet, base+path, nil)
+		require.NoError(t, err)
+		req.SetBasicAuth("ops", edgeToken) // the monitor and the page
+		if strings.HasPrefix(path, "/v1/") {
+			req.Header.Set("Authorization", "Bearer "+edgeToken)
+		}
+		start := time.Now()
+		resp, err := hc.Do(req)
+		if err != nil {
+			return 0, err.Error(), time.Since(start)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), time.Since(start)
+	}
+	code, body, _ := get("/metrics")
+	require.Equal(t, http.StatusOK, code)
+	require.Contains(t, body, "asynq_queue_size{")
+	require.Contains(t, body, "vaultfleet_connections{")
+	require.Contains(t, body, `vaultfleet_scrape_timeouts_total{collector="asynq_queues"} 0`)
+
+	srv.Pause(t)
+	type answer struct {
+		path       string
+		code       int
+		body       string
+		took, want time.Duration
+	}
+	routes := map[string]time.Duration{
+		"/readyz":                        1500 * time.Millisecond,
+		"/v1/connections?limit=10":       4500 * time.Millisecond,
+		"/v1/consumers/acme/connections": 4500 * time.Millisecond,
+		"/metrics":                       4500 * time.Millisecond,
+		"/monitor/api/queues":            pageTimeout + 1500*time.Millisecond,
+		"/":                              pageTimeout + 1500*time.Millisecond,
+	}
+	answers := make(chan answer, len(routes))
+	for path, want := range routes {
+		go func() {
+			code, body, took := get(path)
+			answers <- answer{path, code, body, took, want}
+		}()
+	}
+	for range routes {
+		a := <-answers
+		require.Less(t, a.took, a.want, "%s took %s (%d %q)", a.path, a.took, a.code, tail(a.body, 300))
+		if a.path == "/metrics" {
+			require.Equal(t, http.StatusOK, a.code)
+			require.Contains(t, a.body, "go_goroutines")
+			require.NotContains(t, a.body, "asynq_queue_size{")
+			require.NotContains(t, a.body, "vaultfleet_connections{")
+			require.Contains(t, a.body, `vaultfleet_scrape_timeouts_total{collector="asynq_queues"} 1`)
+			require.Contains(t, a.body, `vaultfleet_scrape_timeouts_total{collector="connections"} 1`)
+			continue
+		}
+		require.Equal(t, http.StatusServiceUnavailable, a.code, "%s: %s", a.path, a.body)
+	}
 }

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"log/slog"
@@ -100,6 +101,11 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusBadRequest, codeInvalidSetting, "a setting has a value its type does not allow")
 	case errors.As(err, &fe):
 		writeError(w, http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
+	case errors.Is(r.Context().Err(), context.DeadlineExceeded):
+		// The request's deadline (Config.RequestTimeout) passed: Redis
+		// is slow or stalled.
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, codeServiceUnavailable, "the store did not answer in time; retry")
 	case r.Context().Err() != nil && errors.Is(err, r.Context().Err()):
 		// The client went away; nobody reads this.
 		writeError(w, http.StatusServiceUnavailable, codeServiceUnavailable, "request cancelled")
