@@ -209,6 +209,12 @@ func (w *Worker) send(ctx context.Context, in *catalog.Integration, req *http.Re
 		if ctx.Err() != nil {
 			return checkResult{}, ctx.Err()
 		}
+		if errors.Is(err, errAddressNotAllowed) {
+			// Refused before anything left: the consumer's setting (or
+			// its DNS) is the trouble, not the provider, so the breaker
+			// does not count it. Retried like a transient failure.
+			return checkResult{kind: kindTransient, msg: transportMsg(err)}, nil
+		}
 		return checkResult{kind: kindTransient, sent: true, latency: lat, msg: transportMsg(err)}, nil
 	}
 	body, over, rerr := readCapped(resp.Body, w.cfg.MaxBodyBytes)

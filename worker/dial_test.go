@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+	"github.com/sony/gobreaker/v2"
 
 	"github.com/vaultfleet/vaultfleet/state"
 )
@@ -77,6 +78,14 @@ func TestCheckRefusesWildcardNameResolvingInside(t *testing.T) {
 	res.mu.Lock()
 	require.Contains(t, res.lookups, "evil.wild.test", "the guard resolved the name itself")
 	res.mu.Unlock()
+	// A consumer's setting is no provider trouble: however many refused
+	// dials, the integration's breaker stays closed.
+	b.put("crm+inst", map[string]string{"api_key": secretAPIKey},
+		map[string]string{"instance_url": "http://evil.wild.test:" + port})
+	for range 2 * defaultBreakerMinReqs {
+		require.Error(t, process(t, w, validateTask(t, "crm+inst")))
+	}
+	require.Equal(t, gobreaker.StateClosed, w.breakers.state("inst"))
 	leaked.Range(func(k, _ any) bool {
 		t.Fatalf("the internal service received a credential")
 		return false
