@@ -9,8 +9,8 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/stretchr/testify/require"
 	"github.com/sony/gobreaker/v2"
+	"github.com/stretchr/testify/require"
 
 	"github.com/vaultfleet/vaultfleet/state"
 )
