@@ -156,6 +156,7 @@ func TestServeRedisStall(t *testing.T) {
 	}
 	for range routes {
 		a := <-answers
+		t.Logf("Redis paused: %s answered %d in %s", a.path, a.code, a.took.Round(10*time.Millisecond))
 		require.Less(t, a.took, a.want, "%s took %s (%d %q)", a.path, a.took, a.code, tail(a.body, 300))
 		if a.path == "/metrics" {
 			require.Equal(t, http.StatusOK, a.code)
