@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"strings"
 	"sync"
@@ -178,4 +179,35 @@ func TestListSelectiveFiltersReadWhatTheyReturn(t *testing.T) {
 		l := listAll(Filter{}, 500)
 		once(t, l, bamboo+11, func(*Connection) bool { return true })
 	})
+}
+
+// TestListV1CursorResumes: a cursor from an older release (one walk in lex
+// order through the shard) continues a unified_api listing, now walked
+// service by service, with each remaining match once and nothing again.
+func TestListV1CursorResumes(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t, func(c *Config) { c.Shards = 1 })
+	ctx := context.Background()
+	var members []string
+	for i := range 10 {
+		consumer := fmt.Sprintf("v%02d", i)
+		ref := Ref{ConsumerID: consumer, ConnectionID: "crm+hubspot"}
+		in := Input{}
+		if i%2 == 1 {
+			ref.ConnectionID = "crm+salesforce"
+			in = Input{Settings: map[string]string{"instance_url": "https://acme.my.salesforce.com"}}
+		}
+		_, err := b.store.Put(ctx, ref, in, 0)
+		require.NoError(t, err)
+		members = append(members, ref.String())
+	}
+	v1 := base64.RawURLEncoding.EncodeToString([]byte("1:0:" + members[3]))
+	page, next, err := b.store.List(ctx, Filter{UnifiedAPI: "crm"}, v1, 100)
+	require.NoError(t, err)
+	require.Empty(t, next)
+	var got []string
+	for _, c := range page {
+		got = append(got, c.Ref().String())
+	}
+	require.ElementsMatch(t, members[4:], got)
 }

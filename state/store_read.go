@@ -290,10 +290,15 @@ func (s *Store) list(ctx context.Context, f Filter, cur string, limit int) ([]*C
 		for _, w := range plan(sh) {
 			lo := "-"
 			if sh == start.shard && cur != "" {
-				if w.svc < start.svc {
+				switch {
+				case start.svc == "" && start.member != "":
+					// One walk through the shard's lex order (or a v1
+					// cursor, which walked it that way): every index
+					// resumes after the member.
+					lo = "(" + start.member
+				case w.svc < start.svc:
 					continue // walked on an earlier page
-				}
-				if w.svc == start.svc && start.member != "" {
+				case w.svc == start.svc && start.member != "":
 					lo = "(" + start.member
 				}
 			}
