@@ -221,15 +221,17 @@ func (s *Store) decodeConsumerCursor(v string) (cursor, error) {
 	if err != nil {
 		return cursor{}, bad
 	}
-	parts := strings.SplitN(string(raw), ":", 3)
-	if len(parts) != 3 || parts[0] != cursorVersion {
+	// cursor.encode's layout: "<version>:<shard>:<svc>:<member>", svc
+	// empty for consumers.
+	parts := strings.SplitN(string(raw), ":", 4)
+	if len(parts) != 4 || parts[0] != cursorV2 || parts[2] != "" {
 		return cursor{}, bad
 	}
 	n, err := strconv.Atoi(parts[1])
-	if err != nil || n < 0 || n >= s.cfg.Shards || !tasks.ValidConsumerID(parts[2]) {
+	if err != nil || n < 0 || n >= s.cfg.Shards || !tasks.ValidConsumerID(parts[3]) {
 		return cursor{}, bad
 	}
-	return cursor{shard: n, member: parts[2]}, nil
+	return cursor{shard: n, member: parts[3]}, nil
 }
 
 // DeleteConsumer removes the consumer record, its index entry and every

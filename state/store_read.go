@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -106,16 +107,24 @@ func (s *Store) listConsumer(ctx context.Context, consumerID string) ([]*Connect
 	return slices.DeleteFunc(conns, func(c *Connection) bool { return c == nil }), nil
 }
 
-// cursor is a position in the walk of List: after member of shard.
+// cursor is a position in the walk of List: in shard, in the walk of the
+// index of service svc ("" when the shard is walked through one index),
+// after member ("" for the walk's start).
 type cursor struct {
 	shard  int
+	svc    string
 	member string
 }
 
-const cursorVersion = "1"
+// Cursor versions: "1:<shard>:<member>" (older releases, still read: svc
+// empty) and "2:<shard>:<svc>:<member>".
+const (
+	cursorV1 = "1"
+	cursorV2 = "2"
+)
 
 func (c cursor) encode() string {
-	return base64.RawURLEncoding.EncodeToString([]byte(cursorVersion + ":" + strconv.Itoa(c.shard) + ":" + c.member))
+	return base64.RawURLEncoding.EncodeToString([]byte(cursorV2 + ":" + strconv.Itoa(c.shard) + ":" + c.svc + ":" + c.member))
 }
 
 func (s *Store) decodeCursor(v string) (cursor, error) {
@@ -124,19 +133,143 @@ func (s *Store) decodeCursor(v string) (cursor, error) {
 	if err != nil {
 		return cursor{}, bad
 	}
-	parts := strings.SplitN(string(raw), ":", 3)
-	if len(parts) != 3 || parts[0] != cursorVersion {
+	var c cursor
+	var shard string
+	switch ver, rest, _ := strings.Cut(string(raw), ":"); ver {
+	case cursorV1:
+		parts := strings.SplitN(rest, ":", 2)
+		if len(parts) != 2 || parts[1] == "" {
+			return cursor{}, bad
+		}
+		shard, c.member = parts[0], parts[1]
+	case cursorV2:
+		parts := strings.SplitN(rest, ":", 3)
+		if len(parts) != 3 {
+			return cursor{}, bad
+		}
+		shard, c.svc, c.member = parts[0], parts[1], parts[2]
+		if c.svc != "" && !tasks.ValidConnectionID("x+"+c.svc) {
+			return cursor{}, bad
+		}
+	default:
 		return cursor{}, bad
 	}
-	n, err := strconv.Atoi(parts[1])
+	n, err := strconv.Atoi(shard)
 	if err != nil || n < 0 || n >= s.cfg.Shards {
 		return cursor{}, bad
 	}
-	ref, ok := parseMember(parts[2])
-	if !ok || validateRef(ref) != nil {
-		return cursor{}, bad
+	c.shard = n
+	if c.member != "" {
+		ref, ok := parseMember(c.member)
+		if !ok || validateRef(ref) != nil {
+			return cursor{}, bad
+		}
 	}
-	return cursor{shard: n, member: parts[2]}, nil
+	return c, nil
+}
+
+// List bounds: the work of one page is bounded, whatever the filter and
+// the fleet's size.
+const (
+	// listScanBudget is how many records one List call reads at most
+	// (plus one batch): past it, the page ends early (perhaps empty) with
+	// a cursor, and the caller continues from there.
+	listScanBudget = 1000
+	// listMinBatch is the smallest batch of index members read at once
+	// when the index walked holds more than the filter matches, so that a
+	// selective filter with a small limit does not cost one range read
+	// per record.
+	listMinBatch = 100
+)
+
+// walk is one index a shard's listing walks.
+type walk struct {
+	key string
+	svc string // the service whose index this is; "" for the all and state indexes
+	// exact: every member of the index matches the filter.
+	exact bool
+}
+
+// listPlan says which indexes List walks in each shard, narrowest first:
+// the all index or a state index without a service filter; the smaller
+// of a service's index and the state index for service_id with state; the
+// indexes of the unified API's services (from the catalog, plus any
+// service stored but no longer in the catalog) for unified_api. Shards
+// and services whose counters hold no match are skipped without a read.
+func (s *Store) listPlan(ctx context.Context, f Filter) (func(sh int) []walk, error) {
+	if f.ServiceID == "" && f.UnifiedAPI == "" {
+		return func(sh int) []walk {
+			k := s.shardKeys(sh)
+			if f.State != "" {
+				return []walk{{key: k.state(f.State), exact: true}}
+			}
+			return []walk{{key: k.all(), exact: true}}
+		}, nil
+	}
+	// The per-shard counters (kept in the same script as every write)
+	// say which services have matches where.
+	counts := make([]map[string]string, s.cfg.Shards)
+	pipe := s.cfg.Client.Pipeline()
+	cmds := make([]*redis.MapStringStringCmd, s.cfg.Shards)
+	for i := range cmds {
+		cmds[i] = pipe.HGetAll(ctx, s.shardKeys(i).counts())
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return nil, fmt.Errorf("state: list connections: %w", err)
+	}
+	for i, cmd := range cmds {
+		counts[i] = cmd.Val()
+	}
+	count := func(sh int, svc string, st State) (n int64) {
+		for field, v := range counts[sh] {
+			fs, fst, ok := strings.Cut(field, "|")
+			if !ok || (svc != "" && fs != svc) || (st != "" && State(fst) != st) {
+				continue
+			}
+			c, _ := strconv.ParseInt(v, 10, 64)
+			n += c
+		}
+		return n
+	}
+	var inAPI map[string]bool
+	if f.ServiceID == "" {
+		inAPI = map[string]bool{}
+		for _, in := range s.cfg.Catalog.ByUnifiedAPI(f.UnifiedAPI) {
+			inAPI[in.ID] = true
+		}
+	}
+	return func(sh int) []walk {
+		k := s.shardKeys(sh)
+		if f.ServiceID != "" {
+			if count(sh, f.ServiceID, f.State) == 0 {
+				return nil
+			}
+			w := walk{key: k.service(f.ServiceID), svc: f.ServiceID, exact: f.State == "" && f.UnifiedAPI == ""}
+			if f.State != "" && count(sh, "", f.State) < count(sh, f.ServiceID, "") {
+				w.key = k.state(f.State)
+			}
+			return []walk{w}
+		}
+		// unified_api: the catalog's services of that API, and any stored
+		// service the catalog no longer knows (its API is unknown here).
+		svcs := map[string]bool{}
+		for field := range counts[sh] {
+			svc, _, ok := strings.Cut(field, "|")
+			if !ok {
+				continue
+			}
+			if _, known := s.cfg.Catalog.Get(svc); inAPI[svc] || !known {
+				svcs[svc] = true
+			}
+		}
+		var out []walk
+		for _, svc := range slices.Sorted(maps.Keys(svcs)) {
+			if count(sh, svc, f.State) > 0 {
+				out = append(out, walk{key: k.service(svc), svc: svc})
+			}
+		}
+		return out
+	}, nil
 }
 
 func (s *Store) list(ctx context.Context, f Filter, cur string, limit int) ([]*Connection, string, error) {
@@ -156,48 +289,68 @@ func (s *Store) list(ctx context.Context, f Filter, cur string, limit int) ([]*C
 			return nil, "", err
 		}
 	}
+	plan, err := s.listPlan(ctx, f)
+	if err != nil {
+		return nil, "", err
+	}
 	out := make([]*Connection, 0, limit)
+	examined := 0
 	for sh := start.shard; sh < s.cfg.Shards; sh++ {
 		k := s.shardKeys(sh)
-		idx := k.all()
-		switch {
-		case f.ServiceID != "":
-			idx = k.service(f.ServiceID)
-		case f.State != "":
-			idx = k.state(f.State)
-		}
-		lo := "-"
-		if sh == start.shard && start.member != "" {
-			lo = "(" + start.member
-		}
-		for {
-			// Walking the lex order of a zset member by member from the last
-			// one seen is what keeps the walk exact under concurrent writes:
-			// positions do not shift when other members come and go.
-			members, err := s.cfg.Client.ZRangeByLex(ctx, idx, &redis.ZRangeBy{Min: lo, Max: "+",
-				Count: int64(limit)}).Result()
-			if err != nil {
-				return nil, "", fmt.Errorf("state: list connections: %w", err)
-			}
-			if len(members) == 0 {
-				break
-			}
-			conns, err := s.fetch(ctx, k, members)
-			if err != nil {
-				return nil, "", err
-			}
-			for i, c := range conns {
-				if c != nil && f.matches(c) {
-					out = append(out, c)
-					if len(out) == limit {
-						return out, cursor{shard: sh, member: members[i]}.encode(), nil
-					}
+		for _, w := range plan(sh) {
+			lo := "-"
+			if sh == start.shard && cur != "" {
+				switch {
+				case start.svc == "" && start.member != "":
+					// One walk through the shard's lex order (or a v1
+					// cursor, which walked it that way): every index
+					// resumes after the member.
+					lo = "(" + start.member
+				case w.svc < start.svc:
+					continue // walked on an earlier page
+				case w.svc == start.svc && start.member != "":
+					lo = "(" + start.member
 				}
 			}
-			if len(members) < limit {
-				break
+			batch := limit
+			if !w.exact {
+				batch = max(limit, listMinBatch)
 			}
-			lo = "(" + members[len(members)-1]
+			for {
+				if examined >= listScanBudget {
+					// Enough work for one page: the caller continues here.
+					return out, cursor{shard: sh, svc: w.svc, member: strings.TrimPrefix(lo, "(")}.encode(), nil
+				}
+				// Walking the lex order of a zset member by member from the
+				// last one seen is what keeps the walk exact under
+				// concurrent writes: positions do not shift when other
+				// members come and go.
+				members, err := s.cfg.Client.ZRangeByLex(ctx, w.key, &redis.ZRangeBy{Min: lo, Max: "+",
+					Count: int64(batch)}).Result()
+				if err != nil {
+					return nil, "", fmt.Errorf("state: list connections: %w", err)
+				}
+				if len(members) == 0 {
+					break
+				}
+				conns, err := s.fetch(ctx, k, members)
+				if err != nil {
+					return nil, "", err
+				}
+				examined += len(members)
+				for i, c := range conns {
+					if c != nil && f.matches(c) {
+						out = append(out, c)
+						if len(out) == limit {
+							return out, cursor{shard: sh, svc: w.svc, member: members[i]}.encode(), nil
+						}
+					}
+				}
+				if len(members) < batch {
+					break
+				}
+				lo = "(" + members[len(members)-1]
+			}
 		}
 	}
 	return out, "", nil

@@ -409,7 +409,8 @@ func (h *evalHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 func TestClusterEventAppendOutlivesTheCaller(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
-	b := setupStore(t, func(c *Config) { c.Registerer = reg })
+	// A stream of its own: the test reads the whole stream back.
+	b := setupStore(t, func(c *Config) { c.Registerer, c.EventStream = reg, "events:"+t.Name() })
 	b.store.cluster = true // the stream key is left out of the script, as on a cluster
 	hook := &evalHook{}
 	b.rdb.AddHook(hook)

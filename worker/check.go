@@ -207,7 +207,7 @@ func basicPart(creds state.Credentials, spec string, required bool) (string, err
 // redirect target is checked against the integration's host rules, and the
 // request never reaches a host the catalog does not allow.
 func (w *Worker) httpClient(in *catalog.Integration) *http.Client {
-	return &http.Client{Transport: w.transport, CheckRedirect: in.CheckRedirect}
+	return &http.Client{Transport: scopedTransport{id: in.ID, inner: w.transport}, CheckRedirect: in.CheckRedirect}
 }
 
 // send sends a built check request with the check's timeout and
@@ -227,6 +227,12 @@ func (w *Worker) send(ctx context.Context, in *catalog.Integration, req *http.Re
 		lat := time.Since(start)
 		if ctx.Err() != nil {
 			return checkResult{}, ctx.Err()
+		}
+		if errors.Is(err, errAddressNotAllowed) {
+			// Refused before anything left: the consumer's setting (or
+			// its DNS) points inside, the provider is not at fault, so the
+			// breaker does not count it.
+			return checkResult{kind: kindMisconfigured, msg: transportMsg(err)}, nil
 		}
 		k := kindTransient
 		if consumerSide(in, req.URL, err) {
@@ -358,6 +364,8 @@ func transportMsg(err error) string {
 	var dnsErr *net.DNSError
 	var opErr *net.OpError
 	switch {
+	case errors.Is(err, errAddressNotAllowed):
+		return "host resolves to a non-public address the catalog does not list: nothing was sent"
 	case errors.Is(err, catalog.ErrHostNotAllowed):
 		return "redirect to a host the catalog does not allow: " + safeErr(err)
 	case errors.Is(err, context.DeadlineExceeded), isTimeout(err):

@@ -372,8 +372,9 @@ func New(cfg Config) (*Worker, error) {
 	w.breakers = newBreakers(cfg, m, cfg.Logger)
 	w.transport = cfg.Transport
 	if w.transport == nil {
-		w.transport = newTransport(cfg.ConnectTimeout, cfg.Concurrency)
+		w.transport = newTransport(cfg.ConnectTimeout, cfg.Concurrency, cfg.Catalog, nil)
 		w.ownsTrans = true
+		warnProxyIgnored(cfg.Getenv, cfg.Logger)
 	}
 	w.handlers[tasks.TypeValidate] = asynq.HandlerFunc(w.handleValidate)
 	w.handlers[tasks.TypeRefreshToken] = asynq.HandlerFunc(w.handleRefresh)
@@ -383,12 +384,15 @@ func New(cfg Config) (*Worker, error) {
 	return w, nil
 }
 
-// newTransport is the default transport: bounded dials and handshakes and
-// a keep-alive pool large enough for every worker goroutine.
-func newTransport(connectTimeout time.Duration, concurrency int) *http.Transport {
-	d := &net.Dialer{Timeout: connectTimeout, KeepAlive: 30 * time.Second}
+// newTransport is the default transport: bounded dials and handshakes, a
+// keep-alive pool large enough for every worker goroutine, and a dialer
+// that refuses non-public addresses the catalog does not list (dial.go;
+// lookup nil: the system resolver). It uses no proxy: a proxy from the
+// environment would dial providers itself, past that check.
+func newTransport(connectTimeout time.Duration, concurrency int, cat *catalog.Catalog, lookup lookupFunc) *http.Transport {
+	d := newGuardedDialer(&net.Dialer{Timeout: connectTimeout, KeepAlive: 30 * time.Second}, cat, lookup)
 	return &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
+		Proxy:                 nil,
 		DialContext:           d.DialContext,
 		ForceAttemptHTTP2:     true,
 		TLSHandshakeTimeout:   connectTimeout + 5*time.Second,

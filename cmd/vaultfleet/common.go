@@ -266,7 +266,9 @@ func asynqConnOpt(raw string) (asynq.RedisConnOpt, error) {
 
 // openRedis parses REDIS_URL into a UniversalClient: one Redis, Sentinel
 // (redis-sentinel://[:pw@]host:port[,host:port]/db?master=name) or Cluster
-// (redis-cluster://[:pw@]host:port[,host:port]).
+// (redis-cluster://[:pw@]host:port[,host:port]). The client honours
+// context deadlines (go-redis ignores them by default and waits for its
+// own read timeout on every command), so a request's deadline bounds it.
 func openRedis(raw string) (redis.UniversalClient, error) {
 	switch {
 	case strings.HasPrefix(raw, "redis-cluster://"):
@@ -274,18 +276,21 @@ func openRedis(raw string) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, err
 		}
+		opt.ContextTimeoutEnabled = true
 		return redis.NewClusterClient(opt), nil
 	case strings.HasPrefix(raw, "redis-sentinel://"):
 		opt, err := parseFailover(strings.TrimPrefix(raw, "redis-sentinel://"))
 		if err != nil {
 			return nil, err
 		}
+		opt.ContextTimeoutEnabled = true
 		return redis.NewFailoverClient(opt), nil
 	}
 	opt, err := redis.ParseURL(raw)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", envRedisURL, redactURLErr(err))
 	}
+	opt.ContextTimeoutEnabled = true
 	return redis.NewClient(opt), nil
 }
 
@@ -337,15 +342,49 @@ func listen(addr string) (net.Listener, error) {
 	return ln, nil
 }
 
+// Limits of every HTTP server the binary runs (API, monitor, status page,
+// /metrics, /healthz, /readyz). No route streams: every response is
+// short, so one write timeout fits all. A route that ever needs a long
+// response (server-sent events, a large download) extends its own write
+// deadline with http.ResponseController.SetWriteDeadline.
+const (
+	// httpReadHeaderTimeout bounds reading a request's headers.
+	httpReadHeaderTimeout = 10 * time.Second
+	// httpReadTimeout bounds reading a whole request, body included: a
+	// client that declares a body and never sends it is cut off.
+	httpReadTimeout = 15 * time.Second
+	// httpWriteTimeout bounds handling a request and writing the response.
+	httpWriteTimeout = 30 * time.Second
+	// httpIdleTimeout closes a keep-alive connection that idles that long.
+	httpIdleTimeout = 60 * time.Second
+	// readyTimeout bounds the check of /readyz: a stalled Redis is
+	// reported (503) within about a second.
+	readyTimeout = time.Second
+)
+
+// httpLimits are the server timeouts; serverLimits holds the ones in use
+// (tests shorten them).
+type httpLimits struct {
+	readHeader, read, write, idle time.Duration
+}
+
+var serverLimits = httpLimits{readHeader: httpReadHeaderTimeout, read: httpReadTimeout,
+	write: httpWriteTimeout, idle: httpIdleTimeout}
+
 // serveOpsOn is serveOps on a listener the caller bound.
 func serveOpsOn(ctx context.Context, ln net.Listener, reg *prometheus.Registry, ready func(context.Context) error, logger *slog.Logger, extra func(*http.ServeMux)) <-chan error {
+	return startServer(ctx, ln, opsMux(reg, ready, extra), logger)
+}
+
+// opsMux routes /metrics, /healthz, /readyz and the extra routes.
+func opsMux(reg *prometheus.Registry, ready func(context.Context) error, extra func(*http.ServeMux)) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		rctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		rctx, cancel := context.WithTimeout(r.Context(), readyTimeout)
 		defer cancel()
 		if err := ready(rctx); err != nil {
 			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
@@ -356,7 +395,14 @@ func serveOpsOn(ctx context.Context, ln net.Listener, reg *prometheus.Registry, 
 	if extra != nil {
 		extra(mux)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return mux
+}
+
+// startServer serves h on ln with serverLimits until ctx is done.
+func startServer(ctx context.Context, ln net.Listener, h http.Handler, logger *slog.Logger) <-chan error {
+	l := serverLimits
+	srv := &http.Server{Handler: closeOnRefusal(h), ReadHeaderTimeout: l.readHeader, ReadTimeout: l.read,
+		WriteTimeout: l.write, IdleTimeout: l.idle}
 	done := make(chan error, 1)
 	go func() {
 		err := srv.Serve(ln)
@@ -374,6 +420,62 @@ func serveOpsOn(ctx context.Context, ln net.Listener, reg *prometheus.Registry, 
 		}
 	}()
 	return done
+}
+
+// closeOnRefusal closes the connection after an error response (4xx) to a
+// request that declared a body, without reading the body. Otherwise
+// net/http reads up to 256 kB of the unread body after the handler
+// returns, to reuse the connection: an unauthenticated client that declared
+// a body and sends nothing would hold the connection until the read
+// timeout, and one that sends it would have it read although the request
+// was refused.
+func closeOnRefusal(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength == 0 {
+			h.ServeHTTP(w, r)
+			return
+		}
+		rw := &refusalWriter{ResponseWriter: w}
+		h.ServeHTTP(rw, r)
+		if rw.refused {
+			// The response is flushed before the server drains the
+			// body; a read deadline in the past makes the drain fail at
+			// once, and the connection (marked close) is closed.
+			_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+		}
+	})
+}
+
+type refusalWriter struct {
+	http.ResponseWriter
+	wrote, refused bool
+}
+
+func (w *refusalWriter) WriteHeader(code int) {
+	if !w.wrote && code >= 400 && code < 500 {
+		w.Header().Set("Connection", "close")
+		w.refused = true
+	}
+	w.wrote = true
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *refusalWriter) Write(b []byte) (int, error) {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (w *refusalWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Flush passes flushes through to the connection's writer.
+func (w *refusalWriter) Flush() {
+	if !w.wrote {
+		w.WriteHeader(http.StatusOK)
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
 }
 
 // redisReady is the /readyz check of a process that needs Redis.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -215,17 +216,21 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	defer mon.Close()
 	page := ui.New(ui.Config{Store: store, Catalog: cat, QueuesFunc: queueDepths(inspector),
 		MonitorPath: monitor.DefaultRootPath, Authorize: browser, Title: "vaultfleet dev", Logger: logger})
-	reg.MustRegister(obs.NewConnectionsCollector(store, cat, logger))
-	if err := obs.RegisterQueueMetrics(reg, inspector); err != nil {
+	if err := obs.RegisterRedisCollectors(reg, obs.RedisCollectorsConfig{Store: store, Catalog: cat,
+		Inspector: inspector, Logger: logger}); err != nil {
 		return err
 	}
 
-	done := serveOpsOn(gctx, ln, reg, redisReady(rdb), logger, func(mux *http.ServeMux) {
+	var handler http.Handler = opsMux(reg, redisReady(rdb), func(mux *http.ServeMux) {
 		mountAPI(mux, apiHandler)
-		mux.Handle(monitor.DefaultRootPath+"/", mon)
-		mux.Handle(monitor.DefaultRootPath, mon)
-		mux.Handle("GET /{$}", page)
+		mountPages(mux, mon, page)
 	})
+	if tokens == nil {
+		// The API and the monitor are open: a page on another site must
+		// not reach them through a name rebound to 127.0.0.1.
+		handler = loopbackHostsOnly(handler)
+	}
+	done := startServer(gctx, ln, handler, logger)
 	g.Go(func() error { return <-done })
 	g.Go(func() error { return wk.Run(gctx) })
 	g.Go(func() error { return sched.Run(gctx) })
@@ -281,6 +286,21 @@ func mountAPI(mux *http.ServeMux, h http.Handler) {
 	mux.Handle("/v1/", h)
 	mux.Handle("/vault/", h)
 	mux.Handle("GET /openapi.yaml", h)
+}
+
+// pageTimeout bounds a monitor or status-page request. Both read Redis
+// through asynq's Inspector, which takes no context: without a bound, a
+// stalled Redis hangs them for its read timeout times every command. A
+// request past it gets 503 (the read is abandoned, not cancelled).
+const pageTimeout = 5 * time.Second
+
+// mountPages puts the Asynq monitor and the status page on their routes,
+// each behind pageTimeout.
+func mountPages(mux *http.ServeMux, mon, page http.Handler) {
+	mon = http.TimeoutHandler(mon, pageTimeout, "the monitor did not answer in time (Redis slow or unreachable); retry")
+	mux.Handle(monitor.DefaultRootPath+"/", mon)
+	mux.Handle(monitor.DefaultRootPath, mon)
+	mux.Handle("GET /{$}", http.TimeoutHandler(page, pageTimeout, "the status page did not answer in time (Redis slow or unreachable); retry"))
 }
 
 // devRedis opens url when set, else starts an embedded miniredis on
@@ -341,6 +361,35 @@ func loopbackAddr(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// loopbackHostsOnly answers 421 to a request whose Host is not a loopback
+// name (localhost, 127.0.0.1 or [::1], any port): without it, DNS
+// rebinding lets a web page on another site drive dev's open API and
+// monitor through the visitor's browser.
+func loopbackHostsOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !loopbackHost(r.Host) {
+			w.Header().Set("Connection", "close")
+			http.Error(w, "misdirected request: vaultfleet dev answers only to localhost, 127.0.0.1 or [::1] (set "+envAPITokens+" to serve other names)", http.StatusMisdirectedRequest)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// loopbackHost reports whether a Host header names loopback.
+func loopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Zone() == "" && ip.Unmap().IsLoopback()
 }
 
 func loadSubscriptions(path string, getenv func(string) string) ([]events.Subscription, error) {

@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -34,12 +37,26 @@ func init() {
 var serveEnvHelp = append(append([][2]string{}, commonEnvHelp...),
 	[2]string{envAPITokens, "bearer tokens accepted by the API, comma-separated (required); browsers use one as the basic-auth password for / and /monitor"},
 	[2]string{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
-	[2]string{envMonitorReadOnly, "true: the Asynq monitor cannot change tasks or queues"},
+	[2]string{envMonitorReadOnly, "1 or true: the Asynq monitor cannot change tasks or queues (default false)"},
 )
 
 const envMonitorReadOnly = "VAULTFLEET_MONITOR_READONLY"
 
 func init() { knownEnv[envMonitorReadOnly] = true }
+
+// parseBoolEnv reads a boolean variable as strconv.ParseBool does (1, t,
+// true, 0, f, false, ...); unset is false, anything else an error.
+func parseBoolEnv(env Env, name string) (bool, error) {
+	v := strings.TrimSpace(env.Getenv(name))
+	if v == "" {
+		return false, nil
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("%s=%q: want true or false (1 or 0)", name, v)
+	}
+	return b, nil
+}
 
 // runServe serves the HTTP API under /v1, its OpenAPI document at
 // /openapi.yaml, and /metrics, /healthz, /readyz, until ctx is done.
@@ -48,7 +65,11 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	var c common
 	c.register(fs, env, defaultServeAddr)
 	promURL := fs.String("prometheus-url", env.Getenv(envPrometheusURL), "Prometheus base URL for the monitor's charts ($"+envPrometheusURL+")")
-	readOnly := fs.Bool("monitor-readonly", env.Getenv(envMonitorReadOnly) == "true", "Asynq monitor in read-only mode ($"+envMonitorReadOnly+")")
+	readOnlyDefault, err := parseBoolEnv(env, envMonitorReadOnly)
+	if err != nil {
+		return err
+	}
+	readOnly := fs.Bool("monitor-readonly", readOnlyDefault, "Asynq monitor in read-only mode ($"+envMonitorReadOnly+")")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -84,8 +105,8 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	// once, not by every worker.
 	inspector := asynq.NewInspectorFromRedisClient(a.Redis)
 	defer inspector.Close()
-	a.Registry.MustRegister(obs.NewConnectionsCollector(a.Store, a.Catalog, a.Logger))
-	if err := obs.RegisterQueueMetrics(a.Registry, inspector); err != nil {
+	if err := obs.RegisterRedisCollectors(a.Registry, obs.RedisCollectorsConfig{Store: a.Store, Catalog: a.Catalog,
+		Inspector: inspector, Logger: a.Logger}); err != nil {
 		return err
 	}
 	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, ReadOnly: *readOnly,
@@ -100,9 +121,7 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	h = trackInflight(h, &inflight)
 	addr, done, err := serveOps(ctx, c.addr, a.Registry, redisReady(a.Redis), a.Logger, func(mux *http.ServeMux) {
 		mountAPI(mux, h)
-		mux.Handle(monitor.DefaultRootPath+"/", mon)
-		mux.Handle(monitor.DefaultRootPath, mon)
-		mux.Handle("GET /{$}", page)
+		mountPages(mux, mon, page)
 	})
 	if err != nil {
 		return err

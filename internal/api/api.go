@@ -63,6 +63,9 @@ const (
 	DefaultNotifyTimeout = 5 * time.Second
 	// DefaultTokenTimeout bounds a token request of POST /vault/.../token.
 	DefaultTokenTimeout = 10 * time.Second
+	// DefaultRequestTimeout bounds the store and queue work of one
+	// request: a stalled Redis gets a 503 within it, not a hung request.
+	DefaultRequestTimeout = 3 * time.Second
 )
 
 // Store is what the API uses of *state.Store.
@@ -117,6 +120,10 @@ type Config struct {
 	MaxBodyBytes int64
 	// NotifyTimeout bounds a Notify call. If zero, DefaultNotifyTimeout.
 	NotifyTimeout time.Duration
+	// RequestTimeout is the deadline of each request's context, which
+	// every store read and write and every enqueue uses (the Notifier has
+	// its own, NotifyTimeout). If zero, DefaultRequestTimeout.
+	RequestTimeout time.Duration
 	// NowFunc is the clock health is derived at. If nil, time.Now.
 	NowFunc func() time.Time
 	// Getenv reads the integrations' client credentials for POST
@@ -139,6 +146,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.NotifyTimeout <= 0 {
 		c.NotifyTimeout = DefaultNotifyTimeout
+	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = DefaultRequestTimeout
 	}
 	if c.NowFunc == nil {
 		c.NowFunc = time.Now
@@ -270,7 +280,16 @@ func New(cfg Config) (http.Handler, error) {
 	})
 	mux.Handle("/v1/", s.instrument("unmatched", s.authenticate(notFound)))
 	mux.Handle("/", s.instrument("unmatched", notFound))
-	return mux, nil
+	return s.withDeadline(mux), nil
+}
+
+// withDeadline gives every request's context the RequestTimeout deadline.
+func (s *server) withDeadline(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), s.cfg.RequestTimeout)
+		defer cancel()
+		next.ServeHTTP(w, r.WithContext(ctx))
+	})
 }
 
 // authenticate requires a valid bearer token (compared in constant time

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"log/slog"
@@ -148,6 +149,12 @@ func (s *server) classify(r *http.Request, err error) *apiError {
 		return errf(http.StatusBadRequest, codeInvalidField, fe.Field+": "+fe.Msg)
 	case errors.Is(err, state.ErrUnreadable):
 		return errf(http.StatusConflict, codeUnreadable, unreadableMsg(err))
+	case errors.Is(r.Context().Err(), context.DeadlineExceeded):
+		// The request's deadline (Config.RequestTimeout) passed: Redis
+		// is slow or stalled.
+		e := errf(http.StatusServiceUnavailable, codeServiceUnavailable, "the store did not answer in time; retry")
+		e.retryAfter = 1
+		return e
 	case r.Context().Err() != nil && errors.Is(err, r.Context().Err()):
 		// The client went away; nobody reads this.
 		return errf(http.StatusServiceUnavailable, codeServiceUnavailable, "request cancelled")

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/vaultfleet/vaultfleet/internal/netguard"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -177,7 +178,7 @@ func NewDeliveryHandler(cfg DeliveryConfig) (*DeliveryHandler, error) {
 	return h, nil
 }
 
-var errDialNotAllowed = errors.New("events: webhook target resolves to a loopback, private or link-local address")
+var errDialNotAllowed = errors.New("events: webhook target resolves to a loopback, private, link-local or reserved address")
 
 func newHTTPClient(timeout time.Duration, strict bool) *http.Client {
 	d := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
@@ -185,7 +186,7 @@ func newHTTPClient(timeout time.Duration, strict bool) *http.Client {
 		// Checked on the address actually dialled, so that a public name
 		// resolving to an internal address is refused too.
 		d.Control = func(_, address string, _ syscall.RawConn) error {
-			if !publicDialAddr(address) {
+			if !netguard.PublicDialAddr(address) {
 				return errDialNotAllowed
 			}
 			return nil

@@ -101,6 +101,17 @@ func TestCheckURLHostRules(t *testing.T) {
 		{"https://100.64.0.1/hook", false, false},
 		{"https://0.0.0.0/hook", false, false},
 		{"https://224.0.0.1/hook", false, false},
+		// Special-purpose ranges that lead back inside: NAT64 (reaches
+		// 169.254.169.254 on IPv6-only clusters), 6to4, IETF protocol
+		// assignments, benchmarking, reserved and broadcast.
+		{"https://[64:ff9b::a9fe:a9fe]/hook", false, false},
+		{"https://[64:ff9b::7f00:1]/hook", false, false},
+		{"https://[2002:7f00:1::1]/hook", false, false},
+		{"https://192.0.0.170/hook", false, false},
+		{"https://198.18.0.1/hook", false, false},
+		{"https://198.19.255.254/hook", false, false},
+		{"https://240.0.0.1/hook", false, false},
+		{"https://255.255.255.255/hook", false, false},
 		{"http://127.0.0.1:8080/hook", true, true},
 		{"https://localhost:8443/hook", true, true},
 		{"https://user:s3cr3tpw@hooks.example.com/hook", false, false},

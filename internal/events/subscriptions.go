@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -15,6 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/vaultfleet/vaultfleet/internal/netguard"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -145,7 +145,7 @@ func ParseSubscriptions(data []byte, getenv func(string) string) ([]Subscription
 
 // CheckURL checks a webhook URL against the host rules: absolute https,
 // no user info, and no localhost or loopback, private, link-local,
-// unspecified or multicast IP literal, unless allowInsecure (development),
+// unspecified, multicast or otherwise non-public IP literal (netguard.Public), unless allowInsecure (development),
 // which also permits http. Errors wrap ErrURLNotAllowed and never echo
 // user info.
 func CheckURL(raw string, allowInsecure bool) error {
@@ -177,7 +177,7 @@ func CheckURL(raw string, allowInsecure bool) error {
 		return fmt.Errorf("%w: localhost needs allow_insecure", ErrURLNotAllowed)
 	}
 	if ip, err := netip.ParseAddr(h); err == nil {
-		if !PublicIP(ip) {
+		if !netguard.Public(ip) {
 			return fmt.Errorf("%w: %s is a loopback, private, link-local or reserved address (needs allow_insecure)", ErrURLNotAllowed, ip)
 		}
 	} else if strings.Trim(h, "0123456789.") == "" || strings.HasPrefix(h, "0x") {
@@ -186,26 +186,4 @@ func CheckURL(raw string, allowInsecure bool) error {
 		return fmt.Errorf("%w: numeric host %q is not a dotted-quad address", ErrURLNotAllowed, h)
 	}
 	return nil
-}
-
-var cgnat = netip.MustParsePrefix("100.64.0.0/10")
-
-// PublicIP reports whether ip may be a webhook target without
-// allow_insecure: not loopback, private (RFC 1918, fc00::/7), link-local,
-// unspecified, multicast or carrier-grade NAT.
-func PublicIP(ip netip.Addr) bool {
-	ip = ip.Unmap()
-	return ip.IsValid() && !ip.IsLoopback() && !ip.IsPrivate() && !ip.IsLinkLocalUnicast() &&
-		!ip.IsLinkLocalMulticast() && !ip.IsInterfaceLocalMulticast() && !ip.IsMulticast() &&
-		!ip.IsUnspecified() && !cgnat.Contains(ip) && ip != netip.IPv4Unspecified()
-}
-
-// publicDialAddr reports whether a dial address (ip:port) is public.
-func publicDialAddr(address string) bool {
-	host, _, err := net.SplitHostPort(address)
-	if err != nil {
-		return false
-	}
-	ip, err := netip.ParseAddr(host)
-	return err == nil && PublicIP(ip)
 }

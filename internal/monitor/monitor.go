@@ -23,7 +23,8 @@ type Config struct {
 	RedisConnOpt asynq.RedisConnOpt
 	// RootPath, if empty, DefaultRootPath.
 	RootPath string
-	// ReadOnly hides the buttons that change tasks and queues.
+	// ReadOnly hides the buttons that change tasks and queues and refuses
+	// every request other than GET, HEAD and OPTIONS.
 	ReadOnly bool
 	// PrometheusAddress, when set, makes the monitor's metrics charts query
 	// that Prometheus for asynq's queue metrics.
@@ -76,6 +77,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.cfg.Authorize != nil && !h.cfg.Authorize(r) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="`+h.cfg.Realm+`", charset="UTF-8"`)
 		http.Error(w, "unauthorized: use an API token as the password", http.StatusUnauthorized)
+		return
+	}
+	if code, msg := h.refuseWrite(r); code != 0 {
+		http.Error(w, msg, code)
 		return
 	}
 	if r.URL.Path == h.root {

@@ -43,7 +43,7 @@ func NewConnectionsCollector(store Counter, cat *catalog.Catalog, logger *slog.L
 		logger = slog.New(slog.DiscardHandler)
 	}
 	return &ConnectionsCollector{
-		store: store, cat: cat, timeout: 5 * time.Second, logger: logger,
+		store: store, cat: cat, timeout: DefaultScrapeTimeout, logger: logger,
 		desc: prometheus.NewDesc("vaultfleet_connections",
 			"Stored connections per integration and state, from the store's counters.",
 			[]string{"integration", "state"}, nil),
@@ -101,9 +101,15 @@ var QueueMetricRenames = map[string]string{
 // RegisterQueueMetrics registers asynq's queue collector (asynq_queue_size,
 // asynq_queue_latency_seconds, asynq_tasks_processed_total, ...) read
 // through inspector at scrape time, with QueueMetricRenames applied.
+// It has no deadline: RegisterRedisCollectors is the one processes use.
 func RegisterQueueMetrics(reg prometheus.Registerer, inspector *asynq.Inspector) error {
-	return reg.Register(&renamingCollector{inner: metrics.NewQueueMetricsCollector(inspector),
-		renames: QueueMetricRenames, descs: map[*prometheus.Desc]*prometheus.Desc{}})
+	return reg.Register(newQueueCollector(inspector))
+}
+
+// newQueueCollector is asynq's queue collector with QueueMetricRenames.
+func newQueueCollector(inspector *asynq.Inspector) prometheus.Collector {
+	return &renamingCollector{inner: metrics.NewQueueMetricsCollector(inspector),
+		renames: QueueMetricRenames, descs: map[*prometheus.Desc]*prometheus.Desc{}}
 }
 
 // renamingCollector re-exports some gauges of another collector under new

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -120,6 +121,27 @@ func (s *Server) Stop() {
 		_ = s.cmd.Process.Kill()
 		_ = s.cmd.Wait()
 		s.cmd = nil
+	}
+}
+
+// Pause stops the server's process with SIGSTOP: connections stay open
+// and nothing answers, as with a stalled Redis. Resume (registered as a
+// cleanup too) continues it. Not available on miniredis.
+func (s *Server) Pause(tb testing.TB) {
+	tb.Helper()
+	if !s.Real || s.cmd == nil || s.cmd.Process == nil {
+		tb.Skip("redistest: pause needs redis-server")
+	}
+	if err := s.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		tb.Fatalf("redistest: pause: %v", err)
+	}
+	tb.Cleanup(s.Resume)
+}
+
+// Resume continues a paused server.
+func (s *Server) Resume() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(syscall.SIGCONT)
 	}
 }
 
