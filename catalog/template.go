@@ -206,7 +206,7 @@ func (in *Integration) checkPlaceholder(segs []segment, i int) error {
 		whole := s.where == inHost && i > 0 && segs[i-1].name == "" && strings.HasSuffix(segs[i-1].lit, "://") &&
 			(i+1 == len(segs) || segs[i+1].name == "" && strings.ContainsAny(segs[i+1].lit[:1], ":/?#"))
 		if !whole {
-			return fmt.Errorf("placeholder {%s} (a host) must be the whole host: https://{%s}/...", s.name, s.name)
+			return fmt.Errorf("placeholder {%s} (a host) must be the whole host, as in https://{%s}/path", s.name, s.name)
 		}
 	case SettingText:
 		if s.where == inOrigin {

@@ -9,7 +9,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -330,7 +329,6 @@ type bundle struct {
 	cat   *catalog.Catalog
 	store *state.Store
 	logs  *syncBuffer
-	now   atomic.Pointer[time.Time]
 }
 
 func setup(t testing.TB) *bundle {
