@@ -167,6 +167,18 @@ func TestRotationLost(t *testing.T) {
 	require.Equal(t, 1.0, testutil.ToFloat64(w.metrics.rotationsLost.WithLabelValues("oco")))
 	require.Zero(t, testutil.ToFloat64(w.metrics.refreshes.WithLabelValues("oco", refreshRevoked)))
 	require.Contains(t, b.logs.String(), "token rotation lost")
+
+	// Its access token has not expired yet, but the provider rejects it
+	// (rotated away): a check must not replace rotation_lost with a vaguer
+	// verdict, nor send a refresh back to the dead token.
+	calls := o.calls.Load()
+	for range 3 {
+		require.NoError(t, process(t, w, validateTask(t, ocoID)))
+	}
+	c = b.get(ocoID)
+	require.Equal(t, state.HealthRotationLost, c.Health)
+	require.Equal(t, state.ReasonRotationLost, c.Verdict.Reason)
+	require.Equal(t, calls, o.calls.Load(), "no exchange of a dead refresh token")
 	requireNoSecrets(t, b.logs.String())
 }
 

@@ -114,9 +114,12 @@ func (v *validation) run(ctx context.Context) error {
 		return v.skip(skip)
 	}
 	oauth := v.in.AuthType == catalog.AuthOAuth2
-	if oauth && revokedNow(v.c) && state.TokenExpired(v.c.Credentials, v.w.now()) {
-		// Its refresh token is dead and its access token expired: only
-		// the consumer can help (re-authorizing starts a new revision).
+	if oauth && revokedNow(v.c) {
+		// Its refresh token is dead (revoked, or a rotation the fleet
+		// lost): only the consumer can help (re-authorizing starts a new
+		// revision). A check now would only replace that verdict with a
+		// vaguer one (the provider rejects the old access token too) and
+		// send the next refresh back to the dead token.
 		return v.skip(skipRevoked)
 	}
 	// An access token that has already expired is refreshed before the
