@@ -32,44 +32,70 @@ type Keyring struct {
 	aeads   map[string]cipher.AEAD
 }
 
-// ParseKeyring reads "id:base64key,id2:base64key2"; each key is 32 bytes of
-// standard or URL-safe base64. Errors name the entry, never the key.
-func ParseKeyring(spec string) (*Keyring, error) {
+// Key is one named key of a key list.
+type Key struct {
+	ID  string
+	Raw []byte
+}
+
+// ParseKeyList reads "id:base64key,id2:base64key2" where every key is
+// exactly size bytes of standard or URL-safe base64, padded or not. The
+// first key is the primary one. Errors start with "key N" or "key \"id\""
+// and never contain key material; callers prefix their package name. An
+// empty spec is an error naming no key; callers replace it with their own
+// "not configured" sentinel.
+func ParseKeyList(spec string, size int) ([]Key, error) {
 	spec = strings.TrimSpace(spec)
 	if spec == "" {
-		return nil, ErrNoKeys
+		return nil, errors.New("no key")
 	}
-	k := &Keyring{aeads: map[string]cipher.AEAD{}}
+	var out []Key
+	seen := map[string]bool{}
 	for i, entry := range strings.Split(spec, ",") {
 		id, b64, ok := strings.Cut(strings.TrimSpace(entry), ":")
 		if !ok || id == "" || b64 == "" {
-			return nil, fmt.Errorf("secrets: key %d: want id:base64key", i+1)
+			return nil, fmt.Errorf("key %d: want id:base64key", i+1)
 		}
 		if len(id) > 32 || strings.ContainsAny(id, " \t|") {
-			return nil, fmt.Errorf("secrets: key %d: id must be at most 32 characters without spaces or '|'", i+1)
+			return nil, fmt.Errorf("key %d: id must be at most 32 characters without spaces or '|'", i+1)
 		}
 		raw, err := decodeKey(b64)
 		if err != nil {
-			return nil, fmt.Errorf("secrets: key %q: not base64", id)
+			return nil, fmt.Errorf("key %q: not base64", id)
 		}
-		if len(raw) != 32 {
-			return nil, fmt.Errorf("secrets: key %q: want 32 bytes for AES-256, got %d", id, len(raw))
+		if len(raw) != size {
+			return nil, fmt.Errorf("key %q: want %d bytes, got %d", id, size, len(raw))
 		}
-		if _, dup := k.aeads[id]; dup {
-			return nil, fmt.Errorf("secrets: key %q listed twice", id)
+		if seen[id] {
+			return nil, fmt.Errorf("key %q listed twice", id)
 		}
-		block, err := aes.NewCipher(raw)
+		seen[id] = true
+		out = append(out, Key{ID: id, Raw: raw})
+	}
+	return out, nil
+}
+
+// ParseKeyring reads "id:base64key,id2:base64key2"; each key is 32 bytes of
+// standard or URL-safe base64. Errors name the entry, never the key.
+func ParseKeyring(spec string) (*Keyring, error) {
+	if strings.TrimSpace(spec) == "" {
+		return nil, ErrNoKeys
+	}
+	keys, err := ParseKeyList(spec, 32)
+	if err != nil {
+		return nil, fmt.Errorf("secrets: %w (AES-256)", err)
+	}
+	k := &Keyring{aeads: map[string]cipher.AEAD{}, primary: keys[0].ID}
+	for _, key := range keys {
+		block, err := aes.NewCipher(key.Raw)
 		if err != nil {
-			return nil, fmt.Errorf("secrets: key %q: %v", id, err)
+			return nil, fmt.Errorf("secrets: key %q: %v", key.ID, err)
 		}
 		aead, err := cipher.NewGCM(block)
 		if err != nil {
-			return nil, fmt.Errorf("secrets: key %q: %v", id, err)
+			return nil, fmt.Errorf("secrets: key %q: %v", key.ID, err)
 		}
-		k.aeads[id] = aead
-		if i == 0 {
-			k.primary = id
-		}
+		k.aeads[key.ID] = aead
 	}
 	return k, nil
 }
