@@ -105,6 +105,53 @@ func (in *Integration) TokenURL(settings map[string]string) (*url.URL, error) {
 	return in.buildURL("oauth.token_url", in.OAuth.TokenURL, settings)
 }
 
+// AuthorizeURL builds the OAuth authorization endpoint from the settings
+// (without the query the connect flow adds), with the host rules of
+// CheckURL. ok is false when the integration has no authorize_url.
+func (in *Integration) AuthorizeURL(settings map[string]string) (u *url.URL, ok bool, err error) {
+	if in.OAuth == nil || in.OAuth.AuthorizeURL == "" {
+		return nil, false, nil
+	}
+	u, err = in.buildURL("oauth.authorize_url", in.OAuth.AuthorizeURL, settings)
+	return u, true, err
+}
+
+// RevokeURL builds the revocation endpoint; ok is false when there is none.
+func (in *Integration) RevokeURL(settings map[string]string) (u *url.URL, ok bool, err error) {
+	if in.OAuth == nil || in.OAuth.RevokeURL == "" {
+		return nil, false, nil
+	}
+	u, err = in.buildURL("oauth.revoke_url", in.OAuth.RevokeURL, settings)
+	return u, true, err
+}
+
+// ChoicesURL builds the URL listing the values of setting name; ok is
+// false when the setting has no choices.
+func (in *Integration) ChoicesURL(name string, settings map[string]string) (u *url.URL, c *Choices, ok bool, err error) {
+	for _, s := range in.Settings {
+		if s.Name == name && s.Choices != nil {
+			u, err = in.buildURL("settings."+name+".choices.url", s.Choices.URL, settings)
+			return u, s.Choices, true, err
+		}
+	}
+	return nil, nil, false, nil
+}
+
+// MissingScopes returns the required scopes not among granted, in catalog
+// order; nil when all are granted or none is required.
+func (in *Integration) MissingScopes(granted []string) []string {
+	if in.OAuth == nil {
+		return nil
+	}
+	var out []string
+	for _, s := range in.OAuth.RequiredScopes {
+		if !slices.Contains(granted, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
 // AllowURL checks one URL (e.g. a redirect target) against the host rules.
 // Errors wrap ErrHostNotAllowed and name the host.
 //

@@ -139,6 +139,21 @@ type Setting struct {
 	// (old verdicts no longer apply). Settings used in a URL template always
 	// affect the check.
 	AffectsCheck bool `yaml:"affects_check"`
+	// Choices, for a setting picked after authorization (Xero's tenant),
+	// is where the provider lists the values the consumer may pick.
+	Choices *Choices `yaml:"choices"`
+}
+
+// Choices is a provider endpoint listing the values of a setting: a GET
+// with the connection's access token as bearer, answering a JSON array of
+// objects.
+type Choices struct {
+	// URL is a template like the check URL.
+	URL string `yaml:"url"`
+	// Value and Label name the fields of each object holding the value
+	// and its display name (e.g. tenantId, tenantName).
+	Value string `yaml:"value"`
+	Label string `yaml:"label"`
 }
 
 // Setting types (Setting.Type).
@@ -207,7 +222,7 @@ type OAuth struct {
 	ClientSecretEnv string `yaml:"client_secret_env"`
 	// AuthStyle is "header" (HTTP basic, the default) or "params".
 	AuthStyle string `yaml:"auth_style"`
-	// Scopes requested on refresh, if any.
+	// Scopes requested on authorization, if any.
 	Scopes []string `yaml:"scopes"`
 	// GrantType is how access tokens are obtained: GrantAuthorizationCode
 	// (the default: the consumer authorizes, the fleet refreshes) or
@@ -215,6 +230,20 @@ type OAuth struct {
 	// client_id/client_secret credential fields, or the integration's own
 	// client when the catalog declares no such fields).
 	GrantType string `yaml:"grant_type"`
+	// AuthorizeURL is the provider's authorization endpoint, a template
+	// like the token URL; without it the connect flow is not offered.
+	AuthorizeURL string `yaml:"authorize_url"`
+	// PKCE sends an S256 code challenge on authorization (RFC 7636).
+	PKCE bool `yaml:"pkce"`
+	// AuthorizeParams are extra query parameters of the authorization
+	// request (e.g. prompt=consent).
+	AuthorizeParams map[string]string `yaml:"authorize_params"`
+	// RequiredScopes must all be granted for the connection to be
+	// callable; each must be one of Scopes.
+	RequiredScopes []string `yaml:"required_scopes"`
+	// RevokeURL is an RFC 7009 revocation endpoint (a template), called
+	// with the refresh token when a consumer disconnects.
+	RevokeURL string `yaml:"revoke_url"`
 }
 
 // OAuth grant types (OAuth.GrantType).

@@ -182,6 +182,22 @@ func TestParseErrors(t *testing.T) {
 			[]string{`integration "xero"`, "token_lifetime"}},
 		{"base url host", []string{hosts, hosts + "    base_url: https://127.0.0.1/\n"},
 			[]string{`integration "xero"`, "base_url", "127.0.0.1"}},
+		{"authorize unknown key", []string{oauthBlk, oauthBlk + "      authorise_url: https://api.xero.com/a\n"},
+			[]string{`integration "xero"`, "oauth.authorise_url"}},
+		{"authorize host not allowed", []string{oauthBlk, oauthBlk + "      authorize_url: https://login.xero.com/authorize\n"},
+			[]string{`integration "xero": oauth.authorize_url`, "login.xero.com"}},
+		{"revoke host not allowed", []string{oauthBlk, oauthBlk + "      revoke_url: https://evil.example/revoke\n"},
+			[]string{`integration "xero": oauth.revoke_url`, "evil.example"}},
+		{"pkce without authorize", []string{oauthBlk, oauthBlk + "      pkce: true\n"},
+			[]string{`integration "xero": oauth.pkce: needs oauth.authorize_url`}},
+		{"required scope not requested", []string{oauthBlk, oauthBlk + "      scopes: [a]\n      required_scopes: [b]\n"},
+			[]string{`integration "xero": oauth.required_scopes[0]: "b" is not one of oauth.scopes`}},
+		{"reserved authorize param", []string{oauthBlk, oauthBlk + "      authorize_params: {state: x}\n"},
+			[]string{`integration "xero": oauth.authorize_params.state`}},
+		{"choices without value", []string{"        required: true\n", "        required: true\n        choices: {url: https://api.xero.com/connections}\n"},
+			[]string{`integration "xero": settings[0].choices.value: required`}},
+		{"choices unknown key", []string{"        required: true\n", "        required: true\n        choices: {url: https://api.xero.com/connections, value: a, labl: b}\n"},
+			[]string{`integration "xero"`, "labl"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			require.Zero(t, len(tc.repl)%2)
@@ -198,6 +214,44 @@ func TestParseErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestDefaultCatalogAuthorization(t *testing.T) {
+	c, err := catalog.Default()
+	require.NoError(t, err)
+	for _, id := range []string{"salesforce", "hubspot", "xero"} {
+		in := integration(t, c, id)
+		u, ok, err := in.AuthorizeURL(nil)
+		require.NoError(t, err, id)
+		require.True(t, ok, id)
+		require.Equal(t, "https", u.Scheme, id)
+	}
+	xero := integration(t, c, "xero")
+	require.True(t, xero.OAuth.PKCE)
+	require.Equal(t, []string{"accounting.transactions"}, xero.MissingScopes([]string{"offline_access", "accounting.settings"}))
+	require.Nil(t, xero.MissingScopes([]string{"offline_access", "accounting.transactions", "openid"}))
+	u, ch, ok, err := xero.ChoicesURL("tenant_id", nil)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, "https://api.xero.com/connections", u.String())
+	require.Equal(t, "tenantId", ch.Value)
+	r, ok, err := xero.RevokeURL(nil)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, "identity.xero.com", r.Host)
+	_, ok, err = integration(t, c, "hubspot").RevokeURL(nil)
+	require.NoError(t, err)
+	require.False(t, ok, "hubspot revocation is not RFC 7009")
+	// Workday's authorize URL lives on the tenant host: settings first.
+	_, ok, err = integration(t, c, "workday").AuthorizeURL(nil)
+	require.True(t, ok)
+	require.ErrorIs(t, err, catalog.ErrMissingSetting)
+	w, _, err := integration(t, c, "workday").AuthorizeURL(map[string]string{"host": "wd2-impl-services1.workday.com", "tenant_id": "acme"})
+	require.NoError(t, err)
+	require.Equal(t, "https://wd2-impl-services1.workday.com/acme/authorize", w.String())
+	_, ok, err = integration(t, c, "bamboohr").AuthorizeURL(nil)
+	require.NoError(t, err)
+	require.False(t, ok)
 }
 
 func TestParseTopLevelKeyIsNotBlamedOnAnIntegration(t *testing.T) {

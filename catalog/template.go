@@ -410,6 +410,17 @@ func (in *Integration) urlTemplates() [][2]string {
 	if in.OAuth != nil && in.OAuth.TokenURL != "" {
 		ts = append(ts, [2]string{"oauth.token_url", in.OAuth.TokenURL})
 	}
+	if in.OAuth != nil && in.OAuth.AuthorizeURL != "" {
+		ts = append(ts, [2]string{"oauth.authorize_url", in.OAuth.AuthorizeURL})
+	}
+	if in.OAuth != nil && in.OAuth.RevokeURL != "" {
+		ts = append(ts, [2]string{"oauth.revoke_url", in.OAuth.RevokeURL})
+	}
+	for _, s := range in.Settings {
+		if s.Choices != nil && s.Choices.URL != "" {
+			ts = append(ts, [2]string{"settings." + s.Name + ".choices.url", s.Choices.URL})
+		}
+	}
 	return ts
 }
 

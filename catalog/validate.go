@@ -147,6 +147,15 @@ func (in *Integration) validateSettings(p *problems) {
 		if s.Type != "" && !slices.Contains(setTypes, s.Type) {
 			p.add(field+".type", "setting %q: %q is not one of url, host, text", s.Name, s.Type)
 		}
+		if c := s.Choices; c != nil {
+			if in.AuthType != AuthOAuth2 {
+				p.add(field+".choices", "only for auth_type oauth2 (listed with the access token)")
+			}
+			in.validateTemplate(p, field+".choices.url", c.URL)
+			if c.Value == "" {
+				p.add(field+".choices.value", "required: the field holding each choice's value")
+			}
+		}
 	}
 }
 
@@ -363,6 +372,26 @@ func (in *Integration) validateOAuth(p *problems) {
 	for i, s := range o.Scopes {
 		if strings.TrimSpace(s) == "" || strings.ContainsAny(s, " \t\r\n") {
 			p.add(fmt.Sprintf("oauth.scopes[%d]", i), "%q is not a scope", s)
+		}
+	}
+	if o.AuthorizeURL != "" {
+		in.validateTemplate(p, "oauth.authorize_url", o.AuthorizeURL)
+	}
+	if o.RevokeURL != "" {
+		in.validateTemplate(p, "oauth.revoke_url", o.RevokeURL)
+	}
+	if o.PKCE && o.AuthorizeURL == "" {
+		p.add("oauth.pkce", "needs oauth.authorize_url")
+	}
+	for k := range o.AuthorizeParams {
+		switch k {
+		case "response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge", "code_challenge_method":
+			p.add("oauth.authorize_params."+k, "set by the connect flow, not the catalog")
+		}
+	}
+	for i, s := range o.RequiredScopes {
+		if !slices.Contains(o.Scopes, s) {
+			p.add(fmt.Sprintf("oauth.required_scopes[%d]", i), "%q is not one of oauth.scopes", s)
 		}
 	}
 }
