@@ -142,6 +142,10 @@ type Setting struct {
 	// Choices, for a setting picked after authorization (Xero's tenant),
 	// is where the provider lists the values the consumer may pick.
 	Choices *Choices `yaml:"choices"`
+	// FromToken names a field of the token endpoint's answer that sets
+	// this setting when the connect flow completes (Salesforce's
+	// instance_url).
+	FromToken string `yaml:"from_token"`
 }
 
 // Choices is a provider endpoint listing the values of a setting: a GET

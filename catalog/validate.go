@@ -147,6 +147,9 @@ func (in *Integration) validateSettings(p *problems) {
 		if s.Type != "" && !slices.Contains(setTypes, s.Type) {
 			p.add(field+".type", "setting %q: %q is not one of url, host, text", s.Name, s.Type)
 		}
+		if s.FromToken != "" && in.AuthType != AuthOAuth2 {
+			p.add(field+".from_token", "only for auth_type oauth2")
+		}
 		if c := s.Choices; c != nil {
 			if in.AuthType != AuthOAuth2 {
 				p.add(field+".choices", "only for auth_type oauth2 (listed with the access token)")

@@ -29,6 +29,7 @@ integrations:
       - name: instance_url
         type: url
         required: true
+        from_token: instance_url
     check:
       url: "{instance_url}/services/oauth2/userinfo"
       timeout: 5s
@@ -37,6 +38,12 @@ integrations:
       client_id_env: SALESFORCE_CLIENT_ID
       client_secret_env: SALESFORCE_CLIENT_SECRET
       auth_style: params
+      # A login and consent page (any user, password "demo").
+      authorize_url: "{base_url}/services/oauth2/authorize"
+      pkce: true
+      scopes: [api, refresh_token]
+      required_scopes: [api, refresh_token]
+      revoke_url: "{base_url}/services/oauth2/revoke"
     # Token answers carry no expires_in: this is the simulated session
     # timeout.
     token_lifetime: {{.SalesforceTTL}}
@@ -84,6 +91,10 @@ integrations:
         type: text
         required: true
         affects_check: true
+        choices:
+          url: "{base_url}/connections"
+          value: tenantId
+          label: tenantName
     check:
       url: "{base_url}/connections"
       timeout: 5s
@@ -91,6 +102,11 @@ integrations:
       token_url: "{base_url}/connect/token"
       client_id_env: XERO_CLIENT_ID
       client_secret_env: XERO_CLIENT_SECRET
+      authorize_url: "{base_url}/identity/connect/authorize"
+      pkce: true
+      scopes: [offline_access, accounting.settings, accounting.transactions]
+      required_scopes: [offline_access, accounting.transactions]
+      revoke_url: "{base_url}/connect/revocation"
     token_lifetime: {{.XeroTTL}}
     refresh_window: {{.RefreshWindow}}
     confirm_invalid: 1

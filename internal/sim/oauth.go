@@ -38,6 +38,7 @@ type oauthProvider struct {
 	families []*family
 	access   map[string]*accessToken
 	refresh  map[string]*refreshToken
+	codes    map[string]*authCode
 	mints    int
 }
 
@@ -78,6 +79,8 @@ type family struct {
 	connectionID string
 	authEventID  string
 	created      time.Time
+	// scope granted on consent; "" means the flavor's usual scopes.
+	scope string
 }
 
 func (f *family) revoked(now time.Time) bool {
@@ -250,6 +253,10 @@ func (o *oauthProvider) token(w http.ResponseWriter, r *http.Request) {
 	}
 	if !equal(secret, o.clientSecret) {
 		o.flavor.clientError(w, false)
+		return
+	}
+	if r.PostForm.Get("grant_type") == "authorization_code" {
+		o.exchangeCode(w, r)
 		return
 	}
 	if gt := r.PostForm.Get("grant_type"); gt != "refresh_token" {

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"cmp"
 	"net/http"
 	"strconv"
 	"time"
@@ -29,7 +30,7 @@ func newSalesforce(p *Providers) *oauthProvider {
 				"access_token":  access,
 				"refresh_token": refresh,
 				"signature":     p.randString(43, b64url) + "=",
-				"scope":         "refresh_token api id",
+				"scope":         cmp.Or(f.scope, "refresh_token api id"),
 				"instance_url":  o.srv.url,
 				"id":            o.srv.url + "/id/" + f.orgID + "/" + f.userID,
 				"token_type":    "Bearer",
@@ -80,9 +81,13 @@ func (o *oauthProvider) handler() http.Handler {
 	case Salesforce:
 		o.srv.route(o.p, mux, "GET /services/oauth2/userinfo", EndpointCheck, o.check)
 		o.srv.route(o.p, mux, "POST /services/oauth2/token", EndpointToken, o.token)
+		o.srv.route(o.p, mux, "/services/oauth2/authorize", EndpointAuthorize, o.authorize)
+		o.srv.route(o.p, mux, "POST /services/oauth2/revoke", EndpointOther, o.revokeEndpoint)
 	case Xero:
 		o.srv.route(o.p, mux, "GET /connections", EndpointCheck, o.check)
 		o.srv.route(o.p, mux, "POST /connect/token", EndpointToken, o.token)
+		o.srv.route(o.p, mux, "/identity/connect/authorize", EndpointAuthorize, o.authorize)
+		o.srv.route(o.p, mux, "POST /connect/revocation", EndpointOther, o.revokeEndpoint)
 	}
 	return mux
 }

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"cmp"
 	"net/http"
 	"time"
 )
@@ -28,13 +29,13 @@ func newXero(p *Providers) *oauthProvider {
 			return xeroJWTHeader + "." + p.randString(120, b64url) + "." + p.randString(86, b64url)
 		},
 		refreshToken: func() string { return p.randString(64, lowHex) },
-		tokenBody: func(_ *family, access, refresh string, _ time.Time, ttl time.Duration) any {
+		tokenBody: func(f *family, access, refresh string, _ time.Time, ttl time.Duration) any {
 			return map[string]any{
 				"access_token":  access,
 				"expires_in":    int(ttl / time.Second),
 				"token_type":    "Bearer",
 				"refresh_token": refresh,
-				"scope":         "offline_access accounting.settings accounting.transactions",
+				"scope":         cmp.Or(f.scope, "offline_access accounting.settings accounting.transactions"),
 			}
 		},
 		clientError: func(w http.ResponseWriter, _ bool) {
