@@ -49,12 +49,15 @@ const (
 	// exchange of the same refresh token by the fleet had an unknown
 	// outcome: the fleet lost a rotated token, the user did not revoke.
 	HealthRotationLost Health = "rotation_lost"
+	// HealthMissingScopes: the consumer granted fewer scopes than the
+	// catalog's required_scopes at the last authorization.
+	HealthMissingScopes Health = "missing_scopes"
 )
 
 // Healths lists every health value.
 var Healths = []Health{HealthOK, HealthPendingRefresh, HealthPendingConfirmation,
 	HealthDegraded, HealthNeedsAuth, HealthRevoked, HealthMissingSettings,
-	HealthMisconfigured, HealthRotationLost}
+	HealthMisconfigured, HealthRotationLost, HealthMissingScopes}
 
 // Outcome is the meaning of a definitive check or refresh result.
 type Outcome string
@@ -270,6 +273,10 @@ type Connection struct {
 	Transient    Transient     `json:"transient,omitzero"`
 	Confirmation Confirmation  `json:"confirmation,omitzero"`
 	Refresh      RefreshStatus `json:"refresh,omitzero"`
+	// GrantedScopes are the scopes the provider granted at the last
+	// authorization through the connect flow; nil when unknown (tokens
+	// written by hand), which judges nothing.
+	GrantedScopes []string `json:"granted_scopes,omitempty"`
 	// Revision is the credentials revision: bumped when credentials or a
 	// setting the check depends on change (not by a token refresh).
 	Revision int64 `json:"revision"`
@@ -317,10 +324,12 @@ func SplitConnectionID(id string) (unifiedAPI, serviceID string, ok bool) {
 // Rules (first match wins), from DESIGN.md:
 //  1. no record: available
 //  2. credentials missing: added
-//  3. oauth2, tokens present, a required setting missing: authorized
-//  4. latest verdict for the current revision is invalid: invalid
-//  5. non-oauth2, no verdict for the current revision: added
-//  6. otherwise: callable
+//  3. oauth2, granted scopes known and a required one missing: invalid
+//     (missing_scopes)
+//  4. oauth2, tokens present, a required setting missing: authorized
+//  5. latest verdict for the current revision is invalid: invalid
+//  6. non-oauth2, no verdict for the current revision: added
+//  7. otherwise: callable
 func Derive(c *Connection, in *catalog.Integration, now time.Time) (State, Health) {
 	if c == nil {
 		return Available, HealthOK
@@ -328,6 +337,9 @@ func Derive(c *Connection, in *catalog.Integration, now time.Time) (State, Healt
 	oauth := in.AuthType == catalog.AuthOAuth2
 	if !hasCredentials(c, in) {
 		return Added, HealthNeedsAuth
+	}
+	if oauth && c.GrantedScopes != nil && len(in.MissingScopes(c.GrantedScopes)) > 0 {
+		return Invalid, HealthMissingScopes
 	}
 	if missingSetting(c, in) {
 		if oauth {

@@ -74,6 +74,10 @@ type Input struct {
 	// Metadata, if not nil, replaces the connection's metadata: a JSON
 	// object of at most MaxMetadataBytes, or null to clear it.
 	Metadata json.RawMessage
+	// GrantedScopes, with Credentials, records the scopes a provider
+	// granted (the connect flow). Credentials written without it leave the
+	// granted scopes unknown.
+	GrantedScopes []string
 }
 
 // MaxMetadataBytes caps the metadata of a connection or a consumer.

@@ -26,6 +26,7 @@ type recData struct {
 	Transient    *recFailures      `json:"tr,omitempty"`
 	Confirmation *recConfirmation  `json:"cf,omitempty"`
 	Refresh      *recRefresh       `json:"rf,omitempty"`
+	Scopes       *[]string         `json:"sc,omitempty"`
 	Revision     int64             `json:"rv"`
 	Health       Health            `json:"h,omitempty"`
 	CreatedAt    int64             `json:"ca,omitempty"`
@@ -106,6 +107,9 @@ func encodeData(c *Connection) ([]byte, error) {
 	if len(c.Metadata) > 0 {
 		d.Metadata = c.Metadata
 	}
+	if c.GrantedScopes != nil {
+		d.Scopes = &c.GrantedScopes
+	}
 	if v := c.Verdict; v != nil {
 		d.Verdict = &recVerdict{Outcome: v.Outcome, Reason: v.Reason, HTTPStatus: v.HTTPStatus,
 			CheckedAt: ms(v.CheckedAt), Revision: v.Revision, Lineage: v.Lineage}
@@ -136,6 +140,9 @@ func decodeData(b []byte, c *Connection) error {
 	c.Enabled = !d.Disabled
 	c.Settings = d.Settings
 	c.Metadata = d.Metadata
+	if d.Scopes != nil {
+		c.GrantedScopes = append([]string{}, *d.Scopes...)
+	}
 	c.Revision = d.Revision
 	c.Health = d.Health
 	c.CreatedAt = fromMS(d.CreatedAt)
@@ -283,6 +290,7 @@ func (c *Connection) clone() *Connection {
 	n := *c
 	n.Settings = maps.Clone(c.Settings)
 	n.Metadata = slices.Clone(c.Metadata)
+	n.GrantedScopes = slices.Clone(c.GrantedScopes)
 	n.Credentials.Extra = maps.Clone(c.Credentials.Extra)
 	if c.Verdict != nil {
 		v := *c.Verdict

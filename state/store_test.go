@@ -54,6 +54,8 @@ integrations:
       token_url: https://api.hubapi.com/oauth/v1/token
       client_id_env: HS_ID
       client_secret_env: HS_SECRET
+      scopes: [oauth, crm.read]
+      required_scopes: [crm.read]
     allowed_hosts: [api.hubapi.com]
   - id: xero
     name: Xero

@@ -475,6 +475,10 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 			}
 			defaultExpiry(&creds, integ)
 			next.Credentials = creds
+			next.GrantedScopes = nil
+			if in.GrantedScopes != nil {
+				next.GrantedScopes = append([]string{}, in.GrantedScopes...)
+			}
 		}
 		if in.Settings != nil {
 			settings := map[string]string{}
@@ -510,8 +514,10 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 			return next, h, nil
 		}
 		// Credentials replaced over unreadable ones count as changed: the
-		// old verdicts cannot be said to apply to them.
-		credsChanged := cur.Unreadable && h.replaceCreds || !cur.Credentials.Equal(next.Credentials)
+		// old verdicts cannot be said to apply to them. So do other granted
+		// scopes.
+		credsChanged := cur.Unreadable && h.replaceCreds || !cur.Credentials.Equal(next.Credentials) ||
+			!slices.Equal(cur.GrantedScopes, next.GrantedScopes) || (cur.GrantedScopes == nil) != (next.GrantedScopes == nil)
 		settingsChanged, checkSettingChanged := false, false
 		for k := range cur.Settings {
 			if cur.Settings[k] != next.Settings[k] {
