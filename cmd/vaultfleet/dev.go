@@ -26,6 +26,7 @@ import (
 	"github.com/vaultfleet/vaultfleet/internal/monitor"
 	"github.com/vaultfleet/vaultfleet/internal/obs"
 	"github.com/vaultfleet/vaultfleet/internal/secrets"
+	"github.com/vaultfleet/vaultfleet/internal/session"
 	"github.com/vaultfleet/vaultfleet/internal/sim"
 	"github.com/vaultfleet/vaultfleet/internal/ui"
 	"github.com/vaultfleet/vaultfleet/scheduler"
@@ -45,6 +46,8 @@ var devEnvHelp = [][2]string{
 	{envLogLevel, "log level (same as --log-level; default error)"},
 	{envLogFormat, "text or json (same as --log-format; default text)"},
 	{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
+	{envSessionKeys, "Vault session signing keys (default: a fresh key for this run only)"},
+	{envRedirectURIs, "redirect URIs Vault sessions may name (optional)"},
 }
 
 // devOptions are the dev command's flags.
@@ -221,8 +224,15 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 
+	base := "http://" + ln.Addr().String()
+	vault, err := newVault(gctx, a, notifier, or(env.Getenv(envSessionKeys), session.NewKey("dev")),
+		or(env.Getenv(envPublicURL), base), env.Getenv(envRedirectURIs), getenv)
+	if err != nil {
+		return err
+	}
 	var handler http.Handler = opsMux(reg, redisReady(rdb), func(mux *http.ServeMux) {
 		mountAPI(mux, apiHandler)
+		mountVaultPage(mux, vault.Page)
 		mountPages(mux, mon, page)
 	})
 	if tokens == nil {
@@ -263,8 +273,13 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	}
 	g.Go(func() error { return chooseTenants(gctx, o.tenantAfter, store, notifier, seeded, logger) })
 
-	base := "http://" + ln.Addr().String()
 	printBanner(env.Stdout, base, redisURL, embedded, tokens != nil, seeded)
+	if link, err := demoSession(vault.Sessions, base); err == nil {
+		fmt.Fprintf(env.Stdout, "  Vault page   %s\n               (a demo session of consumer vault-demo; the simulated login takes any user and password %q)\n", link, sim.DemoPassword)
+		if k, err := providers.IssueAPIKey(sim.BambooHR, sim.Account("vaultdemo")); err == nil {
+			fmt.Fprintf(env.Stdout, "               BambooHR for the demo: subdomain %s, API key %s\n", k.Subdomain, k.Key)
+		}
+	}
 	if o.summaryEvery > 0 {
 		g.Go(func() error { return printSummaries(gctx, env.Stdout, o.summaryEvery, store, inspector, providers) })
 	}

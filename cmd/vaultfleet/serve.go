@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -34,7 +35,7 @@ func init() {
 	knownEnv[envWebhooks] = true
 }
 
-var serveEnvHelp = append(append([][2]string{}, commonEnvHelp...),
+var serveEnvHelp = append(append(append([][2]string{}, commonEnvHelp...), vaultEnvHelp...),
 	[2]string{envAPITokens, "bearer tokens accepted by the API, comma-separated (required); browsers use one as the basic-auth password for / and /monitor"},
 	[2]string{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
 	[2]string{envMonitorReadOnly, "1 or true: the Asynq monitor cannot change tasks or queues (default false)"},
@@ -117,10 +118,25 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	defer mon.Close()
 	page := ui.New(ui.Config{Store: a.Store, Catalog: a.Catalog, QueuesFunc: queueDepths(inspector),
 		MonitorPath: monitor.DefaultRootPath, Authorize: tokens.Browser, Logger: a.Logger})
+	// The Vault page and sessions, when signing keys are configured.
+	var vault *vaultSetup
+	if spec := env.Getenv(envSessionKeys); spec != "" {
+		if env.Getenv(envPublicURL) == "" {
+			return errors.New(envPublicURL + " is required with " + envSessionKeys + " (the OAuth callback is <url>/vault/callback)")
+		}
+		vault, err = newVault(ctx, a, scheduler.NewNotifier(client, a.Catalog), spec, env.Getenv(envPublicURL),
+			env.Getenv(envRedirectURIs), env.Getenv)
+		if err != nil {
+			return err
+		}
+	}
 	var inflight atomic.Int64
 	h = trackInflight(h, &inflight)
 	addr, done, err := serveOps(ctx, c.addr, a.Registry, redisReady(a.Redis), a.Logger, func(mux *http.ServeMux) {
 		mountAPI(mux, h)
+		if vault != nil {
+			mountVaultPage(mux, trackInflight(vault.Page, &inflight))
+		}
 		mountPages(mux, mon, page)
 	})
 	if err != nil {

@@ -48,6 +48,8 @@ const (
 	DefaultKeyPrefix = "vf:connect:"
 	// CallbackPath is where the provider sends the consumer back.
 	CallbackPath = "/vault/callback"
+	// PagePath is the Vault page, always an allowed redirect target.
+	PagePath = "/vault/page"
 	// BindingCookie binds a state to the browser that started the flow.
 	// It is SameSite=Lax (a Strict cookie is not sent on the provider's
 	// cross-site redirect back) and scoped to CallbackPath.
@@ -133,6 +135,7 @@ type Config struct {
 type Flow struct {
 	cfg      Config
 	callback string
+	pageURL  string
 	secure   bool
 }
 
@@ -173,8 +176,19 @@ func New(cfg Config) (*Flow, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Flow{cfg: cfg, callback: strings.TrimRight(u.Scheme+"://"+u.Host+u.Path, "/") + CallbackPath,
-		secure: u.Scheme == "https"}, nil
+	base := strings.TrimRight(u.Scheme+"://"+u.Host+u.Path, "/")
+	return &Flow{cfg: cfg, callback: base + CallbackPath, pageURL: base + PagePath, secure: u.Scheme == "https"}, nil
+}
+
+// PageURL is the Vault page's URL.
+func (f *Flow) PageURL() string { return f.pageURL }
+
+// redirectAllowed: the allow-list, or the Vault page itself.
+func (f *Flow) redirectAllowed(uri string) bool {
+	if uri == f.pageURL || strings.HasPrefix(uri, f.pageURL+"?") {
+		return true
+	}
+	return f.cfg.Redirects.Allowed(uri)
 }
 
 // CallbackURL is the redirect URI to register at each provider.
@@ -281,7 +295,7 @@ func (f *Flow) Start(ctx context.Context, req Request) (*Started, error) {
 	if req.SessionID != "" && !req.SessionExpiry.After(now) {
 		return nil, ErrSessionExpired
 	}
-	if req.RedirectURI != "" && !f.cfg.Redirects.Allowed(req.RedirectURI) {
+	if req.RedirectURI != "" && !f.redirectAllowed(req.RedirectURI) {
 		return nil, ErrRedirectNotAllowed
 	}
 	ref := state.Ref{ConsumerID: req.ConsumerID, ConnectionID: state.ConnectionID(req.UnifiedAPI, req.ServiceID)}
@@ -372,7 +386,7 @@ func (f *Flow) Callback(w http.ResponseWriter, r *http.Request) {
 	log := f.cfg.Logger.With(slog.String("consumer_id", rec.ConsumerID), slog.String("connection_id", rec.ConnectionID))
 	finish := func(status, reason string) {
 		log.InfoContext(ctx, "connect: flow finished", slog.String("status", status), slog.String("reason", reason))
-		if rec.RedirectURI == "" || !f.cfg.Redirects.Allowed(rec.RedirectURI) {
+		if rec.RedirectURI == "" || !f.redirectAllowed(rec.RedirectURI) {
 			msg := "The account is connected. You can close this window."
 			if status != StatusConnected {
 				msg = "The account was not connected (" + status + ": " + reason + ")."

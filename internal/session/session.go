@@ -10,7 +10,9 @@
 package session
 
 import (
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -265,4 +267,43 @@ func ParseLength(s string) (time.Duration, error) {
 		return 0, fmt.Errorf("session: session_length %q: must be between 1m and 1w", s)
 	}
 	return d, nil
+}
+
+// MAC returns an HMAC-SHA256 of data for purpose under the signing key, to
+// bind values such as CSRF tokens to a session without storing them.
+func (k *Keys) MAC(purpose, data string) string {
+	return k.primary + "." + macWith(k.keys[k.primary], purpose, data)
+}
+
+// VerifyMAC checks a value of MAC under any configured key.
+func (k *Keys) VerifyMAC(purpose, data, mac string) bool {
+	id, sum, ok := strings.Cut(mac, ".")
+	key, known := k.keys[id]
+	if !ok || !known {
+		return false
+	}
+	return hmac.Equal([]byte(sum), []byte(macWith(key, purpose, data)))
+}
+
+func macWith(key []byte, purpose, data string) string {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(purpose))
+	m.Write([]byte{0})
+	m.Write([]byte(data))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// ActionError is a refused action; its message names the action.
+type ActionError struct{ Action Action }
+
+func (e *ActionError) Error() string {
+	return fmt.Sprintf("session: action %q is not allowed by this session's allow_actions", e.Action)
+}
+
+// Require returns an *ActionError when the session does not allow a.
+func (c *Claims) Require(a Action) error {
+	if c.Allows(a) {
+		return nil
+	}
+	return &ActionError{Action: a}
 }

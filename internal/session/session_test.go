@@ -176,3 +176,17 @@ func TestParseKeys(t *testing.T) {
 	require.ErrorContains(t, err, "listed twice")
 	require.NotContains(t, err.Error(), strings.TrimPrefix(k, "a:"))
 }
+
+func TestMAC(t *testing.T) {
+	a, b := NewKey("a"), NewKey("b")
+	keys := mustKeys(t, a+","+b)
+	m := keys.MAC("csrf", "s1")
+	require.True(t, keys.VerifyMAC("csrf", "s1", m))
+	require.False(t, keys.VerifyMAC("csrf", "s2", m), "bound to the session")
+	require.False(t, keys.VerifyMAC("other", "s1", m), "bound to the purpose")
+	require.False(t, keys.VerifyMAC("csrf", "s1", m[:len(m)-2]+"xx"))
+	require.True(t, mustKeys(t, b+","+a).VerifyMAC("csrf", "s1", m), "rotation keeps old MACs")
+	require.False(t, mustKeys(t, b).VerifyMAC("csrf", "s1", m), "a retired key's MACs fail")
+	err := (&Claims{AllowActions: []Action{}}).Require(ActionDelete)
+	require.EqualError(t, err, `session: action "delete" is not allowed by this session's allow_actions`)
+}

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/vaultfleet/vaultfleet/internal/connect"
+	"github.com/vaultfleet/vaultfleet/internal/session"
+	"github.com/vaultfleet/vaultfleet/internal/vaultpage"
+)
+
+// Environment variables of the Vault page and the connect flow.
+const (
+	envSessionKeys  = session.EnvKeys
+	envRedirectURIs = connect.EnvRedirectURIs
+	envPublicURL    = "VAULTFLEET_PUBLIC_URL"
+)
+
+func init() {
+	knownEnv[envSessionKeys] = true
+	knownEnv[envRedirectURIs] = true
+	knownEnv[envPublicURL] = true
+}
+
+var vaultEnvHelp = [][2]string{
+	{envSessionKeys, "Vault session signing keys id:base64(32 bytes),... (first signs, all verify); without it no Vault page and no sessions"},
+	{envPublicURL, "external base URL of serve (the OAuth callback is <url>/vault/callback); required with " + envSessionKeys},
+	{envRedirectURIs, "redirect URIs sessions may name, comma-separated: exact URLs, or origins allowing any path"},
+}
+
+// vaultSetup is the Vault page and what the /vault API needs of it.
+type vaultSetup struct {
+	Sessions *session.Keys
+	Flow     *connect.Flow
+	Page     http.Handler
+}
+
+// newVault builds the connect flow and the page. getenv reads the OAuth
+// client credentials.
+func newVault(ctx context.Context, a *app, n connect.Notifier, keySpec, publicURL, redirects string, getenv func(string) string) (*vaultSetup, error) {
+	keys, err := session.ParseKeys(keySpec)
+	if err != nil {
+		return nil, err
+	}
+	rd, err := connect.ParseRedirects(redirects)
+	if err != nil {
+		return nil, err
+	}
+	flow, err := connect.New(connect.Config{Store: a.Store, Catalog: a.Catalog, Redis: a.Redis, Notifier: n,
+		Redirects: rd, PublicURL: publicURL, Getenv: getenv, Logger: a.Logger})
+	if err != nil {
+		return nil, err
+	}
+	page, err := vaultpage.New(vaultpage.Config{Store: a.Store, Catalog: a.Catalog, Sessions: keys, Flow: flow,
+		Notifier: n, Secure: strings.HasPrefix(publicURL, "https://"), Done: ctx.Done(), Logger: a.Logger})
+	if err != nil {
+		return nil, err
+	}
+	return &vaultSetup{Sessions: keys, Flow: flow, Page: page}, nil
+}
+
+// mountVaultPage puts the page on its routes.
+func mountVaultPage(mux *http.ServeMux, h http.Handler) {
+	mux.Handle("GET "+vaultpage.SessionPath, h)
+	mux.Handle(vaultpage.PagePath, h)
+	mux.Handle(vaultpage.PagePath+"/", h)
+	mux.Handle("GET "+connect.CallbackPath, h)
+}
+
+// demoSession issues the session dev's banner links to.
+func demoSession(keys *session.Keys, base string) (string, error) {
+	tok, _, err := keys.Issue(session.Options{ConsumerID: "vault-demo", Length: 24 * time.Hour}, time.Now())
+	if err != nil {
+		return "", err
+	}
+	return base + vaultpage.SessionPath + "?token=" + tok, nil
+}
