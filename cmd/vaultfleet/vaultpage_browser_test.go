@@ -59,7 +59,9 @@ func browserText(t *testing.T, ctx context.Context, sel string, timeout time.Dur
 	return ""
 }
 
-func jsString(s string) string { return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(s) + "'" }
+func jsString(s string) string {
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(s) + "'"
+}
 
 func stateOf(t *testing.T, ctx context.Context, service, want string) {
 	t.Helper()
