@@ -12,6 +12,9 @@ func (h Health) Apideck() Health {
 	switch h {
 	case HealthMisconfigured, HealthRotationLost:
 		return HealthNeedsAuth
+	case HealthMissingScopes:
+		// Apideck's name for "the user must grant more".
+		return "needs_consent"
 	case "":
 		return HealthOK
 	}

@@ -199,6 +199,12 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	notifier := scheduler.NewNotifier(client, cat)
+	base := "http://" + ln.Addr().String()
+	vault, err := newVault(gctx, a, notifier, or(env.Getenv(envSessionKeys), session.NewKey("dev")),
+		or(env.Getenv(envPublicURL), base), env.Getenv(envRedirectURIs), getenv)
+	if err != nil {
+		return err
+	}
 	apiCfg := api.Config{Store: store, Catalog: cat, Notifier: notifier, Enqueuer: client, Logger: logger, Registerer: reg}
 	var browser func(*http.Request) bool
 	if tokens != nil {
@@ -207,6 +213,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	} else {
 		apiCfg.AllowNoAuth = true
 	}
+	apiCfg.Sessions, apiCfg.Connect, apiCfg.PublicURL = vault.Sessions, vault.Flow, or(env.Getenv(envPublicURL), base)
 	apiHandler, err := api.New(apiCfg)
 	if err != nil {
 		return err
@@ -224,12 +231,6 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 
-	base := "http://" + ln.Addr().String()
-	vault, err := newVault(gctx, a, notifier, or(env.Getenv(envSessionKeys), session.NewKey("dev")),
-		or(env.Getenv(envPublicURL), base), env.Getenv(envRedirectURIs), getenv)
-	if err != nil {
-		return err
-	}
 	var handler http.Handler = opsMux(reg, redisReady(rdb), func(mux *http.ServeMux) {
 		mountAPI(mux, apiHandler)
 		mountVaultPage(mux, vault.Page)

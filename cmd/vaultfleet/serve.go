@@ -90,7 +90,19 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	defer a.Close()
 	announceFleet(ctx, a.Redis, "serve", a.Logger)
 	client := asynq.NewClientFromRedisClient(a.Redis)
-	h, err := api.New(api.Config{
+	// The Vault page and sessions, when signing keys are configured.
+	var vault *vaultSetup
+	if spec := env.Getenv(envSessionKeys); spec != "" {
+		if env.Getenv(envPublicURL) == "" {
+			return errors.New(envPublicURL + " is required with " + envSessionKeys + " (the OAuth callback is <url>/vault/callback)")
+		}
+		vault, err = newVault(ctx, a, scheduler.NewNotifier(client, a.Catalog), spec, env.Getenv(envPublicURL),
+			env.Getenv(envRedirectURIs), env.Getenv)
+		if err != nil {
+			return err
+		}
+	}
+	apiCfg := api.Config{
 		Store:      a.Store,
 		Catalog:    a.Catalog,
 		Notifier:   scheduler.NewNotifier(client, a.Catalog),
@@ -98,7 +110,11 @@ func runServe(ctx context.Context, args []string, env Env) error {
 		Tokens:     tokens,
 		Logger:     a.Logger,
 		Registerer: a.Registry,
-	})
+	}
+	if vault != nil {
+		apiCfg.Sessions, apiCfg.Connect, apiCfg.PublicURL = vault.Sessions, vault.Flow, env.Getenv(envPublicURL)
+	}
+	h, err := api.New(apiCfg)
 	if err != nil {
 		return err
 	}
@@ -118,18 +134,6 @@ func runServe(ctx context.Context, args []string, env Env) error {
 	defer mon.Close()
 	page := ui.New(ui.Config{Store: a.Store, Catalog: a.Catalog, QueuesFunc: queueDepths(inspector),
 		MonitorPath: monitor.DefaultRootPath, Authorize: tokens.Browser, Logger: a.Logger})
-	// The Vault page and sessions, when signing keys are configured.
-	var vault *vaultSetup
-	if spec := env.Getenv(envSessionKeys); spec != "" {
-		if env.Getenv(envPublicURL) == "" {
-			return errors.New(envPublicURL + " is required with " + envSessionKeys + " (the OAuth callback is <url>/vault/callback)")
-		}
-		vault, err = newVault(ctx, a, scheduler.NewNotifier(client, a.Catalog), spec, env.Getenv(envPublicURL),
-			env.Getenv(envRedirectURIs), env.Getenv)
-		if err != nil {
-			return err
-		}
-	}
 	var inflight atomic.Int64
 	h = trackInflight(h, &inflight)
 	addr, done, err := serveOps(ctx, c.addr, a.Registry, redisReady(a.Redis), a.Logger, func(mux *http.ServeMux) {

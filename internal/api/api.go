@@ -42,6 +42,7 @@ import (
 
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/auth"
+	"github.com/vaultfleet/vaultfleet/internal/session"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -132,6 +133,15 @@ type Config struct {
 	// TokenHTTPClient calls token endpoints for POST /vault/.../token. If
 	// nil, a client with DefaultTokenTimeout that follows no redirect.
 	TokenHTTPClient *http.Client
+	// Sessions signs and verifies Vault session tokens (POST
+	// /vault/sessions). If nil, sessions are not offered.
+	Sessions *session.Keys
+	// Connect runs the OAuth connect flow (GET .../authorize, revocation
+	// on disconnect). If nil, it is not offered.
+	Connect Connector
+	// PublicURL is the fleet's external base URL, for session_uri and
+	// authorize_url.
+	PublicURL string
 }
 
 func (c Config) withDefaults() Config {
@@ -296,6 +306,9 @@ func (s *server) withDeadline(next http.Handler) http.Handler {
 // by auth.Tokens).
 func (s *server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s.refuseSession(w, r) {
+			return
+		}
 		if msg := s.checkToken(w, r); msg != "" {
 			writeError(w, http.StatusUnauthorized, codeUnauthorized, msg)
 			return

@@ -191,6 +191,8 @@ func (s *server) vaultRoutes() []vaultRoute {
 		{http.MethodPost, pathVaultImport, true, s.vaultImport},
 		{http.MethodPost, pathVaultValidate, true, s.vaultValidate},
 		{http.MethodPost, pathVaultToken, true, s.vaultToken},
+		{http.MethodGet, pathVaultAuthorize, true, s.vaultAuthorize},
+		{http.MethodPost, pathVaultSessions, true, s.vaultCreateSession},
 		{http.MethodPost, pathVaultConsumers, false, s.vaultCreateConsumer},
 		{http.MethodGet, pathVaultConsumers, false, s.vaultListConsumers},
 		{http.MethodGet, pathVaultConsumer, false, s.vaultGetConsumer},
@@ -218,7 +220,7 @@ func (s *server) mountVault(mux *http.ServeMux) {
 	allowed := map[string][]string{}
 	var paths []string
 	for _, rt := range s.vaultRoutes() {
-		mux.Handle(rt.method+" "+rt.path, s.instrument(rt.path, s.vaultGuard(rt.consumer, rt.h)))
+		mux.Handle(rt.method+" "+rt.path, s.instrument(rt.path, s.sessionGuard(rt, s.vaultGuard(rt.consumer, rt.h))))
 		if _, ok := allowed[rt.path]; !ok {
 			paths = append(paths, rt.path)
 		}
@@ -315,19 +317,19 @@ func (s *server) vaultListConnections(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]vaultConnection, 0, len(s.cfg.Catalog.Integrations))
 	keep := func(unifiedAPI string, c *state.Connection) bool {
-		return (api == "" || unifiedAPI == api) && (configured == nil || *configured == (c != nil))
+		return (api == "" || unifiedAPI == api) && (configured == nil || *configured == (c != nil)) && sessionAllowsAPI(r, unifiedAPI)
 	}
 	for _, in := range s.cfg.Catalog.Integrations {
 		id := state.ConnectionID(in.UnifiedAPI, in.ID)
 		c := stored[id]
 		delete(stored, id)
 		if keep(in.UnifiedAPI, c) {
-			out = append(out, vaultView(c, in, now))
+			out = append(out, s.vaultViewLinks(vaultView(c, in, now), c))
 		}
 	}
 	for _, c := range stored { // integrations that left the catalog
 		if keep(c.UnifiedAPI, c) {
-			out = append(out, vaultView(c, nil, now))
+			out = append(out, s.vaultViewLinks(vaultView(c, nil, now), c))
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
@@ -354,7 +356,7 @@ func (s *server) writeVaultConnection(w http.ResponseWriter, t target, c *state.
 	if c != nil {
 		w.Header().Set("ETag", etag(c.Version))
 	}
-	writeVault(w, http.StatusOK, vaultView(c, t.in, s.cfg.NowFunc()))
+	writeVault(w, http.StatusOK, s.vaultViewLinks(vaultView(c, t.in, s.cfg.NowFunc()), c))
 }
 
 // vaultUpdateBody is the part of Apideck's ConnectionInput vaultfleet
@@ -445,7 +447,11 @@ func splitSettings(in *catalog.Integration, raw map[string]json.RawMessage) (sta
 		if err != nil {
 			return out, errf(http.StatusBadRequest, codeInvalidField, "settings."+safeName(k)+": "+err.Error())
 		}
-		if slices.Contains(in.CredentialFields, k) {
+		// An OAuth connection's tokens are cleared (disconnect) with null;
+		// they are written by the connect flow or import only.
+		clearToken := v == "" && in.AuthType == catalog.AuthOAuth2 &&
+			(k == catalog.FieldAccessToken || k == catalog.FieldRefreshToken || k == catalog.FieldExpiresAt)
+		if slices.Contains(in.CredentialFields, k) || clearToken {
 			if out.Credentials == nil {
 				out.Credentials = map[string]string{}
 			}
@@ -456,6 +462,13 @@ func splitSettings(in *catalog.Integration, raw map[string]json.RawMessage) (sta
 			out.Settings = map[string]string{}
 		}
 		out.Settings[k] = v
+	}
+	if c := out.Credentials; in.AuthType == catalog.AuthOAuth2 && c != nil {
+		at, atSet := c[catalog.FieldAccessToken]
+		rt, rtSet := c[catalog.FieldRefreshToken]
+		if atSet && rtSet && at == "" && rt == "" {
+			c[catalog.FieldExpiresAt] = "" // disconnected: no expiry of nothing
+		}
 	}
 	return out, nil
 }

@@ -69,7 +69,7 @@ func (s *server) withConnections(v *vaultConsumer, conns []*state.Connection) {
 	now := s.cfg.NowFunc()
 	for _, c := range conns {
 		in, _ := s.lookup(c.UnifiedAPI, c.ServiceID)
-		cv := vaultView(c, in, now)
+		cv := s.vaultViewLinks(vaultView(c, in, now), c)
 		upd := rfc3339(c.UpdatedAt)
 		v.Connections = append(v.Connections, consumerConnection{
 			ID: cv.ID, Name: cv.Name, ServiceID: cv.ServiceID, UnifiedAPI: cv.UnifiedAPI, ConsumerID: c.ConsumerID,

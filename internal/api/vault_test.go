@@ -185,6 +185,8 @@ func TestVaultHealthMapping(t *testing.T) {
 		switch h {
 		case state.HealthMisconfigured, state.HealthRotationLost:
 			require.Equal(t, "needs_auth", got, h)
+		case state.HealthMissingScopes:
+			require.Equal(t, "needs_consent", got, h)
 		default:
 			require.Equal(t, string(h), got, "shared values keep their name")
 		}

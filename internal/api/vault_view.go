@@ -60,6 +60,11 @@ type vaultConnection struct {
 	LastDownstreamErrorAt int64  `json:"last_downstream_error_at"`
 	CreatedAt             int64  `json:"created_at,omitempty"`
 	UpdatedAt             *int64 `json:"updated_at"`
+	// AuthorizeURL starts the OAuth connect flow (GET .../authorize with a
+	// session or operator token); RevokeURL is where the provider revokes
+	// the grant when the consumer disconnects. Empty when not offered.
+	AuthorizeURL string `json:"authorize_url,omitempty"`
+	RevokeURL    string `json:"revoke_url,omitempty"`
 }
 
 // formField is Apideck's FormField.

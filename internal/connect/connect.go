@@ -183,6 +183,10 @@ func New(cfg Config) (*Flow, error) {
 // PageURL is the Vault page's URL.
 func (f *Flow) PageURL() string { return f.pageURL }
 
+// RedirectAllowed reports whether a session or flow may name uri as its
+// redirect_uri: on the allow-list, or the Vault page itself.
+func (f *Flow) RedirectAllowed(uri string) bool { return f.redirectAllowed(uri) }
+
 // redirectAllowed: the allow-list, or the Vault page itself.
 func (f *Flow) redirectAllowed(uri string) bool {
 	if uri == f.pageURL || strings.HasPrefix(uri, f.pageURL+"?") {
