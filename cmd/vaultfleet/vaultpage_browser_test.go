@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -68,6 +69,24 @@ func stateOf(t *testing.T, ctx context.Context, service, want string) {
 	browserText(t, ctx, "#integration-"+service+" [data-field=state]", 45*time.Second, func(s string) bool { return s == want })
 }
 
+// submit clicks a button that navigates and waits until the next page has
+// loaded (the old document is marked, so its leftovers do not count).
+func submit(t *testing.T, ctx context.Context, button string) {
+	t.Helper()
+	_, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`window.__vfOld = true`))
+	require.NoError(t, err)
+	require.NoError(t, chromedp.Do(ctx, chromedp.Click(chromedp.ID(button))))
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		done, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`window.__vfOld !== true && document.readyState === "complete"`))
+		if err == nil && done {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("clicking #%s did not load a new page", button)
+}
+
 // login answers the simulated provider's login and consent page.
 func login(t *testing.T, ctx context.Context, decision string) {
 	t.Helper()
@@ -75,9 +94,9 @@ func login(t *testing.T, ctx context.Context, decision string) {
 		chromedp.WaitVisible(chromedp.ID("username")),
 		chromedp.SendKeys(chromedp.ID("username"), "ada@acme.example"),
 		chromedp.SendKeys(chromedp.ID("password"), sim.DemoPassword),
-		chromedp.Click(chromedp.ID(decision)),
-		chromedp.WaitVisible(chromedp.ID("notice")),
 	))
+	submit(t, ctx, decision)
+	require.NoError(t, chromedp.Do(ctx, chromedp.WaitVisible(chromedp.ID("notice"))))
 }
 
 // TestVaultPageInBrowser drives the Vault page of `vaultfleet dev` with
@@ -126,7 +145,7 @@ func TestVaultPageInBrowser(t *testing.T) {
 	stateOf(t, bctx, "salesforce", "available")
 
 	// OAuth: login and consent, back on the page, callable.
-	require.NoError(t, chromedp.Do(bctx, chromedp.Click(chromedp.ID("connect-salesforce"))))
+	submit(t, bctx, "connect-salesforce")
 	login(t, bctx, "allow")
 	require.Equal(t, "Connected.", browserText(t, bctx, "#notice", 5*time.Second, func(string) bool { return true }))
 	stateOf(t, bctx, "salesforce", "callable")
@@ -135,34 +154,34 @@ func TestVaultPageInBrowser(t *testing.T) {
 	require.NotContains(t, loc, "code=", "no code in the URL the fleet returns")
 
 	// Denied consent: a clear message, nothing connected.
-	require.NoError(t, chromedp.Do(bctx, chromedp.Click(chromedp.ID("connect-xero"))))
+	submit(t, bctx, "connect-xero")
 	login(t, bctx, "deny")
 	browserText(t, bctx, "#notice", 5*time.Second, func(s string) bool { return strings.Contains(s, "denied") })
 	stateOf(t, bctx, "xero", "available")
 
 	// Xero: authorized until a tenant is picked from the provider's list.
-	require.NoError(t, chromedp.Do(bctx, chromedp.Click(chromedp.ID("connect-xero"))))
+	submit(t, bctx, "connect-xero")
 	login(t, bctx, "allow")
 	stateOf(t, bctx, "xero", "authorized")
 	tenant, err := chromedp.Run(bctx, chromedp.Evaluate[string](`document.querySelector('#setting-xero-tenant_id option:nth-child(2)').value`))
 	require.NoError(t, err)
 	require.NotEmpty(t, tenant)
-	require.NoError(t, chromedp.Do(bctx, chromedp.SetValue(chromedp.ID("setting-xero-tenant_id"), tenant),
-		chromedp.Click(chromedp.ID("save-settings-xero")), chromedp.WaitVisible(chromedp.ID("notice"))))
+	require.NoError(t, chromedp.Do(bctx, chromedp.SetValue(chromedp.ID("setting-xero-tenant_id"), tenant)))
+	submit(t, bctx, "save-settings-xero")
 	stateOf(t, bctx, "xero", "callable")
 
 	// API key: subdomain, a wrong key (invalid, live), then the right one.
-	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("setting-bamboohr-subdomain"), bamboo[1]),
-		chromedp.Click(chromedp.ID("save-settings-bamboohr")), chromedp.WaitVisible(chromedp.ID("notice"))))
+	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("setting-bamboohr-subdomain"), bamboo[1])))
+	submit(t, bctx, "save-settings-bamboohr")
 	stateOf(t, bctx, "bamboohr", "added")
-	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("cred-bamboohr-api_key"), strings.Repeat("0", 40)),
-		chromedp.Click(chromedp.ID("save-credentials-bamboohr")), chromedp.WaitVisible(chromedp.ID("notice"))))
+	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("cred-bamboohr-api_key"), strings.Repeat("0", 40))))
+	submit(t, bctx, "save-credentials-bamboohr")
 	stateOf(t, bctx, "bamboohr", "invalid")
 	value, err := chromedp.Run(bctx, chromedp.Value(chromedp.ID("cred-bamboohr-api_key")))
 	require.NoError(t, err)
 	require.Empty(t, value, "secret fields are write-only")
-	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("cred-bamboohr-api_key"), bamboo[2]),
-		chromedp.Click(chromedp.ID("save-credentials-bamboohr")), chromedp.WaitVisible(chromedp.ID("notice"))))
+	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("cred-bamboohr-api_key"), bamboo[2])))
+	submit(t, bctx, "save-credentials-bamboohr")
 	stateOf(t, bctx, "bamboohr", "callable")
 	html, err := chromedp.Run(bctx, chromedp.OuterHTML(chromedp.CSS("html")))
 	require.NoError(t, err)
@@ -191,6 +210,16 @@ func TestVaultPageInBrowser(t *testing.T) {
 	require.NoError(t, err)
 	status := handDelete(t, base, tok, csrf)
 	require.Equal(t, http.StatusForbidden, status)
+	// The same through the API, with the session token.
+	req, err := http.NewRequest(http.MethodDelete, base+"/vault/connections/crm/salesforce", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	require.Equal(t, http.StatusForbidden, resp.StatusCode, "%s", body)
+	require.Contains(t, string(body), "action delete is not allowed")
 	// Still there.
 	stateOf(t, bctx, "salesforce", "callable")
 }

@@ -516,7 +516,6 @@ type eventView struct {
 	ConnectionID string       `json:"connection_id"`
 	State        state.State  `json:"state,omitempty"`
 	Health       state.Health `json:"health,omitempty"`
-	Reload       bool         `json:"reload,omitempty"`
 }
 
 // events streams the consumer's state changes as server-sent events,
@@ -565,8 +564,7 @@ func (h *handler) events(w http.ResponseWriter, r *http.Request) {
 			if e.ConsumerID != cl.ConsumerID() || !cl.AllowsAPI(e.UnifiedAPI) {
 				continue
 			}
-			ev := eventView{ConnectionID: e.ConnectionID, State: e.StateAfter, Health: e.HealthAfter,
-				Reload: e.Type == state.EventCreated || e.Type == state.EventDeleted}
+			ev := eventView{ConnectionID: e.ConnectionID, State: e.StateAfter, Health: e.HealthAfter}
 			if e.Type == state.EventDeleted {
 				ev.State = state.Available
 			}

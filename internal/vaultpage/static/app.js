@@ -16,10 +16,12 @@
     var before = st ? st.textContent : "";
     if (st && e.state) { st.textContent = e.state; st.className = "state state-" + e.state; }
     if (he && e.health) { he.textContent = e.health; }
-    // A new step (e.g. pick a tenant, or the first credentials form gone)
-    // needs other controls: render the page again.
-    if (e.reload || (before === "added" && e.state === "authorized") ||
-        (before === "available" && e.state !== "available")) {
+    // A new step the page does not show yet (a connection added or
+    // deleted elsewhere, a tenant to pick) needs other controls: render
+    // the page again. Changes the page itself made are already rendered.
+    if ((before === "available" && e.state !== "available") ||
+        (before !== "available" && e.state === "available") ||
+        (before === "added" && e.state === "authorized")) {
       window.location.reload();
     }
   });
