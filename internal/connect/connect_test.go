@@ -390,3 +390,61 @@ func TestParseRedirects(t *testing.T) {
 	}
 	require.False(t, (*connect.Redirects)(nil).Allowed("https://app.example.com/cb"))
 }
+
+// The simulated authorization endpoint behaves like a real one: a wrong
+// password shows the login again, a code is single-use and bound to its
+// redirect URI.
+func TestSimAuthorizationEndpoint(t *testing.T) {
+	b := setup(t)
+	c := browser(t)
+	resp, _ := do(t, c, http.MethodGet, b.srv.URL+"/start", nil)
+	authz, err := url.Parse(resp.Header.Get("Location"))
+	require.NoError(t, err)
+	form := authz.Query()
+	form.Set("username", "ada")
+	form.Set("password", "not-the-password")
+	form.Set("decision", "allow")
+	post := *authz
+	post.RawQuery = ""
+	resp, page := do(t, c, http.MethodPost, post.String(), form)
+	require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	require.Contains(t, page, "Wrong user name or password")
+
+	exchange := func(code, redirect string) (int, string) {
+		f := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirect},
+			"client_id": {b.env["SALESFORCE_CLIENT_ID"]}, "client_secret": {b.env["SALESFORCE_CLIENT_SECRET"]},
+			"code_verifier": {"irrelevant-without-challenge"}}
+		resp, body := do(t, http.DefaultClient, http.MethodPost, b.p.BaseURL(sim.Salesforce)+"/services/oauth2/token", f)
+		return resp.StatusCode, body
+	}
+	// A flow without PKCE (the request's challenge dropped) to test the
+	// code's other bindings.
+	q := authz.Query()
+	q.Del("code_challenge")
+	q.Del("code_challenge_method")
+	q.Set("username", "ada")
+	q.Set("password", sim.DemoPassword)
+	q.Set("decision", "allow")
+	q["grant_scope"] = []string{"api", "refresh_token"}
+	resp, _ = do(t, c, http.MethodPost, post.String(), q)
+	require.Equal(t, http.StatusFound, resp.StatusCode)
+	cb, err := url.Parse(resp.Header.Get("Location"))
+	require.NoError(t, err)
+	code := cb.Query().Get("code")
+	status, body := exchange(code, "https://elsewhere.example/cb")
+	require.Equal(t, http.StatusBadRequest, status)
+	require.Contains(t, body, "redirect_uri mismatch")
+	status, body = exchange(code, b.flow.CallbackURL())
+	require.Equal(t, http.StatusBadRequest, status, "a code that failed once is gone")
+	require.Contains(t, body, "unknown or used")
+
+	resp, _ = do(t, c, http.MethodPost, post.String(), q)
+	cb, err = url.Parse(resp.Header.Get("Location"))
+	require.NoError(t, err)
+	code = cb.Query().Get("code")
+	status, body = exchange(code, b.flow.CallbackURL())
+	require.Equal(t, http.StatusOK, status, body)
+	require.Contains(t, body, "access_token")
+	status, _ = exchange(code, b.flow.CallbackURL())
+	require.Equal(t, http.StatusBadRequest, status, "single use")
+}
