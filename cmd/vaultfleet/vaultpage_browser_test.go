@@ -56,7 +56,7 @@ func browserText(t *testing.T, ctx context.Context, sel string, timeout time.Dur
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("%s: text %q did not arrive within %s", sel, last, timeout)
+	t.Fatalf("%s: still %q after %s", sel, last, timeout)
 	return ""
 }
 
@@ -176,7 +176,19 @@ func TestVaultPageInBrowser(t *testing.T) {
 	stateOf(t, bctx, "bamboohr", "added")
 	require.NoError(t, chromedp.Do(bctx, chromedp.SendKeys(chromedp.ID("cred-bamboohr-api_key"), strings.Repeat("0", 40))))
 	submit(t, bctx, "save-credentials-bamboohr")
+	// The verdict arrives after the page rendered: over server-sent events,
+	// without a reload (unless the worker beat the render).
+	_, err = chromedp.Run(bctx, chromedp.Evaluate[bool](`window.__vfLive = true`))
+	require.NoError(t, err)
+	rendered := browserText(t, bctx, "#integration-bamboohr [data-field=state]", time.Second, func(string) bool { return true })
 	stateOf(t, bctx, "bamboohr", "invalid")
+	if rendered == "added" {
+		live, err := chromedp.Run(bctx, chromedp.Evaluate[bool](`window.__vfLive === true`))
+		require.NoError(t, err)
+		require.True(t, live, "the state changed in place, not by reloading the page")
+	} else {
+		t.Logf("the check finished before the page rendered (%s): live update not observed this time", rendered)
+	}
 	value, err := chromedp.Run(bctx, chromedp.Value(chromedp.ID("cred-bamboohr-api_key")))
 	require.NoError(t, err)
 	require.Empty(t, value, "secret fields are write-only")
