@@ -433,6 +433,14 @@ func (h *handler) act(w http.ResponseWriter, r *http.Request) {
 			if vals, ok := r.PostForm["set_"+s.Name]; ok && s.FromToken == "" {
 				settings[s.Name] = strings.TrimSpace(vals[0])
 			}
+			// A value picked from the provider's list must be on it.
+			if v := settings[s.Name]; s.Choices != nil && v != "" && cur != nil {
+				choices, err := h.cfg.Flow.Choices(ctx, cur, s.Name)
+				if err != nil || !slices.ContainsFunc(choices, func(c connect.Choice) bool { return c.Value == v }) {
+					back(w, r, "refused", "Not saved: "+s.Name+" is not one of the choices the provider lists.")
+					return
+				}
+			}
 		}
 		ch, err = h.write(ctx, ref, cur, state.Input{Settings: settings})
 	case "enable", "disable":

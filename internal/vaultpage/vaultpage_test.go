@@ -29,6 +29,7 @@ import (
 func TestMain(m *testing.M) { redistest.Main(m) }
 
 type bench struct {
+	p     *sim.Providers
 	srv   *httptest.Server
 	store *state.Store
 	keys  *session.Keys
@@ -62,7 +63,7 @@ func setup(t *testing.T) *bench {
 		Done: ctx.Done(), PollInterval: 20 * time.Millisecond})
 	require.NoError(t, err)
 	mux.Handle("/", h)
-	return &bench{srv: srv, store: store, keys: keys}
+	return &bench{p: p, srv: srv, store: store, keys: keys}
 }
 
 func (b *bench) session(t *testing.T, o session.Options) (*http.Client, string) {
@@ -278,4 +279,29 @@ func TestEvents(t *testing.T) {
 	}
 	require.Contains(t, got.String(), "event: state")
 	require.Equal(t, 1, strings.Count(got.String(), "event: state"), "c2's change is not sent: %s", got.String())
+}
+
+// A setting picked from the provider's list (Xero's tenant) must be on it.
+func TestChoicesAreChecked(t *testing.T) {
+	b := setup(t)
+	g, err := b.p.IssueOAuth(sim.Xero)
+	require.NoError(t, err)
+	ref := state.Ref{ConsumerID: "c1", ConnectionID: "accounting+xero"}
+	_, err = b.store.Put(context.Background(), ref, state.Input{Credentials: g.Credentials()}, 0)
+	require.NoError(t, err)
+	c, _ := b.session(t, session.Options{})
+	body, csrf, _ := b.page(t, c)
+	require.Contains(t, body, `<option value="`+g.Tenants[0].ID+`"`)
+	resp := b.post(t, c, "accounting/xero/settings", csrf, url.Values{"set_tenant_id": {"someone-elses-tenant"}}, nil)
+	require.Equal(t, http.StatusSeeOther, resp.StatusCode)
+	require.Contains(t, resp.Header.Get("Location"), "refused")
+	got, err := b.store.Get(context.Background(), ref)
+	require.NoError(t, err)
+	require.Empty(t, got.Settings["tenant_id"])
+	require.Equal(t, state.Authorized, got.State)
+	resp = b.post(t, c, "accounting/xero/settings", csrf, url.Values{"set_tenant_id": {g.Tenants[0].ID}}, nil)
+	require.Contains(t, resp.Header.Get("Location"), "saved")
+	got, err = b.store.Get(context.Background(), ref)
+	require.NoError(t, err)
+	require.Equal(t, state.Callable, got.State)
 }
