@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -45,6 +46,12 @@ const (
 	// CSRFCookie holds the double-submitted CSRF token.
 	CSRFCookie = "vf_csrf"
 )
+
+// streamWriteTimeout bounds each write of an event stream.
+const streamWriteTimeout = 30 * time.Second
+
+// streamIDRE matches a Redis stream entry id.
+var streamIDRE = regexp.MustCompile(`^[0-9]{1,20}-[0-9]{1,20}$`)
 
 // DefaultPollInterval is how often the event stream is read for the
 // page's server-sent events.
@@ -521,6 +528,7 @@ func publicReason(err error) string {
 
 // eventView is what the page's script receives.
 type eventView struct {
+	id           string
 	ConnectionID string       `json:"connection_id"`
 	State        state.State  `json:"state,omitempty"`
 	Health       state.Health `json:"health,omitempty"`
@@ -535,11 +543,21 @@ func (h *handler) events(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	after := "0-0"
-	if last, err := h.cfg.Store.LatestEvents(ctx, 1); err == nil && len(last) == 1 {
-		after = last[0].ID
+	// A reconnecting EventSource says where it stopped; otherwise start at
+	// the stream's end.
+	after := r.Header.Get("Last-Event-ID")
+	if !streamIDRE.MatchString(after) {
+		after = "0-0"
+		if last, err := h.cfg.Store.LatestEvents(ctx, 1); err == nil && len(last) == 1 {
+			after = last[0].ID
+		}
 	}
 	rc := http.NewResponseController(w)
+	// The server's read and write timeouts are for ordinary requests: a
+	// stream lives on (a read deadline would even cancel its context), and
+	// each write gets its own deadline instead.
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("X-Accel-Buffering", "no")
 	_, _ = io.WriteString(w, "retry: 2000\n\n")
@@ -572,7 +590,7 @@ func (h *handler) events(w http.ResponseWriter, r *http.Request) {
 			if e.ConsumerID != cl.ConsumerID() || !cl.AllowsAPI(e.UnifiedAPI) {
 				continue
 			}
-			ev := eventView{ConnectionID: e.ConnectionID, State: e.StateAfter, Health: e.HealthAfter}
+			ev := eventView{id: e.ID, ConnectionID: e.ConnectionID, State: e.StateAfter, Health: e.HealthAfter}
 			if e.Type == state.EventDeleted {
 				ev.State = state.Available
 			}
@@ -583,11 +601,14 @@ func (h *handler) events(w http.ResponseWriter, r *http.Request) {
 				continue
 			}
 			idle = 0
+		}
+		_ = rc.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+		if len(out) == 0 {
 			_, err = io.WriteString(w, ": keep-alive\n\n")
 		}
 		for _, ev := range out {
 			b, _ := json.Marshal(ev)
-			if _, err = io.WriteString(w, "event: state\ndata: "+string(b)+"\n\n"); err != nil {
+			if _, err = io.WriteString(w, "id: "+ev.id+"\nevent: state\ndata: "+string(b)+"\n\n"); err != nil {
 				return
 			}
 		}

@@ -53,7 +53,10 @@ func setup(t *testing.T) *bench {
 	require.NoError(t, err)
 	n := scheduler.NewNotifier(asynq.NewClientFromRedisClient(rdb), cat)
 	mux := http.NewServeMux()
-	srv := httptest.NewServer(mux)
+	srv := httptest.NewUnstartedServer(mux)
+	// serve's short timeouts, shorter: the event stream outlives them.
+	srv.Config.ReadTimeout, srv.Config.WriteTimeout = 300*time.Millisecond, 300*time.Millisecond
+	srv.Start()
 	t.Cleanup(srv.Close)
 	env := p.ClientEnv()
 	flow, err := connect.New(connect.Config{Store: store, Catalog: cat, Redis: rdb, Notifier: n, PublicURL: srv.URL,
@@ -265,6 +268,8 @@ func TestEvents(t *testing.T) {
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
+	// Past the server's read and write timeouts before anything happens.
+	time.Sleep(500 * time.Millisecond)
 	_, err = b.store.Put(context.Background(), state.Ref{ConsumerID: "c2", ConnectionID: "hris+bamboohr"},
 		state.Input{Settings: map[string]string{"subdomain": "other"}}, 0)
 	require.NoError(t, err)
@@ -278,6 +283,7 @@ func TestEvents(t *testing.T) {
 		got.Write(buf[:n])
 	}
 	require.Contains(t, got.String(), "event: state")
+	require.Regexp(t, `(?m)^id: [0-9]+-[0-9]+$`, got.String(), "events carry the stream id for Last-Event-ID")
 	require.Equal(t, 1, strings.Count(got.String(), "event: state"), "c2's change is not sent: %s", got.String())
 }
 
