@@ -349,6 +349,12 @@ func (s *server) vaultAuthorize(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Cache-Control", "no-store")
+	// A script holding a session token cannot follow a cross-origin
+	// redirect usefully: with Accept: application/json it gets the URL.
+	if strings.Contains(r.Header.Get("Accept"), "application/json") {
+		writeVault(w, http.StatusOK, map[string]string{"authorize_url": st.URL})
+		return
+	}
 	http.Redirect(w, r, st.URL, http.StatusFound)
 }
 

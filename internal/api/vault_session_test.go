@@ -302,6 +302,12 @@ func TestSessionAuthorizeAndRevoke(t *testing.T) {
 	require.Equal(t, "https://vault.example.com/vault/callback", loc.Query().Get("redirect_uri"))
 	require.Equal(t, "S256", loc.Query().Get("code_challenge_method"))
 
+	// Scripts ask for the URL instead of a redirect.
+	r = b.sreq(t, tok, "GET", "/vault/connections/accounting/xero/authorize", "", "Accept: application/json")
+	require.Equal(t, http.StatusOK, r.status, "%s", r.body)
+	u, _ := r.data(t)["authorize_url"].(string)
+	require.True(t, strings.HasPrefix(u, b.p.BaseURL(sim.Xero)+"/identity/connect/authorize?"), u)
+
 	// Not an OAuth integration: 422.
 	r = b.sreq(t, tok, "GET", "/vault/connections/hris/bamboohr/authorize", "")
 	require.Equal(t, http.StatusUnprocessableEntity, r.status)
