@@ -308,6 +308,15 @@ func (s *server) vaultCreateSession(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.ensureConsumer(r, consumer)
+	// consumer_metadata (Apideck: account_name, user_name, email, image)
+	// becomes the consumer record's metadata, as PATCH /vault/consumers/{id}
+	// would set it.
+	if m := bytes.TrimSpace(body.ConsumerMetadata); len(m) > 0 && !bytes.Equal(m, []byte("null")) {
+		if _, err := s.vault.UpdateConsumer(r.Context(), consumer, m); err != nil {
+			s.vaultFail(w, r, err)
+			return
+		}
+	}
 	writeVault(w, http.StatusOK, map[string]string{
 		"session_uri":   strings.TrimRight(s.cfg.PublicURL, "/") + "/vault/session?token=" + tok,
 		"session_token": tok,

@@ -103,6 +103,9 @@ func TestCreateSession(t *testing.T) {
 	require.Equal(t, []session.Action{session.ActionDisable}, c.AllowActions)
 	require.Equal(t, "https://app.example.com/done", c.RedirectURI)
 	require.WithinDuration(t, time.Now().Add(24*time.Hour), c.ExpiresAt.Time, time.Minute)
+	consumer, err := b.store.GetConsumer(context.Background(), "c1")
+	require.NoError(t, err)
+	require.JSONEq(t, `{"account_name":"Acme"}`, string(consumer.Metadata), "consumer_metadata is the consumer's metadata")
 
 	// Omitted allow_actions allows all; an empty list none.
 	r = b.req(t, "POST", "/vault/sessions", `{"settings":{}}`, "x-apideck-app-id: app", "x-apideck-consumer-id: c1")
