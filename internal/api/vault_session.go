@@ -137,7 +137,7 @@ func (s *server) sessionGuard(rt vaultRoute, operator http.Handler) http.Handler
 				" in unified API "+api+" for this session", codeUnknownIntegration)
 			return
 		}
-		if a, ok := s.actionOf(w, r, rt, c.ConsumerID()); ok {
+		if a, ok := s.actionOf(r, rt, c.ConsumerID()); ok {
 			if err := c.Require(a); err != nil {
 				writeVaultError(w, http.StatusForbidden, typeForbidden, "action "+string(a)+
 					" is not allowed by this session's allow_actions", codeActionNotAllowed)
@@ -166,11 +166,17 @@ func (s *server) current(r *http.Request, consumerID string) *state.Connection {
 }
 
 // patchBody reads a PATCH body and puts it back for the handler.
-func (s *server) patchBody(w http.ResponseWriter, r *http.Request) (vaultUpdateBody, bool) {
+func (s *server) patchBody(r *http.Request) (vaultUpdateBody, bool) {
 	var body vaultUpdateBody
-	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes))
-	r.Body = io.NopCloser(bytes.NewReader(raw))
-	if err != nil || json.Unmarshal(raw, &body) != nil {
+	orig := r.Body
+	raw, err := io.ReadAll(io.LimitReader(orig, s.cfg.MaxBodyBytes+1))
+	// The handler reads the same stream again, with its own limit (and
+	// its own 413 for a body too large).
+	r.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(raw), orig), orig}
+	if err != nil || int64(len(raw)) > s.cfg.MaxBodyBytes || json.Unmarshal(raw, &body) != nil {
 		return body, false // the handler answers the malformed body
 	}
 	return body, true
@@ -181,12 +187,12 @@ func (s *server) patchBody(w http.ResponseWriter, r *http.Request) (vaultUpdateB
 // every credential it names needs disconnect; writing credentials over
 // existing ones (PATCH, import) and the OAuth flow on a connection that has
 // credentials need reauthorize. Adding a first connection needs none.
-func (s *server) actionOf(w http.ResponseWriter, r *http.Request, rt vaultRoute, consumerID string) (session.Action, bool) {
+func (s *server) actionOf(r *http.Request, rt vaultRoute, consumerID string) (session.Action, bool) {
 	switch {
 	case r.Method == http.MethodDelete && rt.path == pathVaultConnection:
 		return session.ActionDelete, true
 	case r.Method == http.MethodPatch && rt.path == pathVaultConnection:
-		body, ok := s.patchBody(w, r)
+		body, ok := s.patchBody(r)
 		if !ok {
 			return "", false
 		}
@@ -234,7 +240,7 @@ func (s *server) revokeOnDisconnect(r *http.Request, consumerID string) {
 	if !ok || in.OAuth == nil || in.OAuth.RevokeURL == "" {
 		return
 	}
-	body, ok := s.patchBody(nil, r)
+	body, ok := s.patchBody(r)
 	if !ok {
 		return
 	}

@@ -359,3 +359,14 @@ func TestSessionAuthorizeAndRevoke(t *testing.T) {
 	_ = resp.Body.Close()
 	require.Equal(t, http.StatusBadRequest, resp.StatusCode, "the refresh token was revoked at the provider")
 }
+
+// Reading a PATCH body for the session checks leaves the handler's own
+// limit in charge: a body too large is still 413.
+func TestSessionPatchBodyLimit(t *testing.T) {
+	b := setupSessions(t)
+	big := `{"settings":{"tenant_id":"` + strings.Repeat("x", 2<<20) + `"}}`
+	r := b.sreq(t, b.token(t, session.Options{}), "PATCH", "/vault/connections/accounting/xero", big)
+	require.Equal(t, http.StatusRequestEntityTooLarge, r.status, "%.200s", r.body)
+	r = b.req(t, "PATCH", "/vault/connections/accounting/xero", big, "x-apideck-app-id: app", "x-apideck-consumer-id: c1")
+	require.Equal(t, http.StatusRequestEntityTooLarge, r.status, "%.200s", r.body)
+}
