@@ -249,3 +249,35 @@ func TestRetryDelayAfterStoreOutage(t *testing.T) {
 	require.False(t, isFailure(err), "Redis being away uses up no retry")
 	require.True(t, strings.Contains(err.Error(), "store unavailable"))
 }
+
+// TestCheck401AfterUnknownExchange: an exchange of the refresh token ended
+// without an answer (the worker died, or it timed out) and the provider
+// had rotated both tokens, so a check with the stored access token gets
+// 401 though it has an hour left. The fleet asks the token endpoint
+// before it judges: the verdict is rotation_lost, not credentials_rejected.
+func TestCheck401AfterUnknownExchange(t *testing.T) {
+	b := setup(t)
+	o := newOAuthAPI(b)
+	c := b.putOAuth(time.Hour)
+	ctx := context.Background()
+	// A worker began exchanging the stored refresh token and vanished.
+	l, err := b.store.AcquireRefresh(ctx, c.Ref(), time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.BeginExchange(ctx, l, state.Lineage(secretRefresh), time.Minute)
+	require.NoError(t, err)
+	require.NoError(t, b.store.SettleExchange(ctx, l, false))
+	require.NoError(t, b.store.ReleaseRefresh(ctx, l))
+	// The provider had rotated: both stored tokens are dead.
+	o.mu.Lock()
+	o.rt, o.at = "rt_SECRET_lost", "at_SECRET_lost"
+	o.mu.Unlock()
+
+	w := b.worker()
+	require.NoError(t, process(t, w, validateTask(t, ocoID)))
+	c = b.get(ocoID)
+	require.Equal(t, state.Invalid, c.State)
+	require.Equal(t, state.ReasonRotationLost, c.Verdict.Reason)
+	require.Equal(t, state.HealthRotationLost, c.Health)
+	require.EqualValues(t, 1, o.calls.Load(), "the token endpoint decided")
+	require.Equal(t, 1.0, testutil.ToFloat64(w.metrics.rotationsLost.WithLabelValues("oco")))
+}

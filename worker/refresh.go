@@ -85,12 +85,34 @@ func (w *Worker) refreshDue(c *state.Connection, in *catalog.Integration, now ti
 	return state.RefreshDue(c.Credentials, in, now)
 }
 
+// exchangeUnsettled reports whether an exchange of c's current refresh
+// token by the fleet is in flight or ended without an answer. A store
+// error counts as no.
+func (w *Worker) exchangeUnsettled(ctx context.Context, c *state.Connection) bool {
+	_, lineage, _, _, err := w.store.Intent(ctx, c.Ref())
+	return err == nil && lineage != "" && lineage == state.Lineage(c.Credentials.RefreshToken)
+}
+
+// dueFor reports whether c (as just read) needs a refresh: its token is
+// due, or the provider rejected the access token the caller saw and c
+// still holds that same token.
+func (w *Worker) dueFor(c, seen *state.Connection, in *catalog.Integration, rejected bool) bool {
+	if w.refreshDue(c, in, w.now()) {
+		return true
+	}
+	return rejected && state.CanRefresh(c.Credentials, in) && c.Credentials.AccessToken == seen.Credentials.AccessToken
+}
+
 // refresh is the one path by which tokens are refreshed, for refresh tasks
 // and for checks alike. seen is the connection as the caller read it.
 // Exactly one worker at a time refreshes a connection: the others wait for
 // its lease and then find the token fresh. The protocol is written down in
 // the README (Token refresh).
-func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *state.Connection) refreshOutcome {
+//
+// rejected says the provider has just rejected seen's access token (a
+// check's 401): the token is then due whatever its expiry says, as long
+// as nobody has replaced it meanwhile.
+func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *state.Connection, rejected bool) refreshOutcome {
 	ref := seen.Ref()
 	if until, paused := w.clientErrorPause(in.ID); paused {
 		msg := "refreshes of " + in.ID + " paused: the provider rejects the fleet's oauth client credentials"
@@ -99,7 +121,7 @@ func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *sta
 	for {
 		lease, err := w.store.AcquireRefresh(ctx, ref, leaseTTL)
 		if err == nil {
-			out := w.refreshLeased(ctx, in, ref, seen, lease)
+			out := w.refreshLeased(ctx, in, ref, seen, lease, rejected)
 			uctx, cancel := storeCtx(ctx)
 			if err := w.store.ReleaseRefresh(uctx, lease); err != nil {
 				w.log.WarnContext(uctx, "refresh lease release failed (it expires by itself)", slog.String("error", err.Error()))
@@ -125,7 +147,7 @@ func (w *Worker) refresh(ctx context.Context, in *catalog.Integration, seen *sta
 		if err != nil {
 			return transientOut("store unavailable", storeErr("load connection", err))
 		}
-		if !w.refreshDue(c, in, w.now()) {
+		if !w.dueFor(c, seen, in, rejected) {
 			return refreshOutcome{outcome: refreshLostRace, conn: c}
 		}
 		if revokedNow(c) {
@@ -197,7 +219,7 @@ func (w *Worker) keepLease(ctx context.Context, lease *state.RefreshLease) (stop
 }
 
 // refreshLeased runs with the connection's refresh lease held.
-func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref state.Ref, seen *state.Connection, lease *state.RefreshLease) refreshOutcome {
+func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref state.Ref, seen *state.Connection, lease *state.RefreshLease, rejected bool) refreshOutcome {
 	stop := w.keepLease(ctx, lease)
 	defer stop()
 	c, err := w.store.Get(ctx, ref)
@@ -216,7 +238,7 @@ func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref
 		return refreshOutcome{outcome: refreshSkipped, skip: skipRevoked, conn: c}
 	}
 	now := w.now()
-	if !w.refreshDue(c, in, now) {
+	if !w.dueFor(c, seen, in, rejected) {
 		if c.Credentials.AccessToken != seen.Credentials.AccessToken || c.Credentials.RefreshToken != seen.Credentials.RefreshToken {
 			return refreshOutcome{outcome: refreshLostRace, conn: c}
 		}
@@ -632,7 +654,7 @@ func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
 	case !w.refreshDue(c, in, w.now()):
 		return skip(in.ID, skipNotDue)
 	}
-	out := w.refresh(ctx, in, c)
+	out := w.refresh(ctx, in, c, false)
 	return r.finish(ctx, w.noteRefresh(ctx, r, in, out))
 }
 

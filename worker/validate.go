@@ -125,7 +125,7 @@ func (v *validation) run(ctx context.Context) error {
 	// An access token that has already expired is refreshed before the
 	// check rather than after its certain rejection.
 	if oauth && state.CanRefresh(v.c.Credentials, v.in) && state.TokenExpired(v.c.Credentials, v.w.now()) {
-		if done, err := v.refreshFirst(ctx); done || err != nil {
+		if done, err := v.refreshFirst(ctx, false); done || err != nil {
 			return err
 		}
 	}
@@ -133,11 +133,15 @@ func (v *validation) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// An OAuth check rejected while the token is at the end of its life:
-	// refresh (exactly once, fleet wide) and check once more.
+	// An OAuth check rejected while the token is at the end of its life,
+	// or while an exchange of its refresh token by the fleet is in flight
+	// or ended without an answer (the provider may have rotated both
+	// tokens): refresh (exactly once, fleet wide) and check once more, so
+	// the token endpoint's answer decides, not the stale access token.
 	if oauth && !v.refreshed && res.kind == kindInvalid && res.status >= 400 &&
-		state.CanRefresh(v.c.Credentials, v.in) && v.w.refreshDue(v.c, v.in, v.w.now()) {
-		if done, err := v.refreshFirst(ctx); done || err != nil {
+		state.CanRefresh(v.c.Credentials, v.in) &&
+		(v.w.refreshDue(v.c, v.in, v.w.now()) || v.w.exchangeUnsettled(ctx, v.c)) {
+		if done, err := v.refreshFirst(ctx, true); done || err != nil {
 			return err
 		}
 		if res, err = v.check(ctx); err != nil {
@@ -150,8 +154,8 @@ func (v *validation) run(ctx context.Context) error {
 // refreshFirst refreshes the connection's token through the shared path
 // and re-loads the connection. done reports that the task is over (the
 // refresh token was revoked, or the connection went away).
-func (v *validation) refreshFirst(ctx context.Context) (done bool, err error) {
-	out := v.w.refresh(ctx, v.in, v.c)
+func (v *validation) refreshFirst(ctx context.Context, rejected bool) (done bool, err error) {
+	out := v.w.refresh(ctx, v.in, v.c, rejected)
 	v.refreshed = true
 	if out.outcome == refreshTransient && ctx.Err() != nil {
 		v.r.res.Outcome = taskCanceled

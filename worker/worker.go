@@ -76,6 +76,7 @@ type Store interface {
 	SettleExchange(ctx context.Context, l *state.RefreshLease, known bool) error
 	StoreRefreshedTokens(ctx context.Context, l *state.RefreshLease, usedRefreshToken string, t state.Tokens) (state.Change, error)
 	RevokeRefresh(ctx context.Context, l *state.RefreshLease, seen *state.Connection, v state.Verdict) (state.Change, error)
+	Intent(ctx context.Context, ref state.Ref) (owner, lineage, status string, at time.Time, err error)
 }
 
 var _ Store = (*state.Store)(nil)
