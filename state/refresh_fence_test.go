@@ -150,3 +150,37 @@ func TestRefreshDueScalesWithLifetime(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckVerdictCannotReplaceDeadRefreshToken: once the token endpoint
+// said the revision's refresh token is dead, a check verdict (which saw
+// only the last access token) changes nothing; a new revision does.
+func TestCheckVerdictCannotReplaceDeadRefreshToken(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t)
+	ctx := context.Background()
+	_, err := b.store.Put(ctx, refSF, sfInput("at", "rt", storeT0.Add(time.Hour)), 0)
+	require.NoError(t, err)
+	l, err := b.store.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = b.store.BeginExchange(ctx, l, Lineage("rt"), time.Minute)
+	require.NoError(t, err)
+	seen, err := b.store.Get(ctx, refSF)
+	require.NoError(t, err)
+	ch, err := b.store.RevokeRefresh(ctx, l, seen, Verdict{Reason: ReasonRotationLost})
+	require.NoError(t, err)
+	require.Equal(t, HealthRotationLost, ch.After.Health)
+
+	for _, v := range []Verdict{{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401}, {Outcome: Valid, Reason: ReasonCheckPassed}} {
+		ch, err = b.store.ApplyVerdictFrom(ctx, seen, v)
+		require.NoError(t, err)
+		require.Equal(t, ReasonRotationLost, ch.After.Verdict.Reason, "a check does not replace %s", v.Reason)
+		require.Equal(t, HealthRotationLost, ch.After.Health)
+	}
+	// The consumer re-authorizes: a new revision, judged afresh.
+	ch, err = b.store.Put(ctx, refSF, sfInput("at2", "rt2", storeT0.Add(time.Hour)), 0)
+	require.NoError(t, err)
+	ch, err = b.store.ApplyVerdictFrom(ctx, ch.After, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	require.NoError(t, err)
+	require.Equal(t, Callable, ch.After.State)
+	require.Equal(t, HealthOK, ch.After.Health)
+}

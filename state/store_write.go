@@ -260,6 +260,14 @@ func (s *Store) finish(cur, next *Connection, in *catalog.Integration, ref Ref, 
 	}
 }
 
+// refreshTokenDead reports whether c's verdict for its current revision is
+// that its refresh token is dead (refresh_token_revoked, rotation_lost).
+func refreshTokenDead(c *Connection) bool {
+	v := c.Verdict
+	return v != nil && v.Revision == c.Revision && v.Outcome == InvalidCred &&
+		(v.Reason == ReasonRefreshTokenRevoked || v.Reason == ReasonRotationLost)
+}
+
 // sameCredentials compares credentials including IssuedAt (Equal leaves
 // it out: it does not make credentials different, but it is stored).
 func sameCredentials(a, b Credentials) bool { return a.Equal(b) && a.IssuedAt.Equal(b.IssuedAt) }
@@ -720,6 +728,14 @@ func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connectio
 	return s.fleetWriteFenced(ctx, ref, seen, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
+		}
+		if f == nil && refreshTokenDead(c) {
+			// The token endpoint said this revision's refresh token is
+			// dead (revoked, or a rotation lost): a check, whatever it saw
+			// with the last access token, cannot say more. Only new
+			// credentials (a new revision) or tokens stored from that
+			// lineage change it.
+			return hints{noop: true}, nil
 		}
 		v.Revision = rev
 		if v.CheckedAt.IsZero() {

@@ -33,6 +33,10 @@ type Server struct {
 	mini *miniredis.Miniredis
 	dir  string
 	next int
+	// used has bit n set while database n belongs to a test; free
+	// signals a database given back.
+	used uint16
+	free *sync.Cond
 	mu   sync.Mutex
 }
 
@@ -83,20 +87,49 @@ func New(tb testing.TB) *Server {
 }
 
 // Client returns a client on a database of its own, flushed first, and
-// closed at the end of the test. Databases are handed out round-robin over
-// 0..15.
+// closed at the end of the test. A database (0..15) belongs to one test
+// until that test ends: when all 16 are taken, Client waits for one to be
+// given back, so a test's data is never flushed by another's.
 func (s *Server) Client(tb testing.TB) *redis.Client {
 	tb.Helper()
-	s.mu.Lock()
-	db := s.next % 16
-	s.next++
-	s.mu.Unlock()
+	db := s.takeDB()
 	c := redis.NewClient(&redis.Options{Addr: s.Addr, DB: db})
 	if err := c.FlushDB(context.Background()).Err(); err != nil {
+		s.giveDB(db)
 		tb.Fatalf("redistest: flush db %d: %v", db, err)
 	}
-	tb.Cleanup(func() { _ = c.Close() })
+	tb.Cleanup(func() { _ = c.Close(); s.giveDB(db) })
 	return c
+}
+
+// takeDB waits for a free database and takes it.
+func (s *Server) takeDB() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.free == nil {
+		s.free = sync.NewCond(&s.mu)
+	}
+	for {
+		for i := range 16 {
+			db := (s.next + i) % 16
+			if s.used&(1<<db) == 0 {
+				s.used |= 1 << db
+				s.next = db + 1
+				return db
+			}
+		}
+		s.free.Wait()
+	}
+}
+
+// giveDB gives a database back.
+func (s *Server) giveDB(db int) {
+	s.mu.Lock()
+	s.used &^= 1 << db
+	if s.free != nil {
+		s.free.Broadcast()
+	}
+	s.mu.Unlock()
 }
 
 // Close stops the server and removes its directory.
