@@ -220,7 +220,7 @@ func (f *fleet) countLosses(g *figures, consumers []string) {
 		if v, ok := conns[c]; ok && (v.reason() == state.ReasonRotationLost || v.reason() == state.ReasonRefreshTokenRevoked) && v.State == "invalid" {
 			lost[c] = "ended invalid, reason " + v.reason()
 		}
-		if rt, err := f.storedRT(c); err == nil && rt != cur {
+		if rt, err := f.storedRT(c); err == nil && rt != cur && f.prov.rtLost(c, rt) {
 			if _, seen := lost[c]; !seen {
 				lost[c] = "stored refresh token is not the provider's current one"
 			}

@@ -69,6 +69,7 @@ type lineage struct {
 	lastCheck  time.Time
 	lastOK     time.Time
 	lastExchge time.Time
+	lastAnswer time.Time // when the latest token answer was sent
 }
 
 type rtState struct {
@@ -280,6 +281,7 @@ func (p *provider) token(w http.ResponseWriter, r *http.Request) {
 	}
 	p.mu.Lock()
 	ln.inflight--
+	ln.lastAnswer = time.Now()
 	p.mu.Unlock()
 	writeJSON(w, status, body)
 }
@@ -344,6 +346,23 @@ func (p *provider) keyCheck(w http.ResponseWriter, r *http.Request) {
 	p.checkOK++
 	p.mu.Unlock()
 	writeJSON(w, http.StatusOK, map[string]any{"user": map[string]any{"id": 42}})
+}
+
+// settleTime is how long after the provider's answer the fleet has to
+// store the tokens before a stale stored refresh token counts as lost.
+const settleTime = 5 * time.Second
+
+// rtLost reports whether the refresh token the fleet stores for ln is one
+// the provider has rotated away, with no exchange of the lineage in flight
+// and its latest answer settleTime old: the newest rotation is lost.
+func (p *provider) rtLost(owner, stored string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ln := p.lineages[owner]
+	if ln == nil || stored == ln.current {
+		return false
+	}
+	return ln.inflight == 0 && time.Since(ln.lastAnswer) > settleTime
 }
 
 // inflightTotal is the number of token requests being answered now.

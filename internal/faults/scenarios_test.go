@@ -34,7 +34,7 @@ func TestKillWorker(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{workers: 3})
 	f.prov.set(func(p *provider) {
-		p.lifetime, p.grace, p.tokenDelay = time.Minute, 5*time.Minute, 1500*time.Millisecond
+		p.lifetime, p.grace, p.tokenDelay = time.Hour, 5*time.Minute, 1500*time.Millisecond
 	})
 	keys := f.seedKeys(svcKey, "k", pick(20, 60), true)
 	od := f.seedKeys(svcOnDemand, "d", pick(10, 30), true)
@@ -72,7 +72,7 @@ func TestKillWorker(t *testing.T) {
 func TestRollingRestart(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{workers: 3, shutdownTimeout: time.Second})
-	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Minute, 7*time.Second })
+	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Hour, 7*time.Second })
 	keys := f.seedKeys(svcKey, "k", pick(15, 50), true)
 	f.waitSteady(keys, 60*time.Second)
 	g := &figures{}
@@ -110,7 +110,7 @@ func TestRollingRestart(t *testing.T) {
 // just before it.
 func redisOutage(t *testing.T, name string, sentinel bool) {
 	f := newFleet(t, fleetOpts{sentinel: sentinel})
-	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Minute, 3*time.Second })
+	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Hour, 3*time.Second })
 	keys := f.seedKeys(svcKey, "k", pick(10, 40), true)
 	od := f.seedKeys(svcOnDemand, "d", pick(10, 20), true)
 	steady := f.seedOAuth(pick(10, 50), time.Hour)
@@ -188,7 +188,7 @@ func TestSentinelFailover(t *testing.T) {
 func TestSlowRedis(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{workers: 3})
-	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Minute, 2*time.Second })
+	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Hour, 2*time.Second })
 	keys := f.seedKeys(svcKey, "k", pick(10, 30), true)
 	f.waitSteady(keys, 60*time.Second)
 	oauth := f.seedOAuth(pick(20, 60), -time.Minute)
@@ -325,7 +325,9 @@ func TestAuthIncident(t *testing.T) {
 		f.prov.revokeKey(f.keyOf(c))
 	}
 	revokedAt := time.Now()
-	d, ok := waitFor(window+pick(30*time.Second, 60*time.Second), 300*time.Millisecond, func() bool {
+	// A revoked key is checked within one interval (3s) and flips at once
+	// (keyco asks no confirmation): allow two intervals and some slack.
+	d, ok := waitFor(16*time.Second, 300*time.Millisecond, func() bool {
 		conns := f.api.byConsumer()
 		for _, c := range revoked {
 			if conns[c].State != "invalid" {
@@ -484,14 +486,18 @@ func TestMisconfiguredConsumers(t *testing.T) {
 	}
 	conns := f.api.byConsumer()
 	healths := map[string]int{}
+	unclear := 0
 	for _, c := range mis {
 		v := conns[c]
 		healths[v.State+"/"+v.Health]++
 		if v.State != "invalid" && v.Health != "misconfigured" && v.Health != "missing_settings" {
-			g.fail("misconfigured %s is %s/%s: want a clear verdict or health misconfigured", c, v.State, v.Health)
+			unclear++
 		}
 	}
 	g.note("misconfigured connections by state/health: %v", healths)
+	if unclear > 0 {
+		g.fail("%d of %d misconfigured connections have no clear verdict or health (want invalid, misconfigured or missing_settings): %v", unclear, len(mis), healths)
+	}
 	f.audit(g, auditOpts{since: start, consumers: healthy, healthOK: true})
 	report(t, "9 misconfigured consumers", g)
 }
