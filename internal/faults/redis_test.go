@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -125,10 +127,10 @@ bind 127.0.0.1
 protected-mode no
 dir %s
 sentinel monitor %s 127.0.0.1 %d 2
-sentinel down-after-milliseconds %s 1000
+sentinel down-after-milliseconds %s %d
 sentinel failover-timeout %s 10000
 sentinel parallel-syncs %s 1
-`, port, ps.dir, s.name, s.master.port, s.name, s.name, s.name)
+`, port, ps.dir, s.name, s.master.port, s.name, pick(3000, 10000), s.name, s.name)
 		if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -183,22 +185,61 @@ func (s *sentinelSet) currentMaster() string {
 	return a[0] + ":" + a[1]
 }
 
-// failover asks the sentinels to fail over now and waits until they report
-// the new master.
+// failover makes the master stop answering (SIGSTOP: a hung or
+// partitioned master, which acknowledges nothing more) and waits until the
+// sentinels have promoted the replica; then the old master resumes and is
+// turned into a replica by the sentinels.
 func (s *sentinelSet) failover(t *testing.T) time.Duration {
 	t.Helper()
 	before := s.currentMaster()
-	c := redis.NewSentinelClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(s.ports[0])})
-	defer c.Close()
-	if err := c.Failover(context.Background(), s.name).Err(); err != nil {
-		t.Fatalf("SENTINEL FAILOVER: %v", err)
-	}
-	d, ok := waitFor(30*time.Second, 50*time.Millisecond, func() bool {
+	s.master.p.signal(syscall.SIGSTOP)
+	d, ok := waitFor(60*time.Second, 50*time.Millisecond, func() bool {
 		m := s.currentMaster()
 		return m != "" && m != before
 	})
+	s.master.p.signal(syscall.SIGCONT)
 	if !ok {
 		t.Fatalf("sentinel failover did not complete")
 	}
 	return d
+}
+
+// describe says, for each data server of the set, its role, keys and
+// client count: where the fleet's connections went after a failover.
+func (s *sentinelSet) describe() string {
+	var out []string
+	for _, r := range []*redisServer{s.master, s.replica} {
+		c := redis.NewClient(&redis.Options{Addr: r.addr(), MaxRetries: -1})
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		role, _ := c.Do(ctx, "ROLE").Slice()
+		n, _ := c.DBSize(ctx).Result()
+		cl, _ := c.ClientList(ctx).Result()
+		cancel()
+		_ = c.Close()
+		r0 := "?"
+		if len(role) > 0 {
+			r0 = fmt.Sprint(role[0])
+		}
+		out = append(out, fmt.Sprintf("%s(%s): role=%s keys=%d clients=%d", r.name, r.addr(), r0, n, strings.Count(cl, "\n")))
+	}
+	return strings.Join(out, "; ")
+}
+
+// waitInSync waits until the replica has acknowledged everything the
+// master wrote (a planned failover onto a lagging replica loses writes by
+// design, which is not what scenario 4 is about).
+func (s *sentinelSet) waitInSync(t *testing.T) {
+	t.Helper()
+	c := redis.NewClient(&redis.Options{Addr: s.master.addr()})
+	defer c.Close()
+	re := regexp.MustCompile(`(?m)^master_repl_offset:(\d+)`)
+	reSlave := regexp.MustCompile(`(?m)^slave0:.*state=online,offset=(\d+)`)
+	var info string
+	if _, ok := waitFor(60*time.Second, 100*time.Millisecond, func() bool {
+		info, _ = c.Info(context.Background(), "replication").Result()
+		m, r := re.FindStringSubmatch(info), reSlave.FindStringSubmatch(info)
+		return m != nil && r != nil && m[1] == r[1]
+	}); !ok {
+		t.Fatalf("replica not in sync before the failover:\n%s\nreplica log:\n%s", info, tailFile(s.replica.p.logPath, 2000))
+	}
 }

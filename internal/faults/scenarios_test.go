@@ -126,7 +126,7 @@ func redisOutage(t *testing.T, name string, sentinel bool) {
 	// Refreshes at a slow endpoint: their answers arrive while Redis is away.
 	batch := make([]string, 0)
 	for j := range pick(15, 60) {
-		c := consumerID("o", j)
+		c := consumerID("b", j)
 		exp := time.Now().Add(-time.Minute).UTC().Truncate(time.Second)
 		at, rt := f.prov.mint(c, exp)
 		f.api.put(c, svcOAuth, map[string]string{"access_token": at, "refresh_token": rt, "expires_at": exp.Format(time.RFC3339)}, nil)
@@ -144,9 +144,12 @@ func redisOutage(t *testing.T, name string, sentinel bool) {
 	infl := f.prov.inflightTotal()
 	var back time.Time
 	if sentinel {
+		f.sents.waitInSync(t)
+		before := f.sents.describe()
 		took := f.sents.failover(t)
 		back = time.Now()
-		g.note("sentinel failover with %d exchanges in flight: new master after %s", infl, took.Round(100*time.Millisecond))
+		g.note("master hung (SIGSTOP) with %d exchanges in flight: replica promoted after %s", infl, took.Round(100*time.Millisecond))
+		g.note("before the failover: %s", before)
 	} else {
 		down := pick(6*time.Second, 20*time.Second)
 		f.redis.stop()
@@ -166,6 +169,9 @@ func redisOutage(t *testing.T, name string, sentinel bool) {
 	}
 	all := append(append(append([]string{}, batch...), steady...), keys...)
 	f.audit(g, auditOpts{since: back, consumers: all, healthOK: true})
+	if sentinel {
+		g.note("after the failover: %s", f.sents.describe())
+	}
 	report(t, name, g)
 }
 
@@ -541,7 +547,7 @@ func TestKeyRotation(t *testing.T) {
 	fails := map[string]int{}
 	for _, c := range all {
 		svc := svcKey
-		if strings.HasPrefix(c, "o-") {
+		if f.prov.lineages[c] != nil {
 			svc = svcOAuth
 		}
 		if code, _, _ := f.api.do("GET", connPath(c, svc), nil); code != 200 {
