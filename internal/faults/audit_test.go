@@ -252,6 +252,14 @@ func (f *fleet) countLosses(g *figures, consumers []string) {
 		f.prov.token5xx, f.prov.tokenTimeouts, f.prov.checks, f.prov.checkOK, f.prov.check401, f.prov.check5xx, f.prov.checkTimeouts)
 	f.prov.mu.Unlock()
 	g.note("archived tasks=%d; max concurrent exchanges per connection=%d", arch, f.prov.maxConcurrentExchanges())
+	var own float64
+	var found bool
+	for _, w := range f.liveWorkers() {
+		if v, ok := metric(w.addr, "vaultfleet_token_rotations_lost_total"); ok {
+			own, found = own+v, true
+		}
+	}
+	g.note("vaultfleet_token_rotations_lost_total over live workers: %v (exported: %v)", own, found)
 	if len(lost) > 0 {
 		g.note("rotations lost: %s", summarize(lost))
 	}

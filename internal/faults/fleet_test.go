@@ -564,3 +564,48 @@ func metric(addr, family string, labels ...string) (sum float64, found bool) {
 	}
 	return sum, found
 }
+
+// pid returns the process id of a running process (0 if none).
+func (p *proc) pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
+}
+
+// activeRefreshes returns, by worker process id, how many refresh tasks
+// each asynq server reports active (its heartbeat, every few seconds).
+func (f *fleet) activeRefreshes() map[int]int {
+	out := map[int]int{}
+	srvs, err := f.insp.Servers()
+	if err != nil {
+		return out
+	}
+	for _, s := range srvs {
+		for _, w := range s.ActiveWorkers {
+			if w.TaskType == tasks.TypeRefreshToken {
+				out[s.PID]++
+			}
+		}
+	}
+	return out
+}
+
+// busiestWorker waits until a live worker reports active refresh tasks
+// and returns the one with the most.
+func (f *fleet) busiestWorker(among []*proc) (*proc, int) {
+	var best *proc
+	n := 0
+	waitFor(20*time.Second, 100*time.Millisecond, func() bool {
+		act := f.activeRefreshes()
+		for _, w := range among {
+			if k := act[w.pid()]; k > n && !w.exited() {
+				best, n = w, k
+			}
+		}
+		return best != nil
+	})
+	return best, n
+}
