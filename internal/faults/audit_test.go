@@ -114,7 +114,7 @@ type auditOpts struct {
 func (f *fleet) audit(g *figures, o auditOpts) {
 	f.t.Helper()
 	if o.deadline == 0 {
-		o.deadline = pick(90*time.Second, 180*time.Second)
+		o.deadline = pick(75*time.Second, 180*time.Second)
 	}
 	var last []string
 	_, ok := waitFor(o.deadline, 500*time.Millisecond, func() bool {

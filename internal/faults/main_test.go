@@ -1,6 +1,7 @@
 package faults
 
 import (
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -25,6 +26,14 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
+	// The scenarios mostly wait on their fleets: run three at once unless
+	// -parallel says otherwise (the default, GOMAXPROCS, is 2 on CI).
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		_ = flag.Set("test.parallel", "3")
+	}
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		skipReason = "the fault suite runs real redis-server processes (AOF, Sentinel) and none is on PATH: install redis-server to run it"
 		return m.Run()

@@ -241,6 +241,7 @@ func TestProviderOutage(t *testing.T) {
 		{"OneMinuteTokens", time.Minute, pick(15*time.Second, 90*time.Second)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			f := newFleet(t, fleetOpts{lease: pick(5*time.Second, 30*time.Second)})
 			f.prov.set(func(p *provider) { p.lifetime, p.hang = tc.lifetime, 30*time.Second })
 			keys := f.seedKeys(svcKey, "k", pick(10, 40), true)
