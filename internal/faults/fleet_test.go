@@ -575,17 +575,22 @@ func (p *proc) pid() int {
 	return p.cmd.Process.Pid
 }
 
-// activeRefreshes returns, by worker process id, how many refresh tasks
-// each asynq server reports active (its heartbeat, every few seconds).
+// activeRefreshes returns, by worker process id, how many tasks on OAuth
+// connections (refreshes, and validations that refresh first) each asynq
+// server reports active (its heartbeat, every few seconds).
 func (f *fleet) activeRefreshes() map[int]int {
 	out := map[int]int{}
 	srvs, err := f.insp.Servers()
 	if err != nil {
 		return out
 	}
+	oauthID := state.ConnectionID(unifiedOf[svcOAuth], svcOAuth)
 	for _, s := range srvs {
 		for _, w := range s.ActiveWorkers {
-			if w.TaskType == tasks.TypeRefreshToken {
+			if w.TaskType != tasks.TypeRefreshToken && w.TaskType != tasks.TypeValidate {
+				continue
+			}
+			if p, err := tasks.ParseConnectionPayload(w.TaskPayload); err == nil && p.ConnectionID == oauthID {
 				out[s.PID]++
 			}
 		}

@@ -42,6 +42,7 @@ type provider struct {
 	hang         time.Duration // how long a timeout fault holds a request
 	clientSecret string
 	incident     map[string]bool // credential owners answered 401 during an auth incident
+	slowKeys     map[string]time.Duration // key owners whose checks take this long
 
 	lineages map[string]*lineage
 	rts      map[string]*rtState
@@ -95,7 +96,7 @@ type keyState struct {
 
 func newProvider(t *testing.T) *provider {
 	p := &provider{stop: make(chan struct{}), lifetime: time.Hour, hang: 20 * time.Second,
-		clientSecret: "faults-client-secret-0123456789", incident: map[string]bool{},
+		clientSecret: "faults-client-secret-0123456789", incident: map[string]bool{}, slowKeys: map[string]time.Duration{},
 		lineages: map[string]*lineage{}, rts: map[string]*rtState{}, ats: map[string]*atState{}, keys: map[string]*keyState{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /oauth/token", p.token)
@@ -325,6 +326,12 @@ func (p *provider) keyCheck(w http.ResponseWriter, r *http.Request) {
 	if k != nil {
 		k.checks++
 		k.lastCheck = time.Now()
+	}
+	if k != nil && p.slowKeys[k.owner] > 0 {
+		d := p.slowKeys[k.owner]
+		p.mu.Unlock()
+		p.wait(d, r)
+		p.mu.Lock()
 	}
 	if k != nil && k.redirect {
 		p.redirects++

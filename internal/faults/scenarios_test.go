@@ -34,7 +34,8 @@ func TestKillWorker(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{workers: 3})
 	f.prov.set(func(p *provider) {
-		p.lifetime, p.grace, p.tokenDelay = time.Hour, 5*time.Minute, 1500*time.Millisecond
+		// Slow enough that asynq's heartbeat shows which worker runs them.
+		p.lifetime, p.grace, p.tokenDelay = time.Hour, 5*time.Minute, 8*time.Second
 	})
 	keys := f.seedKeys(svcKey, "k", pick(20, 60), true)
 	od := f.seedKeys(svcOnDemand, "d", pick(10, 30), true)
@@ -44,14 +45,31 @@ func TestKillWorker(t *testing.T) {
 	if _, ok := waitFor(30*time.Second, 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 2 }); !ok {
 		t.Fatal("precondition: no token exchange in flight")
 	}
+	victim, active := f.busiestWorker(f.workers)
+	// On-demand checks that take 5 s: running when the worker dies.
+	f.prov.set(func(p *provider) {
+		for _, c := range od {
+			p.slowKeys[c] = 5 * time.Second
+		}
+	})
 	postAt := time.Now()
 	for _, c := range od {
 		if code := f.api.validate(c, svcOnDemand); code != 202 {
 			g.fail("POST validate %s: %d", c, code)
 		}
 	}
+	waitFor(5*time.Second, 50*time.Millisecond, func() bool {
+		f.prov.mu.Lock()
+		defer f.prov.mu.Unlock()
+		n := 0
+		for _, c := range od {
+			if f.prov.keys[f.keysOf[c]].lastCheck.After(postAt) {
+				n++
+			}
+		}
+		return n == len(od)
+	})
 	inflight := f.prov.inflightTotal()
-	victim, active := f.busiestWorker(f.workers)
 	if victim == nil {
 		victim = f.workers[0]
 	}
@@ -83,7 +101,10 @@ func TestKillWorker(t *testing.T) {
 func TestRollingRestart(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{workers: 3, shutdownTimeout: time.Second})
-	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Hour, 7*time.Second })
+	// 12 s: longer than the shutdown timeout plus the worker's fixed 5 s
+	// even after the few seconds asynq's heartbeat takes to show who runs
+	// the exchange; shorter than the 15 s token timeout.
+	f.prov.set(func(p *provider) { p.lifetime, p.tokenDelay = time.Hour, 12*time.Second })
 	keys := f.seedKeys(svcKey, "k", pick(15, 50), true)
 	f.waitSteady(keys, 60*time.Second)
 	g := &figures{}
@@ -149,6 +170,12 @@ func redisOutage(t *testing.T, name string, sentinel bool) {
 	if _, ok := waitFor(30*time.Second, 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 3 }); !ok {
 		t.Fatal("precondition: no token exchange in flight")
 	}
+	// Their checks take 2 s, so that the outage begins while they run.
+	f.prov.set(func(p *provider) {
+		for _, c := range od {
+			p.slowKeys[c] = 2 * time.Second
+		}
+	})
 	postAt := time.Now()
 	for _, c := range od {
 		if code := f.api.validate(c, svcOnDemand); code != 202 {
