@@ -41,7 +41,7 @@ type provider struct {
 	checkFault   fault
 	hang         time.Duration // how long a timeout fault holds a request
 	clientSecret string
-	incident     map[string]bool // credential owners answered 401 during an auth incident
+	incident     map[string]bool          // credential owners answered 401 during an auth incident
 	slowKeys     map[string]time.Duration // key owners whose checks take this long
 
 	lineages map[string]*lineage

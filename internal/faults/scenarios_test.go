@@ -5,13 +5,16 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
@@ -27,38 +30,58 @@ func refreshLockLease() time.Duration {
 }
 
 // TestKillWorker (1): kill -9 of a worker with checks and refreshes in
-// flight. The provider accepts the previous refresh token for a while
-// (as Xero does), so no rotation needs to be lost: an exchange whose
-// answer died with the worker can be made again.
+// flight. XeroGrace: the provider accepts the previous refresh token for a
+// while, so no rotation needs to be lost: an exchange whose answer died
+// with the worker can be made again. StrictRotation: those rotations are
+// lost for any client; the fleet must say so (reason and health
+// rotation_lost, vaultfleet_token_rotations_lost_total), never call them
+// revoked, and lose nothing else.
 func TestKillWorker(t *testing.T) {
 	t.Parallel()
+	for _, strict := range []bool{false, true} {
+		name := "XeroGrace"
+		if strict {
+			name = "StrictRotation"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			killWorker(t, strict)
+		})
+	}
+}
+
+func killWorker(t *testing.T, strict bool) {
 	f := newFleet(t, fleetOpts{workers: 3})
 	f.prov.set(func(p *provider) {
-		// Slow enough that asynq's heartbeat shows which worker runs them.
 		p.lifetime, p.grace, p.tokenDelay = time.Hour, 5*time.Minute, 8*time.Second
+		if strict {
+			p.grace = 0
+		}
 	})
 	keys := f.seedKeys(svcKey, "k", pick(20, 60), true)
 	od := f.seedKeys(svcOnDemand, "d", pick(10, 30), true)
 	f.waitSteady(append(append([]string{}, keys...), od...), 60*time.Second)
-	oauth := f.seedOAuth(pick(20, 100), -time.Minute)
 	g := &figures{}
-	if _, ok := waitFor(30*time.Second, 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 2 }); !ok {
-		t.Fatal("precondition: no token exchange in flight")
+	// Only the victim takes work while the refreshes and checks start:
+	// the other workers are paused (SIGSTOP) for those seconds.
+	victim, others := f.workers[0], f.workers[1:]
+	for _, w := range others {
+		w.signal(syscall.SIGSTOP)
 	}
-	victim, active := f.busiestWorker(f.workers)
 	// On-demand checks that take 5 s: running when the worker dies.
 	f.prov.set(func(p *provider) {
 		for _, c := range od {
 			p.slowKeys[c] = 5 * time.Second
 		}
 	})
+	oauth := f.seedOAuth(pick(20, 100), -time.Minute)
 	postAt := time.Now()
 	for _, c := range od {
 		if code := f.api.validate(c, svcOnDemand); code != 202 {
 			g.fail("POST validate %s: %d", c, code)
 		}
 	}
-	waitFor(5*time.Second, 50*time.Millisecond, func() bool {
+	checking := func() int {
 		f.prov.mu.Lock()
 		defer f.prov.mu.Unlock()
 		n := 0
@@ -67,16 +90,23 @@ func TestKillWorker(t *testing.T) {
 				n++
 			}
 		}
-		return n == len(od)
-	})
-	inflight := f.prov.inflightTotal()
-	if victim == nil {
-		victim = f.workers[0]
+		return n
+	}
+	_, ok := waitFor(30*time.Second, 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 2 && checking() > 0 })
+	inflight, checks := f.prov.inflightTotal(), checking()
+	if !ok {
+		for _, w := range others {
+			w.signal(syscall.SIGCONT)
+		}
+		t.Fatal("precondition: no token exchange and on-demand check in flight")
 	}
 	victim.kill9()
 	killedAt := time.Now()
-	g.note("killed %s (%d refresh tasks active on it per asynq) with %d token exchanges in flight fleet-wide, %d on-demand validations just enqueued",
-		victim.name, active, inflight, len(od))
+	for _, w := range others {
+		w.signal(syscall.SIGCONT)
+	}
+	g.note("killed %s, the only worker running, with %d token exchanges and %d of %d on-demand checks in flight",
+		victim.name, inflight, checks, len(od))
 	f.startWorker()
 	d, ok := waitFor(pick(120*time.Second, 180*time.Second), 500*time.Millisecond, func() bool { return f.onDemandRan(od, postAt) == len(od) })
 	ran := f.onDemandRan(od, postAt)
@@ -84,15 +114,80 @@ func TestKillWorker(t *testing.T) {
 	if !ok {
 		g.tasksLost += len(od) - ran
 	}
-	f.audit(g, auditOpts{since: killedAt, consumers: append(append([]string{}, oauth...), keys...), healthOK: true})
+	consumers := append(append([]string{}, oauth...), keys...)
+	name := "1 kill -9 worker (Xero-like grace)"
+	var unavoidable []string
+	if strict {
+		name = "1 kill -9 worker (strict rotation)"
+		unavoidable = f.unavoidableLosses(g, oauth, inflight, killedAt.Add(8*time.Second+settleTime))
+		consumers = slices.DeleteFunc(consumers, func(c string) bool { return slices.Contains(unavoidable, c) })
+	}
+	f.audit(g, auditOpts{since: killedAt, consumers: consumers, healthOK: true})
 	// An exchange whose answer died with the worker can only be made again
-	// (the grace makes that succeed): up to one per exchange in flight at
-	// the kill is the protocol working, not a duplicate.
+	// (the grace makes that succeed; without it, the provider answers
+	// invalid_grant): up to one per exchange in flight at the kill is the
+	// protocol working, not a duplicate.
 	if allow := min(g.dupExchanges, inflight); allow > 0 {
 		g.note("%d re-exchange(s) of a rotation whose answer died with the killed worker (allowed: %d exchanges were in flight)", allow, inflight)
 		g.dupExchanges -= allow
 	}
-	report(t, "1 kill -9 worker", g)
+	if strict {
+		// Those the fleet reported as rotation_lost are not losses of the
+		// fleet; countLosses counted them.
+		g.rotationsLost = max(0, g.rotationsLost-len(unavoidable))
+		g.falseInvalid = max(0, g.falseInvalid-len(unavoidable))
+	}
+	report(t, name, g)
+}
+
+// unavoidableLosses waits until every OAuth connection whose last rotation
+// died with the killed worker has a verdict, and checks that the fleet
+// calls it what it is: reason and health rotation_lost, counted in
+// vaultfleet_token_rotations_lost_total, at most one per exchange in
+// flight at the kill. It returns those consumers.
+func (f *fleet) unavoidableLosses(g *figures, oauth []string, inflight int, answered time.Time) []string {
+	var lost []string
+	conns := map[string]connView{}
+	waitFor(pick(120*time.Second, 180*time.Second), 500*time.Millisecond, func() bool {
+		lost = lost[:0]
+		conns = f.api.byConsumer()
+		settled := true
+		for _, c := range oauth {
+			rt, err := f.storedRT(c)
+			if err != nil || !f.prov.rtLost(c, rt) {
+				continue
+			}
+			lost = append(lost, c)
+			if conns[c].State != "invalid" {
+				settled = false
+			}
+		}
+		// Every answer to an exchange in flight at the kill was sent and had
+		// time to be stored: the set of lost rotations is final.
+		return settled && conns != nil && time.Now().After(answered)
+	})
+	reasons := map[string]int{}
+	for _, c := range lost {
+		v := conns[c]
+		reasons[v.State+"/"+v.Health+"/"+v.reason()]++
+		if v.reason() != state.ReasonRotationLost || v.Health != string(state.HealthRotationLost) {
+			g.fail("%s lost its rotation to the kill but is %s/%s reason %q (want health and reason rotation_lost)", c, v.State, v.Health, v.reason())
+		}
+	}
+	g.note("rotations whose answer died with the killed worker: %d (exchanges in flight: %d), by state/health/reason: %v", len(lost), inflight, reasons)
+	if len(lost) > inflight {
+		g.fail("%d rotations lost, more than the %d exchanges in flight at the kill", len(lost), inflight)
+	}
+	var counted float64
+	for _, w := range f.liveWorkers() {
+		if v, ok := metric(w.addr, "vaultfleet_token_rotations_lost_total"); ok {
+			counted += v
+		}
+	}
+	if counted < float64(len(lost)) {
+		g.fail("vaultfleet_token_rotations_lost_total counts %v of the %d lost rotations", counted, len(lost))
+	}
+	return lost
 }
 
 // TestRollingRestart (2): SIGTERM of every worker in turn under load,
