@@ -125,7 +125,9 @@ func (p *proc) launch() error {
 	cmd.Env = p.env
 	cmd.Stdout, cmd.Stderr = f, f
 	// Own process group: a test's signal never reaches the test binary.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Pdeathsig: if the test binary dies (a -timeout panic), so does the
+	// process, instead of lingering.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		return err
