@@ -664,9 +664,12 @@ func TestKeyRotation(t *testing.T) {
 		f.workers, f.schedulers = nil, nil
 		f.serve = f.startServe()
 		f.api.base = "http://" + f.serve.addr
-		f.startScheduler()
-		f.startWorker()
-		f.startWorker()
+		for range f.opts.schedulers {
+			f.startScheduler()
+		}
+		for range f.opts.workers {
+			f.startWorker()
+		}
 	}
 	restartAll(newKey + "," + oldKey)
 	start := time.Now()
