@@ -92,7 +92,9 @@ func killWorker(t *testing.T, strict bool) {
 		}
 		return n
 	}
-	_, ok := waitFor(30*time.Second, 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 2 && checking() > 0 })
+	// The on-demand checks queue behind the OAuth work (20 at a time, 8 s
+	// each): the full form's 100 connections take a few rounds.
+	_, ok := waitFor(pick(30*time.Second, 120*time.Second), 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 2 && checking() > 0 })
 	inflight, checks := f.prov.inflightTotal(), checking()
 	if !ok {
 		for _, w := range others {
