@@ -372,6 +372,20 @@ func (p *provider) rtLost(owner, stored string) bool {
 	return ln.inflight == 0 && time.Since(ln.lastAnswer) > settleTime
 }
 
+// inflightOwners lists the lineages with a token request being answered
+// now.
+func (p *provider) inflightOwners() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for owner, ln := range p.lineages {
+		if ln.inflight > 0 {
+			out = append(out, owner)
+		}
+	}
+	return out
+}
+
 // inflightTotal is the number of token requests being answered now.
 func (p *provider) inflightTotal() int {
 	p.mu.Lock()
