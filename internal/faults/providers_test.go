@@ -372,6 +372,16 @@ func (p *provider) rtLost(owner, stored string) bool {
 	return ln.inflight == 0 && time.Since(ln.lastAnswer) > settleTime
 }
 
+// current returns the lineage's current refresh token.
+func (p *provider) current(owner string) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ln := p.lineages[owner]; ln != nil {
+		return ln.current
+	}
+	return ""
+}
+
 // inflightOwners lists the lineages with a token request being answered
 // now.
 func (p *provider) inflightOwners() []string {

@@ -157,8 +157,11 @@ func (f *fleet) unavoidableLosses(g *figures, inflightOwners []string, answered 
 		conns = f.api.byConsumer()
 		settled := true
 		for _, c := range inflightOwners {
+			// Strict rotation: the answer died with the worker, so the
+			// fleet cannot hold the current token of these lineages
+			// unless their exchange was answered before the kill.
 			rt, err := f.storedRT(c)
-			if err != nil || !f.prov.rtLost(c, rt) {
+			if err != nil || rt == f.prov.current(c) {
 				continue
 			}
 			lost = append(lost, c)
