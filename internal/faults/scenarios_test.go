@@ -152,7 +152,10 @@ func (f *fleet) unavoidableLosses(g *figures, inflightOwners []string, answered 
 	inflight := len(inflightOwners)
 	var lost []string
 	conns := map[string]connView{}
-	waitFor(pick(120*time.Second, 180*time.Second), 500*time.Millisecond, func() bool {
+	// The fleet names such a rotation only once the dead exchange's intent
+	// has aged out (token timeout + persist timeout + 30 s, about 135 s:
+	// its holder could have been alive and storing), so the wait covers it.
+	waitFor(pick(200*time.Second, 240*time.Second), 500*time.Millisecond, func() bool {
 		lost = lost[:0]
 		conns = f.api.byConsumer()
 		settled := true
