@@ -17,4 +17,7 @@ else
 fi
 
 mkdir -p artifacts
-exec go test -race -count=1 "$@" ./...
+# -timeout: the fault suite (internal/faults) runs real fleets through
+# eleven faults, about 6-8 minutes on 2 cores beside the other packages;
+# go test's default of 10 minutes per package is too close.
+exec go test -race -count=1 -timeout 30m "$@" ./...
