@@ -105,6 +105,17 @@ func killWorker(t *testing.T, strict bool) {
 	}
 	victim.kill9()
 	killedAt := time.Now()
+	// A request the victim had sent but the provider had not read yet is
+	// in flight too: it still rotates, and its answer goes to a dead
+	// socket. The others are stopped, so whatever the provider starts
+	// answering in the next moments is the victim's.
+	time.Sleep(300 * time.Millisecond)
+	for _, c := range f.prov.inflightOwners() {
+		if !slices.Contains(inflightOwners, c) {
+			inflightOwners = append(inflightOwners, c)
+		}
+	}
+	inflight = len(inflightOwners)
 	for _, w := range others {
 		w.signal(syscall.SIGCONT)
 	}
