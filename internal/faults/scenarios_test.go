@@ -95,7 +95,7 @@ func killWorker(t *testing.T, strict bool) {
 	// The on-demand checks queue behind the OAuth work (20 at a time, 8 s
 	// each): the full form's 100 connections take a few rounds.
 	_, ok := waitFor(pick(30*time.Second, 120*time.Second), 20*time.Millisecond, func() bool { return f.prov.inflightTotal() >= 2 && checking() > 0 })
-	inflight, checks := f.prov.inflightTotal(), checking()
+	checks := checking()
 	inflightOwners := f.prov.inflightOwners()
 	if !ok {
 		for _, w := range others {
@@ -115,7 +115,7 @@ func killWorker(t *testing.T, strict bool) {
 			inflightOwners = append(inflightOwners, c)
 		}
 	}
-	inflight = len(inflightOwners)
+	inflight := len(inflightOwners)
 	for _, w := range others {
 		w.signal(syscall.SIGCONT)
 	}
