@@ -73,6 +73,12 @@ var ErrRefreshLocked = errors.New("state: refresh lease held elsewhere")
 // start until it settles or its intent ages out.
 var ErrExchangeInFlight = errors.New("state: another token exchange may still be persisting")
 
+// ErrNotReplicated means a fenced write was applied on the master but not
+// acknowledged by Config.AckReplicas replicas in time: it may still be
+// lost in a failover, so the caller writes again (the write is
+// idempotent: tokens already stored read as stored).
+var ErrNotReplicated = errors.New("state: write not acknowledged by enough replicas")
+
 // ErrFenced means a fenced write was refused because its lease or intent
 // is no longer the caller's: somebody else owns the refresh now.
 var ErrFenced = errors.New("state: refresh fence lost")

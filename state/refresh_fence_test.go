@@ -2,10 +2,16 @@ package state
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vaultfleet/vaultfleet/internal/redistest"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
 )
 
 func TestRefreshLeaseIsExclusiveAndFenced(t *testing.T) {
@@ -183,4 +189,56 @@ func TestCheckVerdictCannotReplaceDeadRefreshToken(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 	require.Equal(t, HealthOK, ch.After.Health)
+}
+
+// TestRefreshedTokensWaitForReplicas: with AckReplicas, tokens count as
+// stored only once a replica has them (a failover drops what the old
+// master acknowledged alone, and with it a rotated refresh token). Without
+// a replica the write is applied but reported ErrNotReplicated (retried:
+// the retry finds it stored and still waits for the acknowledgement).
+func TestRefreshedTokensWaitForReplicas(t *testing.T) {
+	t.Parallel()
+	master := redistest.New(t)
+	if !master.Real {
+		t.Skip("needs redis-server: miniredis has no replication")
+	}
+	rdb := master.Client(t)
+	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
+	require.NoError(t, err)
+	st, err := New(Config{Client: rdb, Catalog: storeCatalog(t), Keys: keys, AckReplicas: 1, AckTimeout: 500 * time.Millisecond})
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, err = st.Put(ctx, refSF, sfInput("at", "rt", time.Now().Add(time.Hour)), 0)
+	require.NoError(t, err)
+	store := func() error {
+		l, err := st.AcquireRefresh(ctx, refSF, time.Minute)
+		require.NoError(t, err)
+		defer func() { _ = st.ReleaseRefresh(ctx, l) }()
+		if _, err := st.BeginExchange(ctx, l, Lineage("rt"), time.Minute); err != nil && !errors.Is(err, ErrExchangeInFlight) {
+			return err
+		}
+		_, err = st.StoreRefreshedTokens(ctx, l, "rt", Tokens{AccessToken: "at2", RefreshToken: "rt2", ExpiresAt: time.Now().Add(time.Hour)})
+		return err
+	}
+	err = store()
+	require.ErrorIs(t, err, ErrNotReplicated, "no replica: not acknowledged")
+	require.True(t, Unavailable(err), "retried like Redis being away")
+
+	// A replica joins and catches up: the retry is acknowledged.
+	replica := redistest.New(t)
+	host, port, _ := strings.Cut(master.Addr, ":")
+	rc := redis.NewClient(&redis.Options{Addr: replica.Addr})
+	t.Cleanup(func() { _ = rc.Close() })
+	require.NoError(t, rc.Do(ctx, "replicaof", host, port).Err())
+	require.Eventually(t, func() bool {
+		info, err := rc.Info(ctx, "replication").Result()
+		return err == nil && strings.Contains(info, "master_link_status:up")
+	}, 20*time.Second, 50*time.Millisecond)
+	// The worker retries an unacknowledged write; so does the test, until
+	// the replica has acknowledged what the first attempt stored.
+	require.Eventually(t, func() bool { return store() == nil }, 20*time.Second, 100*time.Millisecond,
+		"stored by the first attempt, then acknowledged")
+	c, err := st.Get(ctx, refSF)
+	require.NoError(t, err)
+	require.Equal(t, "rt2", c.Credentials.RefreshToken)
 }

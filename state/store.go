@@ -27,6 +27,15 @@ const (
 type Config struct {
 	// Client is one Redis, a Sentinel failover client or a Cluster client.
 	Client redis.UniversalClient
+	// AckReplicas is how many replicas must acknowledge a write of
+	// refreshed tokens (Redis WAIT) before it counts as stored. Redis
+	// replicates asynchronously: in a failover, a write the old master
+	// acknowledged can vanish, and with it a rotated refresh token. Zero
+	// (the default, right for one Redis) waits for none; with Sentinel,
+	// 1. An unacknowledged write is retried (ErrNotReplicated).
+	AckReplicas int
+	// AckTimeout bounds that wait. If zero, 2s.
+	AckTimeout time.Duration
 	// Catalog resolves each connection's integration.
 	Catalog *catalog.Catalog
 	// Keys encrypts credentials at rest.

@@ -116,6 +116,12 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 			return Change{}, unreadable
 		}
 		if h.noop {
+			if f != nil && !s.acked(ctx) {
+				// Stored by our own earlier attempt, but on a master
+				// whose replicas have not confirmed it (maybe one about to
+				// be demoted): not stored yet as far as a failover goes.
+				return Change{}, fmt.Errorf("%w: %s (%d needed)", ErrNotReplicated, ref, s.cfg.AckReplicas)
+			}
 			return Change{Before: cur, After: cur}, nil
 		}
 		if next != nil {
@@ -127,7 +133,7 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 		if err != nil {
 			return Change{}, err
 		}
-		res, err := writeScript.Run(ctx, s.cfg.Client, ks, args...).Slice()
+		res, acked, err := s.runWrite(ctx, f, ks, args)
 		if err != nil {
 			return Change{}, fmt.Errorf("state: write connection %s: %w", ref, err)
 		}
@@ -136,6 +142,8 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 		}
 		if ok, _ := res[0].(int64); ok == -1 {
 			return Change{}, fmt.Errorf("%w: %s", ErrFenced, ref)
+		} else if ok == 1 && !acked {
+			return Change{}, fmt.Errorf("%w: %s (%d needed)", ErrNotReplicated, ref, s.cfg.AckReplicas)
 		} else if ok != 1 {
 			s.cfg.Logger.DebugContext(ctx, "state: write conflict, retrying",
 				slog.String("connection", ref.String()), slog.Int("attempt", attempt+1))
@@ -153,6 +161,45 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 		return Change{Before: cur, After: next, Events: events}, nil
 	}
 	return Change{}, fmt.Errorf("%w: %s after %d attempts", ErrContention, ref, maxAttempts)
+}
+
+// runWrite runs write.lua. A fenced write (refreshed tokens, a
+// revocation) with Config.AckReplicas > 0 is followed by WAIT on the same
+// connection; acked reports whether enough replicas confirmed it.
+func (s *Store) runWrite(ctx context.Context, f *fence, ks []string, args []any) (res []any, acked bool, err error) {
+	if f == nil || s.cfg.AckReplicas <= 0 || s.cluster {
+		res, err = writeScript.Run(ctx, s.cfg.Client, ks, args...).Slice()
+		return res, true, err
+	}
+	timeout := s.cfg.AckTimeout
+	if timeout <= 0 {
+		timeout = 2 * time.Second
+	}
+	pipe := s.cfg.Client.Pipeline()
+	ev := pipe.Eval(ctx, writeLua, ks, args...)
+	wait := pipe.Do(ctx, "wait", s.cfg.AckReplicas, timeout.Milliseconds())
+	if _, err := pipe.Exec(ctx); err != nil && ev.Err() != nil {
+		return nil, false, ev.Err()
+	}
+	if res, err = ev.Slice(); err != nil {
+		return nil, false, err
+	}
+	n, err := wait.Int64()
+	return res, err == nil && n >= int64(s.cfg.AckReplicas), nil
+}
+
+// acked reports whether Config.AckReplicas replicas have caught up with
+// the master this client now talks to (true when none are asked for).
+func (s *Store) acked(ctx context.Context) bool {
+	if s.cfg.AckReplicas <= 0 || s.cluster {
+		return true
+	}
+	timeout := s.cfg.AckTimeout
+	if timeout <= 0 {
+		timeout = 2 * time.Second
+	}
+	n, err := s.cfg.Client.Do(ctx, "wait", s.cfg.AckReplicas, timeout.Milliseconds()).Int64()
+	return err == nil && n >= int64(s.cfg.AckReplicas)
 }
 
 // scriptArgs lays out the keys and arguments of write.lua (documented
@@ -819,6 +866,12 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens,
 		return Change{}, ErrEmptyAccessToken
 	}
 	return s.fleetWriteFenced(ctx, ref, nil, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+		if f != nil && c.Credentials.AccessToken == t.AccessToken &&
+			(t.RefreshToken == "" || c.Credentials.RefreshToken == t.RefreshToken) {
+			// Our own earlier attempt was applied (its replica
+			// acknowledgement was missing): stored already.
+			return hints{noop: true}, nil
+		}
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale
 		}

@@ -21,6 +21,8 @@ func Unavailable(err error) bool {
 	}
 	var ne net.Error
 	switch {
+	case errors.Is(err, ErrNotReplicated):
+		return true
 	case errors.As(err, &ne), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, redis.ErrClosed), errors.Is(err, redis.ErrPoolTimeout),
 		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,6 +34,7 @@ const (
 	envLogFormat = "VAULTFLEET_LOG_FORMAT"
 	envLogLevel  = "VAULTFLEET_LOG_LEVEL"
 	envShards    = "VAULTFLEET_SHARDS"
+	envAckReps   = "VAULTFLEET_ACK_REPLICAS"
 
 	defaultRedisURL = "redis://127.0.0.1:6379/0"
 )
@@ -41,7 +43,7 @@ const (
 // test checks docker-compose.yml sets no other. Subcommands add theirs.
 var knownEnv = map[string]bool{
 	envRedisURL: true, envCatalog: true, envAddr: true, envLogFormat: true,
-	envLogLevel: true, envShards: true, secrets.EnvKeys: true,
+	envLogLevel: true, envShards: true, secrets.EnvKeys: true, envAckReps: true,
 }
 
 // common holds the flags every process shares.
@@ -53,6 +55,7 @@ type common struct {
 	logLevel  string
 	shards    int
 	keys      string
+	ackReps   string
 }
 
 // newFlagSet returns a flag set whose usage lists flags and environment.
@@ -80,6 +83,7 @@ var commonEnvHelp = [][2]string{
 	{envLogFormat, "json or text (default json)"},
 	{envLogLevel, "debug, info, warn or error (default info)"},
 	{envShards, "index shards (default 16; must match across the fleet)"},
+	{envAckReps, "replicas that must acknowledge (Redis WAIT) a write of refreshed tokens before it counts as stored (default 1 with redis-sentinel://, else 0)"},
 }
 
 func (c *common) register(fs *flag.FlagSet, env Env, defaultAddr string) {
@@ -90,6 +94,24 @@ func (c *common) register(fs *flag.FlagSet, env Env, defaultAddr string) {
 	fs.StringVar(&c.logLevel, "log-level", or(env.Getenv(envLogLevel), "info"), "log level ($"+envLogLevel+")")
 	fs.IntVar(&c.shards, "shards", atoiOr(env.Getenv(envShards), state.DefaultShards), "index shards ($"+envShards+")")
 	c.keys = env.Getenv(secrets.EnvKeys)
+	c.ackReps = env.Getenv(envAckReps)
+}
+
+// ackReplicas is VAULTFLEET_ACK_REPLICAS, or its default for the URL: a
+// Sentinel deployment has replicas, and a failover drops what the old
+// master acknowledged alone.
+func (c *common) ackReplicas() (int, error) {
+	if c.ackReps == "" {
+		if strings.HasPrefix(c.redisURL, "redis-sentinel://") {
+			return 1, nil
+		}
+		return 0, nil
+	}
+	n, err := strconv.Atoi(c.ackReps)
+	if err != nil || n < 0 || n > 16 {
+		return 0, fmt.Errorf("%s must be a whole number from 0 to 16, got %q", envAckReps, c.ackReps)
+	}
+	return n, nil
 }
 
 // parse runs fs.Parse and maps its errors to the exit codes run expects.
@@ -140,12 +162,17 @@ func (c *common) setup(w io.Writer) (*app, error) {
 	if c.shards < 1 || c.shards > 1024 {
 		return nil, fmt.Errorf("--shards must be between 1 and 1024, got %d", c.shards)
 	}
+	acks, err := c.ackReplicas()
+	if err != nil {
+		return nil, err
+	}
 	rdb, err := openRedis(c.redisURL)
 	if err != nil {
 		return nil, err
 	}
 	reg := newRegistry()
-	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: c.shards, Logger: logger, Registerer: reg})
+	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: c.shards, Logger: logger, Registerer: reg,
+		AckReplicas: acks})
 	if err != nil {
 		_ = rdb.Close()
 		return nil, err
