@@ -498,14 +498,19 @@ func (f *fleet) refreshChains() map[string]int {
 	if err != nil {
 		return out
 	}
+	// Distinct tasks (queue and id): the four listings are not one atomic
+	// read, so a task moving from retry to pending to active between them
+	// would otherwise be counted up to three times.
+	seen := map[string]bool{}
 	count := func(ts []*asynq.TaskInfo, err error) {
 		if err != nil {
 			return
 		}
 		for _, ti := range ts {
-			if ti.Type != tasks.TypeRefreshToken {
+			if ti.Type != tasks.TypeRefreshToken || seen[ti.Queue+"/"+ti.ID] {
 				continue
 			}
+			seen[ti.Queue+"/"+ti.ID] = true
 			p, err := tasks.ParseConnectionPayload(ti.Payload)
 			if err != nil {
 				continue
