@@ -42,11 +42,11 @@ const shutdownTimeout = 2 * time.Second
 // watching `vaultfleet dev`. The zero value of a field takes the value of
 // DefaultTimings.
 //
-// The access token lifetimes stay above state.ExpirySkew (1m) plus the
-// worker's NearExpiry (2m by default) plus a margin, so that a freshly
-// refreshed token is not due for refresh again at once, and RefreshWindow
+// The access token lifetimes stay a few minutes long, so that the refresh
+// window (min(10m, 20% of the lifetime), or the catalog's, at most half)
+// leaves a freshly refreshed token alone for a while, and RefreshWindow
 // stays above state.ExpirySkew, so that tokens are refreshed before they
-// count as expired. Speeds above 1 break these margins: they are for tests.
+// count as expired. Speeds above 1 shrink these margins: they are for tests.
 type Timings struct {
 	// SalesforceTokenTTL is how long a Salesforce access token lives
 	// (real: the org's session timeout, 2h by default). Token responses do
