@@ -76,3 +76,29 @@ func TestRedisURLForms(t *testing.T) {
 		})
 	}
 }
+
+func TestAckReplicas(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		url, env string
+		want     int
+		bad      bool
+	}{
+		{"redis://127.0.0.1:6379/0", "", 0, false},
+		{"redis-sentinel://127.0.0.1:26379/0?master=m", "", 1, false},
+		{"redis-sentinel://127.0.0.1:26379/0?master=m", "0", 0, false},
+		{"redis://127.0.0.1:6379/0", "2", 2, false},
+		{"redis://127.0.0.1:6379/0", "abc", 0, true},
+		{"redis://127.0.0.1:6379/0", "-1", 0, true},
+		{"redis://127.0.0.1:6379/0", "1x", 0, true},
+	} {
+		c := common{redisURL: tc.url, ackReps: tc.env}
+		n, err := c.ackReplicas()
+		if tc.bad {
+			require.ErrorContains(t, err, "VAULTFLEET_ACK_REPLICAS", tc.env)
+			continue
+		}
+		require.NoError(t, err)
+		require.Equal(t, tc.want, n, "%s %q", tc.url, tc.env)
+	}
+}
