@@ -31,9 +31,8 @@ func setupRotation(t *testing.T) *rotation {
 	return &rotation{storeBundle: setupStore(t, func(c *Config) { c.Shards = 2 }), k2: secrets.NewKey("k2")}
 }
 
-// setupPrivateRotation is setupRotation on a Redis of its own: the shared
-// server hands its 16 databases out round-robin, and a test that runs for
-// seconds could see another test flush its database.
+// setupPrivateRotation is setupRotation on a Redis of its own, so that its
+// long runs never wait for one of the shared server's 16 databases.
 func setupPrivateRotation(t *testing.T, shards int) *rotation {
 	t.Helper()
 	srv := redistest.New(t)

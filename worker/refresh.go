@@ -79,12 +79,6 @@ func (w *Worker) intentMaxAge() time.Duration {
 	return w.cfg.TokenTimeout + w.cfg.PersistTimeout + 30*time.Second
 }
 
-// refreshDue reports whether c's access token should be refreshed now
-// (state.RefreshDue: the same rule as the due index).
-func (w *Worker) refreshDue(c *state.Connection, in *catalog.Integration, now time.Time) bool {
-	return state.RefreshDue(c.Credentials, in, now)
-}
-
 // exchangeUnsettled reports whether an exchange of c's current refresh
 // token by the fleet is in flight or ended without an answer. A store
 // error counts as no.
@@ -97,7 +91,7 @@ func (w *Worker) exchangeUnsettled(ctx context.Context, c *state.Connection) boo
 // due, or the provider rejected the access token the caller saw and c
 // still holds that same token.
 func (w *Worker) dueFor(c, seen *state.Connection, in *catalog.Integration, rejected bool) bool {
-	if w.refreshDue(c, in, w.now()) {
+	if state.RefreshDue(c.Credentials, in, w.now()) {
 		return true
 	}
 	return rejected && state.CanRefresh(c.Credentials, in) && c.Credentials.AccessToken == seen.Credentials.AccessToken
@@ -651,7 +645,7 @@ func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
 		return skip(in.ID, skipNoRefreshToken)
 	case revokedNow(c):
 		return skip(in.ID, skipRevoked)
-	case !w.refreshDue(c, in, w.now()):
+	case !state.RefreshDue(c.Credentials, in, w.now()):
 		return skip(in.ID, skipNotDue)
 	}
 	out := w.refresh(ctx, in, c, false)

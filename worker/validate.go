@@ -140,7 +140,7 @@ func (v *validation) run(ctx context.Context) error {
 	// the token endpoint's answer decides, not the stale access token.
 	if oauth && !v.refreshed && res.kind == kindInvalid && res.status >= 400 &&
 		state.CanRefresh(v.c.Credentials, v.in) &&
-		(v.w.refreshDue(v.c, v.in, v.w.now()) || v.w.exchangeUnsettled(ctx, v.c)) {
+		(state.RefreshDue(v.c.Credentials, v.in, v.w.now()) || v.w.exchangeUnsettled(ctx, v.c)) {
 		if done, err := v.refreshFirst(ctx, true); done || err != nil {
 			return err
 		}

@@ -159,8 +159,9 @@ type Config struct {
 	// (invalid_client, unauthorized_client). If zero, 5m.
 	ClientErrorPause time.Duration
 
-	// KeyPrefix prefixes the worker's Redis keys (refresh locks, rate
-	// limits). If empty, state.DefaultPrefix.
+	// KeyPrefix prefixes the worker's own Redis keys (rate limits, the
+	// invalid-wave window; refresh leases are the store's). If empty,
+	// state.DefaultPrefix.
 	KeyPrefix string
 	// Getenv reads the OAuth client credentials the catalog names. If nil,
 	// os.Getenv.

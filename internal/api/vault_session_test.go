@@ -13,13 +13,11 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/api"
 	"github.com/vaultfleet/vaultfleet/internal/connect"
-	"github.com/vaultfleet/vaultfleet/internal/redistest"
-	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/internal/session"
 	"github.com/vaultfleet/vaultfleet/internal/sim"
+	"github.com/vaultfleet/vaultfleet/internal/simtest"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
 )
@@ -32,23 +30,12 @@ type sessionBundle struct {
 	env     map[string]string
 }
 
-// setupSessions serves the API (not from parallel tests: redistest hands
-// out 16 databases round-robin, and the package's parallel tests use them) with sessions and the connect flow over the
+// setupSessions serves the API with sessions and the connect flow over the
 // simulated providers' catalog.
 func setupSessions(t *testing.T) *sessionBundle {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	p, err := sim.Start(ctx, sim.Config{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = p.Close() })
-	cat, err := catalog.Parse(p.CatalogYAML())
-	require.NoError(t, err)
-	rdb := redistest.Start(t).Client(t)
-	ring, err := secrets.ParseKeyring(secrets.NewKey("k1"))
-	require.NoError(t, err)
-	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: ring})
-	require.NoError(t, err)
+	se := simtest.Start(t)
+	p, cat, rdb, st := se.Providers, se.Catalog, se.Redis, se.Store
 	client := asynq.NewClientFromRedisClient(rdb)
 	notifier := &recordingNotifier{next: scheduler.NewNotifier(client, cat)}
 	spec := session.NewKey("new") + "," + session.NewKey("old")

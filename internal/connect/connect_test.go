@@ -18,11 +18,10 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/connect"
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
-	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/internal/sim"
+	"github.com/vaultfleet/vaultfleet/internal/simtest"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
@@ -73,18 +72,8 @@ type bench struct {
 
 func setup(t *testing.T) *bench {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	p, err := sim.Start(ctx, sim.Config{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = p.Close() })
-	cat, err := catalog.Parse(p.CatalogYAML())
-	require.NoError(t, err)
-	rdb := redistest.Start(t).Client(t)
-	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
-	require.NoError(t, err)
-	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys})
-	require.NoError(t, err)
+	se := simtest.Start(t)
+	p, cat, rdb, store := se.Providers, se.Catalog, se.Redis, se.Store
 	b := &bench{p: p, rdb: rdb, store: store, clock: &clock{now: time.Now()}, logs: &lockedBuffer{}, env: p.ClientEnv()}
 	client := asynq.NewClientFromRedisClient(rdb)
 	b.insp = asynq.NewInspectorFromRedisClient(rdb)

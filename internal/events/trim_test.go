@@ -28,8 +28,8 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	// A Redis of its own: this test runs for seconds, and the shared
-	// server hands its databases out round-robin.
+	// A Redis of its own: this test runs for seconds and must not hold
+	// one of the shared server's databases that long.
 	rsrv := redistest.New(t)
 	rdb := redis.NewClient(&redis.Options{Addr: rsrv.Addr})
 	t.Cleanup(func() { _ = rdb.Close() })

@@ -15,12 +15,11 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/connect"
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
-	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/internal/session"
 	"github.com/vaultfleet/vaultfleet/internal/sim"
+	"github.com/vaultfleet/vaultfleet/internal/simtest"
 	"github.com/vaultfleet/vaultfleet/internal/vaultpage"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
@@ -39,16 +38,8 @@ func setup(t *testing.T) *bench {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	p, err := sim.Start(ctx, sim.Config{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = p.Close() })
-	cat, err := catalog.Parse(p.CatalogYAML())
-	require.NoError(t, err)
-	rdb := redistest.Start(t).Client(t)
-	ring, err := secrets.ParseKeyring(secrets.NewKey("k1"))
-	require.NoError(t, err)
-	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: ring})
-	require.NoError(t, err)
+	se := simtest.Start(t)
+	p, cat, rdb, store := se.Providers, se.Catalog, se.Redis, se.Store
 	keys, err := session.ParseKeys(session.NewKey("s1"))
 	require.NoError(t, err)
 	n := scheduler.NewNotifier(asynq.NewClientFromRedisClient(rdb), cat)
