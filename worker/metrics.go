@@ -151,8 +151,9 @@ func (m *metrics) transition(integration string, ch state.Change) {
 	m.transitions.WithLabelValues(integration, string(ch.Before.State), string(ch.After.State)).Inc()
 }
 
-// middleware counts and times every task, and tracks handler goroutines
-// so that Run can wait for them.
+// middleware counts and times every task, tracks handler goroutines so
+// that Run can wait for them, and holds a failed task until Redis answers
+// (awaitStore).
 // known lists the registered task types (other types are labelled
 // "unknown").
 func (w *Worker) middleware(known map[string]bool) asynq.MiddlewareFunc {
@@ -172,6 +173,11 @@ func (w *Worker) middleware(known map[string]bool) asynq.MiddlewareFunc {
 			err := next.ProcessTask(ctx, t)
 			w.metrics.taskDuration.WithLabelValues(typ).Observe(time.Since(start).Seconds())
 			w.metrics.tasksProcessed.WithLabelValues(queue, typ, taskOutcome(ctx, err)).Inc()
+			if err != nil {
+				// asynq writes the retry (or the archive) once this
+				// returns: not into a Redis that is away (settle.go).
+				w.awaitStore(ctx)
+			}
 			return err
 		})
 	}

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"sort"
@@ -14,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
+	"github.com/vaultfleet/vaultfleet/internal/redistest"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -233,4 +235,48 @@ func TestServerRateLimitFleetWide(t *testing.T) {
 		rateLimited += testutil.ToFloat64(w.metrics.checks.WithLabelValues("limited", outcomeRateLimited))
 	}
 	t.Logf("tasks put back by the rate limit: %v", rateLimited)
+}
+
+// A task that fails while Redis is away is retried soon after Redis comes
+// back, not after asynq's lease and recoverer (30 to 90 s): the handler
+// holds the failure until Redis answers (settle.go), so asynq's own write
+// of the retry succeeds.
+func TestServerFailureDuringRedisOutageRetriedSoon(t *testing.T) {
+	t.Parallel()
+	srv := redistest.New(t)
+	if !srv.Real {
+		t.Skip("needs redis-server: the outage is a stopped process")
+	}
+	b := setup(t)
+	b.rdb = srv.Client(t)
+	b.store = b.newStore(b.cat)
+	runs := make(chan time.Time, 4)
+	var n atomic.Int32
+	w := b.worker(func(c *Config) {
+		c.Extra = map[string]asynq.Handler{"test:blink": asynq.HandlerFunc(func(ctx context.Context, _ *asynq.Task) error {
+			runs <- time.Now()
+			if n.Add(1) == 1 {
+				srv.Pause(t) // Redis stops answering as this task fails
+				return errors.New("provider answered 503")
+			}
+			return nil
+		})}
+	})
+	b.start(w)
+	b.enqueue(asynq.NewTask("test:blink", nil, asynq.Queue(tasks.QueueCritical), asynq.MaxRetry(3)))
+	first := <-runs
+	// Longer than asynq's write of the retry keeps trying (go-redis: a 3 s
+	// read timeout, 3 retries), so that write fails.
+	time.Sleep(14 * time.Second)
+	srv.Resume()
+	resumed := time.Now()
+	select {
+	case second := <-runs:
+		t.Logf("failed at %s, Redis back after %s, retried %s after that",
+			first.Format(time.TimeOnly), resumed.Sub(first).Round(time.Millisecond), second.Sub(resumed).Round(time.Millisecond))
+		require.Less(t, second.Sub(resumed), 10*time.Second, "retried soon after Redis came back")
+	case <-time.After(25 * time.Second):
+		t.Log(b.logs.String())
+		t.Fatal("not retried within 25s of Redis coming back (asynq's lease and recoverer would take 30-90s)")
+	}
 }

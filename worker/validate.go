@@ -289,7 +289,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 		case errors.Is(err, state.ErrNotFound):
 			r.res.Dropped = skipNotFound
 		case err != nil:
-			return fmt.Errorf("worker: record misconfigured check: %w", err)
+			return storeErr("record misconfigured check", err)
 		default:
 			r.after(ch.After)
 		}
@@ -341,7 +341,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 		r.res.Dropped = skipNotFound
 		return nil
 	case err != nil:
-		return fmt.Errorf("worker: apply verdict: %w", err)
+		return storeErr("apply verdict", err)
 	}
 	w.metrics.transition(in.ID, ch)
 	r.after(ch.After)

@@ -340,6 +340,9 @@ type Worker struct {
 	exMu      sync.Mutex
 	closing   bool
 	exchanges sync.WaitGroup
+	// stopped is closed once asynq's shutdown returned: handlers still
+	// waiting for Redis (awaitStore) stop waiting.
+	stopped chan struct{}
 
 	// clientErrUntil pauses an integration's refreshes after its token
 	// endpoint rejected the fleet's own client (by integration id).
@@ -368,6 +371,7 @@ func New(cfg Config) (*Worker, error) {
 		metrics:        m,
 		handlers:       map[string]asynq.Handler{},
 		clientErrUntil: map[string]time.Time{},
+		stopped:        make(chan struct{}),
 		enqueuer:       asynq.NewClientFromRedisClient(cfg.Redis),
 		errLog:         rate.NewLimiter(rate.Every(100*time.Millisecond), 50),
 	}
@@ -466,6 +470,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.closing = true
 	w.exMu.Unlock()
 	srv.Shutdown()
+	close(w.stopped)
 	// asynq returns once every task is finished or put back; a handler
 	// whose task was put back sees its context cancelled and returns soon,
 	// except one persisting the tokens of an exchange (detached from the
