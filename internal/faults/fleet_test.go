@@ -528,6 +528,47 @@ func (f *fleet) refreshChains() map[string]int {
 	return out
 }
 
+// validateTasks describes, per consumer of consumers, the validate tasks
+// the queues hold for it ("critical/retry", ...): what a scenario prints
+// when on-demand checks did not run in time.
+func (f *fleet) validateTasks(consumers []string) map[string][]string {
+	want := map[string]bool{}
+	for _, c := range consumers {
+		want[c] = true
+	}
+	out := map[string][]string{}
+	qs, err := f.insp.Queues()
+	if err != nil {
+		out["(inspector)"] = []string{err.Error()}
+		return out
+	}
+	list := func(q, st string, ts []*asynq.TaskInfo, err error) {
+		if err != nil {
+			return
+		}
+		for _, ti := range ts {
+			if ti.Type != tasks.TypeValidate {
+				continue
+			}
+			if p, err := tasks.ParseConnectionPayload(ti.Payload); err == nil && want[p.ConsumerID] {
+				out[p.ConsumerID] = append(out[p.ConsumerID], fmt.Sprintf("%s/%s(retried %d, %q)", q, st, ti.Retried, ti.LastErr))
+			}
+		}
+	}
+	for _, q := range qs {
+		size := asynq.PageSize(1000)
+		ts, err := f.insp.ListPendingTasks(q, size)
+		list(q, "pending", ts, err)
+		ts, err = f.insp.ListActiveTasks(q, size)
+		list(q, "active", ts, err)
+		ts, err = f.insp.ListRetryTasks(q, size)
+		list(q, "retry", ts, err)
+		ts, err = f.insp.ListScheduledTasks(q, size)
+		list(q, "scheduled", ts, err)
+	}
+	return out
+}
+
 // events reads the state-change stream.
 func (f *fleet) events() []state.Event {
 	msgs, err := f.rdb.XRange(context.Background(), state.DefaultEventStream, "-", "+").Result()

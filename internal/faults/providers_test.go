@@ -396,6 +396,20 @@ func (p *provider) inflightOwners() []string {
 	return out
 }
 
+// answeredSince lists the lineages whose latest token answer was sent at
+// or after t.
+func (p *provider) answeredSince(t time.Time) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for owner, ln := range p.lineages {
+		if !ln.lastAnswer.Before(t) {
+			out = append(out, owner)
+		}
+	}
+	return out
+}
+
 // inflightTotal is the number of token requests being answered now.
 func (p *provider) inflightTotal() int {
 	p.mu.Lock()
