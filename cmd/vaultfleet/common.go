@@ -3,14 +3,12 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -26,27 +24,7 @@ import (
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
-// Environment variables every process reads.
-const (
-	envRedisURL  = "REDIS_URL"
-	envCatalog   = "VAULTFLEET_CATALOG"
-	envAddr      = "VAULTFLEET_ADDR"
-	envLogFormat = "VAULTFLEET_LOG_FORMAT"
-	envLogLevel  = "VAULTFLEET_LOG_LEVEL"
-	envShards    = "VAULTFLEET_SHARDS"
-	envAckReps   = "VAULTFLEET_ACK_REPLICAS"
-
-	defaultRedisURL = "redis://127.0.0.1:6379/0"
-)
-
-// knownEnv lists every environment variable the binary reads; the compose
-// test checks docker-compose.yml sets no other. Subcommands add theirs.
-var knownEnv = map[string]bool{
-	envRedisURL: true, envCatalog: true, envAddr: true, envLogFormat: true,
-	envLogLevel: true, envShards: true, secrets.EnvKeys: true, envAckReps: true,
-}
-
-// common holds the flags every process shares.
+// common holds the settings every process shares.
 type common struct {
 	redisURL  string
 	catalog   string
@@ -55,78 +33,35 @@ type common struct {
 	logLevel  string
 	shards    int
 	keys      string
-	ackReps   string
+	// ackReps is VAULTFLEET_ACK_REPLICAS when ackSet.
+	ackReps int
+	ackSet  bool
 }
 
-// newFlagSet returns a flag set whose usage lists flags and environment.
-func newFlagSet(name, synopsis string, env Env, envHelp [][2]string) *flag.FlagSet {
-	fs := flag.NewFlagSet("vaultfleet "+name, flag.ContinueOnError)
-	fs.SetOutput(env.Stderr)
-	fs.Usage = func() {
-		w := fs.Output()
-		fmt.Fprintf(w, "usage: vaultfleet %s [flags]\n\n%s\n\nflags:\n", name, synopsis)
-		fs.PrintDefaults()
-		fmt.Fprintln(w, "\nenvironment (a flag wins over its variable):")
-		for _, e := range envHelp {
-			fmt.Fprintf(w, "  %-28s %s\n", e[0], e[1])
-		}
+// commonFrom takes the shared settings from a parsed config.
+func commonFrom(cfg *config) common {
+	c := common{redisURL: cfg.str("redis"), catalog: cfg.str("catalog"), logFormat: cfg.str("log-format"),
+		logLevel: cfg.str("log-level"), shards: cfg.int("shards"), keys: cfg.str(secrets.EnvKeys)}
+	if cfg.reads("addr") {
+		c.addr = cfg.str("addr")
 	}
-	return fs
-}
-
-// commonEnvHelp documents the shared variables.
-var commonEnvHelp = [][2]string{
-	{envRedisURL, "Redis URL: redis://[:password@]host:port/db, rediss:// for TLS, redis-sentinel://, or redis-cluster://host1:port,host2:port (default " + defaultRedisURL + ")"},
-	{secrets.EnvKeys, "credential encryption keys id:base64(32 bytes)[,...]: the first encrypts, all decrypt (required)"},
-	{envCatalog, "path to an integration catalog YAML (default: the built-in catalog)"},
-	{envAddr, "listen address (same as --addr)"},
-	{envLogFormat, "json or text (default json)"},
-	{envLogLevel, "debug, info, warn or error (default info)"},
-	{envShards, "index shards (default 16; must match across the fleet)"},
-	{envAckReps, "replicas that must acknowledge (Redis WAIT) a write of refreshed tokens before it counts as stored (default 1 with redis-sentinel://, else 0)"},
-}
-
-func (c *common) register(fs *flag.FlagSet, env Env, defaultAddr string) {
-	fs.StringVar(&c.redisURL, "redis", or(env.Getenv(envRedisURL), defaultRedisURL), "Redis URL ($"+envRedisURL+")")
-	fs.StringVar(&c.catalog, "catalog", env.Getenv(envCatalog), "integration catalog file ($"+envCatalog+"; default built-in)")
-	fs.StringVar(&c.addr, "addr", or(env.Getenv(envAddr), defaultAddr), "listen address for /metrics, /healthz, /readyz ($"+envAddr+")")
-	fs.StringVar(&c.logFormat, "log-format", or(env.Getenv(envLogFormat), "json"), "log format: json or text ($"+envLogFormat+")")
-	fs.StringVar(&c.logLevel, "log-level", or(env.Getenv(envLogLevel), "info"), "log level ($"+envLogLevel+")")
-	fs.IntVar(&c.shards, "shards", atoiOr(env.Getenv(envShards), state.DefaultShards), "index shards ($"+envShards+")")
-	c.keys = env.Getenv(secrets.EnvKeys)
-	c.ackReps = env.Getenv(envAckReps)
+	if cfg.reads(envAckReps) {
+		c.ackReps, c.ackSet = cfg.intOK(envAckReps)
+	}
+	return c
 }
 
 // ackReplicas is VAULTFLEET_ACK_REPLICAS, or its default for the URL: a
 // Sentinel deployment has replicas, and a failover drops what the old
 // master acknowledged alone.
-func (c *common) ackReplicas() (int, error) {
-	if c.ackReps == "" {
-		if strings.HasPrefix(c.redisURL, "redis-sentinel://") {
-			return 1, nil
-		}
-		return 0, nil
+func (c *common) ackReplicas() int {
+	if c.ackSet {
+		return c.ackReps
 	}
-	n, err := strconv.Atoi(c.ackReps)
-	if err != nil || n < 0 || n > 16 {
-		return 0, fmt.Errorf("%s must be a whole number from 0 to 16, got %q", envAckReps, c.ackReps)
+	if strings.HasPrefix(c.redisURL, "redis-sentinel://") {
+		return 1
 	}
-	return n, nil
-}
-
-// parse runs fs.Parse and maps its errors to the exit codes run expects.
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return errUsage
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "unexpected argument %q\n", fs.Arg(0))
-		return errUsage
-	}
-	return nil
+	return 0
 }
 
 // app is what a process is built from.
@@ -159,20 +94,13 @@ func (c *common) setup(w io.Writer) (*app, error) {
 	if err != nil {
 		return nil, err
 	}
-	if c.shards < 1 || c.shards > 1024 {
-		return nil, fmt.Errorf("--shards must be between 1 and 1024, got %d", c.shards)
-	}
-	acks, err := c.ackReplicas()
-	if err != nil {
-		return nil, err
-	}
 	rdb, err := openRedis(c.redisURL)
 	if err != nil {
 		return nil, err
 	}
 	reg := newRegistry()
 	st, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: c.shards, Logger: logger, Registerer: reg,
-		AckReplicas: acks})
+		AckReplicas: c.ackReplicas()})
 	if err != nil {
 		_ = rdb.Close()
 		return nil, err
@@ -520,12 +448,4 @@ func or(a, b string) string {
 		return a
 	}
 	return b
-}
-
-func atoiOr(s string, def int) int {
-	var n int
-	if _, err := fmt.Sscanf(s, "%d", &n); err != nil {
-		return def
-	}
-	return n
 }

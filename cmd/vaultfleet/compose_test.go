@@ -47,7 +47,7 @@ func TestComposeCommandsAndEnv(t *testing.T) {
 		require.Equal(t, 0, code, "service %s: vaultfleet %s --help: %s", name, sub, out.String())
 		require.Contains(t, out.String(), "usage: vaultfleet "+sub, "service %s", name)
 		for k := range svc.Environment {
-			require.True(t, knownEnv[k], "service %s sets %s, which vaultfleet does not read", name, k)
+			require.True(t, knownEnv(k), "service %s sets %s, which vaultfleet does not read", name, k)
 			require.Contains(t, out.String(), k, "service %s: %s is not documented in 'vaultfleet %s --help'", name, k, sub)
 		}
 	}

@@ -35,21 +35,6 @@ import (
 	"github.com/vaultfleet/vaultfleet/worker"
 )
 
-const defaultDevAddr = "127.0.0.1:8080"
-
-var devEnvHelp = [][2]string{
-	{envRedisURL, "use this Redis instead of the embedded one (same as --redis): dev writes its demo connections, tasks and dev key there"},
-	{secrets.EnvKeys, "credential encryption keys (default: a fresh key; with REDIS_URL, the dev key kept in that Redis)"},
-	{envAPITokens, "require these API tokens (default: none, and dev listens on loopback only)"},
-	{envAddr, "listen address (same as --addr; default " + defaultDevAddr + ")"},
-	{envWebhooks, "webhook subscriptions file (optional)"},
-	{envLogLevel, "log level (same as --log-level; default error)"},
-	{envLogFormat, "text or json (same as --log-format; default text)"},
-	{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
-	{envSessionKeys, "Vault session signing keys (default: a fresh key for this run only)"},
-	{envRedirectURIs, "redirect URIs Vault sessions may name (optional)"},
-}
-
 // devOptions are the dev command's flags.
 type devOptions struct {
 	addr         string
@@ -61,35 +46,21 @@ type devOptions struct {
 	logLevel     string
 	logFormat    string
 	tenantAfter  time.Duration
+	shards       int
 }
 
 // runDev runs the whole fleet in one process: an embedded Redis (or
 // REDIS_URL), simulated providers, demo connections, scheduler, worker,
 // API, Asynq monitor, status page and metrics.
 func runDev(ctx context.Context, args []string, env Env) error {
-	fs := newFlagSet("dev", "Run the whole fleet in one process on an embedded Redis, with simulated providers and demo connections.", env, devEnvHelp)
-	var o devOptions
-	fs.StringVar(&o.addr, "addr", or(env.Getenv(envAddr), defaultDevAddr), "listen address for the API, monitor, status page and metrics ($"+envAddr+")")
-	fs.StringVar(&o.redisURL, "redis", env.Getenv(envRedisURL), "Redis URL to use instead of the embedded Redis ($"+envRedisURL+"; default: embedded)")
-	fs.IntVar(&o.consumers, "consumers", sim.DefaultConsumers, "demo consumers to seed")
-	fs.Float64Var(&o.speed, "speed", sim.DefaultSpeed, "time scale of the simulated providers (2 = twice as fast; above 1 is for tests)")
-	fs.IntVar(&o.concurrency, "concurrency", 20, "worker concurrency")
-	fs.StringVar(&o.logFormat, "log-format", or(env.Getenv(envLogFormat), "text"), "log format: text or json ($"+envLogFormat+")")
-	fs.DurationVar(&o.summaryEvery, "summary", 5*time.Second, "how often to print the summary line (0: never)")
-	fs.StringVar(&o.logLevel, "log-level", or(env.Getenv(envLogLevel), "error"), "log level: warn shows retries, info every task ($"+envLogLevel+")")
-	fs.DurationVar(&o.tenantAfter, "tenant-after", 40*time.Second, "when demo Xero connections get their tenant chosen (some stay authorized)")
-	if err := parse(fs, args); err != nil {
+	cfg := newConfig(cmdDev, cmdDev, "Run the whole fleet in one process on an embedded Redis, with simulated providers and demo connections.", env)
+	if err := cfg.parse(args); err != nil {
 		return err
 	}
-	if o.consumers < sim.MinConsumers {
-		return fmt.Errorf("--consumers must be at least %d", sim.MinConsumers)
-	}
-	if o.speed <= 0 {
-		return errors.New("--speed must be positive")
-	}
-	if o.concurrency < 1 {
-		return errors.New("--concurrency must be at least 1")
-	}
+	o := devOptions{addr: cfg.str("addr"), redisURL: cfg.str("redis"), consumers: cfg.int("consumers"),
+		speed: cfg.float("speed"), concurrency: cfg.int("concurrency"), summaryEvery: cfg.duration("summary"),
+		logLevel: cfg.str("log-level"), logFormat: cfg.str("log-format"), tenantAfter: cfg.duration("tenant-after"),
+		shards: cfg.int("shards")}
 	logger, err := newLogger(env.Stderr, o.logFormat, o.logLevel)
 	if err != nil {
 		return err
@@ -97,7 +68,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 
 	// Bind first: a second dev on the same port fails before it starts
 	// anything else.
-	tokenSpec := env.Getenv(envAPITokens)
+	tokenSpec := cfg.str(envAPITokens)
 	var tokens *auth.Tokens
 	if strings.TrimSpace(tokenSpec) != "" {
 		if tokens, err = auth.ParseTokens(tokenSpec); err != nil {
@@ -119,7 +90,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	defer stopRedis()
 	embedded := o.redisURL == ""
 
-	keySpec := env.Getenv(secrets.EnvKeys)
+	keySpec := cfg.str(secrets.EnvKeys)
 	if keySpec == "" {
 		if keySpec, err = devKey(ctx, rdb, embedded); err != nil {
 			return err
@@ -150,13 +121,15 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		return fmt.Errorf("dev catalog: %w", err)
 	}
 	reg := newRegistry()
-	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Logger: logger, Registerer: reg})
+	store, err := state.New(state.Config{Client: rdb, Catalog: cat, Keys: keys, Shards: o.shards, Logger: logger, Registerer: reg})
 	if err != nil {
 		return err
 	}
 
 	a := &app{Logger: logger, Redis: rdb, Catalog: cat, Keys: keys, Store: store}
-	announceFleet(ctx, rdb, "dev", logger)
+	if err := announceFleet(ctx, rdb, "dev", o.shards, logger); err != nil {
+		return err
+	}
 	a.Registry = reg
 	client := asynq.NewClientFromRedisClient(rdb)
 	defer client.Close()
@@ -170,7 +143,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		}
 		return env.Getenv(k)
 	}
-	subs, err := loadSubscriptions(env.Getenv(envWebhooks), env.Getenv)
+	subs, err := loadSubscriptions(cfg.str(envWebhooks), env.Getenv)
 	if err != nil {
 		return err
 	}
@@ -200,8 +173,9 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	}
 	notifier := scheduler.NewNotifier(client, cat)
 	base := "http://" + ln.Addr().String()
-	vault, err := newVault(gctx, a, notifier, or(env.Getenv(envSessionKeys), session.NewKey("dev")),
-		or(env.Getenv(envPublicURL), base), env.Getenv(envRedirectURIs), getenv)
+	publicURL := or(cfg.str(envPublicURL), base)
+	vault, err := newVault(gctx, a, notifier, or(cfg.str(envSessionKeys), session.NewKey("dev")),
+		publicURL, cfg.str(envRedirectURIs), getenv)
 	if err != nil {
 		return err
 	}
@@ -213,13 +187,13 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	} else {
 		apiCfg.AllowNoAuth = true
 	}
-	apiCfg.Sessions, apiCfg.Connect, apiCfg.PublicURL = vault.Sessions, vault.Flow, or(env.Getenv(envPublicURL), base)
+	apiCfg.Sessions, apiCfg.Connect, apiCfg.PublicURL = vault.Sessions, vault.Flow, publicURL
 	apiHandler, err := api.New(apiCfg)
 	if err != nil {
 		return err
 	}
 	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, Authorize: browser,
-		PrometheusAddress: env.Getenv(envPrometheusURL)})
+		PrometheusAddress: cfg.str("prometheus-url")})
 	if err != nil {
 		return err
 	}
@@ -292,10 +266,6 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	}
 	return err
 }
-
-const envPrometheusURL = "VAULTFLEET_PROMETHEUS_URL"
-
-func init() { knownEnv[envPrometheusURL] = true }
 
 // mountAPI puts the API handler on its routes.
 func mountAPI(mux *http.ServeMux, h http.Handler) {
@@ -408,11 +378,17 @@ func loopbackHost(host string) bool {
 	return err == nil && ip.Zone() == "" && ip.Unmap().IsLoopback()
 }
 
+// loadSubscriptions loads the webhook subscriptions file at path (none
+// when path is empty); getenv reads the secrets it names.
 func loadSubscriptions(path string, getenv func(string) string) ([]events.Subscription, error) {
 	if path == "" {
 		return nil, nil
 	}
-	return events.LoadSubscriptions(path, getenv)
+	subs, err := events.LoadSubscriptions(path, getenv)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", envWebhooks, err)
+	}
+	return subs, nil
 }
 
 // queueDepths reads the queues for the status page.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"slices"
 	"strings"
 	"time"
 
@@ -38,13 +37,12 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 	if len(args) > 0 {
 		sub = args[0]
 	}
-	var o *enqueueOpts
-	fs, _ := enqueueFlagSet(env, "validate|refresh") // for the usage of enqueue itself
+	cfg := newConfig(cmdEnqueue, "enqueue validate|refresh", enqueueSynopsis, env) // for the usage of enqueue itself
 	switch sub {
 	case "validate", "refresh":
-		fs, o = enqueueFlagSet(env, sub)
+		cfg = newConfig(cmdEnqueue, "enqueue "+sub, enqueueSynopsis, env)
 	case "-h", "-help", "--help", "help":
-		fs.Usage()
+		cfg.fs.Usage()
 		return flag.ErrHelp
 	case "":
 		return errors.New("missing subcommand: want validate or refresh (see vaultfleet enqueue --help)")
@@ -54,14 +52,13 @@ func runEnqueue(ctx context.Context, args []string, env Env) error {
 		}
 		return fmt.Errorf("unknown subcommand %q: want validate or refresh", sub)
 	}
-	if err := parse(fs, args[1:]); err != nil {
+	if err := cfg.parse(args[1:]); err != nil {
 		return err
 	}
+	o := enqueueOpts{redisURL: cfg.str("redis"), catalog: cfg.str("catalog"), consumer: cfg.str("consumer"),
+		connection: cfg.str("connection"), queue: cfg.str("queue")}
 	if o.consumer == "" || o.connection == "" {
 		return errors.New("--consumer and --connection are required")
-	}
-	if o.queue != "" && !slices.Contains(enqueueQueues, o.queue) {
-		return fmt.Errorf("--queue %q: want critical, default or low", o.queue)
 	}
 	newTask := tasks.NewValidateTask
 	if sub == "refresh" {
@@ -124,15 +121,4 @@ func checkIntegration(path, connectionID string) error {
 		return fmt.Errorf("--connection %q: no such integration in the catalog (known: %s)", connectionID, strings.Join(known, ", "))
 	}
 	return nil
-}
-
-func enqueueFlagSet(env Env, sub string) (*flag.FlagSet, *enqueueOpts) {
-	fs := newFlagSet("enqueue "+sub, enqueueSynopsis, env, [][2]string{commonEnvHelp[0], commonEnvHelp[2]})
-	o := &enqueueOpts{}
-	fs.StringVar(&o.redisURL, "redis", or(env.Getenv(envRedisURL), defaultRedisURL), "Redis URL ($"+envRedisURL+")")
-	fs.StringVar(&o.catalog, "catalog", env.Getenv(envCatalog), "integration catalog file ($"+envCatalog+"; default built-in)")
-	fs.StringVar(&o.consumer, "consumer", "", "consumer id (required)")
-	fs.StringVar(&o.connection, "connection", "", "connection id, unified_api+service_id, e.g. crm+salesforce (required)")
-	fs.StringVar(&o.queue, "queue", "", "queue: critical, default or low (default critical)")
-	return fs, o
 }

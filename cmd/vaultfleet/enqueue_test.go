@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
+	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
@@ -24,7 +25,7 @@ func TestEnqueueCommand(t *testing.T) {
 	t.Cleanup(func() { _ = rdb.Close() })
 	insp := asynq.NewInspectorFromRedisClient(rdb)
 	// A fleet has run against this Redis.
-	announceFleet(context.Background(), rdb, "worker", slog.New(slog.DiscardHandler))
+	require.NoError(t, announceFleet(context.Background(), rdb, "worker", state.DefaultShards, slog.New(slog.DiscardHandler)))
 	vars := map[string]string{envRedisURL: "redis://" + srv.Addr + "/0"}
 	line := regexp.MustCompile(`^enqueued (\S+) task (\S+) on queue (\S+)\n$`)
 
@@ -70,7 +71,7 @@ func TestEnqueueErrors(t *testing.T) {
 		"BadConnection":      {args: []string{"validate", "--consumer", "c1", "--connection", "Salesforce"}, wantCode: 1, wantErr: "connection_id must look like unified_api+service_id"},
 		"BadConsumer":        {args: []string{"refresh", "--consumer", "a|b", "--connection", "crm+hubspot"}, wantCode: 1, wantErr: "consumer_id missing or not a valid id"},
 		"MissingConsumer":    {args: []string{"validate", "--connection", "crm+hubspot"}, wantCode: 1, wantErr: "--consumer and --connection are required"},
-		"BadQueue":           {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--queue", "events"}, wantCode: 1, wantErr: `--queue "events": want critical, default or low`},
+		"BadQueue":           {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--queue", "events"}, wantCode: 1, wantErr: `--queue: "events" is not one of critical, default, low`},
 		"UnknownFlag":        {args: []string{"validate", "--nope"}, wantCode: 2, wantErr: "flag provided but not defined: -nope"},
 		"ExtraArgument":      {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "now"}, wantCode: 2, wantErr: `unexpected argument "now"`},
 		"RedisUnreachable":   {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--redis", "redis://:s3cret-pw@127.0.0.1:1/0"}, wantCode: 1, wantErr: "the Redis at redis://:xxxxx@127.0.0.1:1/0: "},
@@ -112,7 +113,7 @@ func TestEnqueueRefusesForeignRedis(t *testing.T) {
 	require.Empty(t, keys, "nothing was written to a foreign Redis")
 
 	// Once a fleet process has run against it, the same command works.
-	announceFleet(context.Background(), rdb, "serve", slog.New(slog.DiscardHandler))
+	require.NoError(t, announceFleet(context.Background(), rdb, "serve", state.DefaultShards, slog.New(slog.DiscardHandler)))
 	env, out, errOut = testEnv(map[string]string{envRedisURL: url})
 	require.Equal(t, 0, run(context.Background(), args, env), errOut.String())
 	require.Contains(t, out.String(), "enqueued connection:validate task")

@@ -92,13 +92,15 @@ func TestAckReplicas(t *testing.T) {
 		{"redis://127.0.0.1:6379/0", "-1", 0, true},
 		{"redis://127.0.0.1:6379/0", "1x", 0, true},
 	} {
-		c := common{redisURL: tc.url, ackReps: tc.env}
-		n, err := c.ackReplicas()
+		env, _, _ := testEnv(map[string]string{envRedisURL: tc.url, envAckReps: tc.env})
+		cfg := newConfig(cmdWorker, cmdWorker, "", env)
+		err := cfg.parse(nil)
 		if tc.bad {
 			require.ErrorContains(t, err, "VAULTFLEET_ACK_REPLICAS", tc.env)
 			continue
 		}
 		require.NoError(t, err)
-		require.Equal(t, tc.want, n, "%s %q", tc.url, tc.env)
+		c := commonFrom(cfg)
+		require.Equal(t, tc.want, c.ackReplicas(), "%s %q", tc.url, tc.env)
 	}
 }

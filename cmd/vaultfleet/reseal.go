@@ -31,19 +31,12 @@ record could not be opened with any key of the ring or not be rewritten
 const defaultResealProgress = 2 * time.Second
 
 func runReseal(ctx context.Context, args []string, env Env) error {
-	fs := newFlagSet("reseal", resealSynopsis, env, [][2]string{commonEnvHelp[0], commonEnvHelp[1], commonEnvHelp[2],
-		commonEnvHelp[4], commonEnvHelp[5], commonEnvHelp[6]})
-	var c common
-	fs.StringVar(&c.redisURL, "redis", or(env.Getenv(envRedisURL), defaultRedisURL), "Redis URL ($"+envRedisURL+")")
-	fs.StringVar(&c.catalog, "catalog", env.Getenv(envCatalog), "integration catalog file ($"+envCatalog+"; default built-in)")
-	fs.StringVar(&c.logFormat, "log-format", or(env.Getenv(envLogFormat), "json"), "log format: json or text ($"+envLogFormat+")")
-	fs.StringVar(&c.logLevel, "log-level", or(env.Getenv(envLogLevel), "warn"), "log level ($"+envLogLevel+")")
-	fs.IntVar(&c.shards, "shards", atoiOr(env.Getenv(envShards), state.DefaultShards), "index shards ($"+envShards+")")
-	every := fs.Duration("progress", defaultResealProgress, "how often to print progress (0: only at the end)")
-	c.keys = env.Getenv(secrets.EnvKeys)
-	if err := parse(fs, args); err != nil {
+	cfg := newConfig(cmdReseal, cmdReseal, resealSynopsis, env)
+	if err := cfg.parse(args); err != nil {
 		return err
 	}
+	c := commonFrom(cfg)
+	every := cfg.duration("progress")
 	a, err := c.setup(env.Stderr)
 	if err != nil {
 		return err
@@ -55,13 +48,20 @@ func runReseal(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return fmt.Errorf("redis unreachable: %v", err)
 	}
+	// A walk with another shard count than the fleet's would miss records.
+	pctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+	err = checkShards(pctx, a.Redis, c.shards)
+	cancel()
+	if err != nil {
+		return err
+	}
 
 	primary := a.Keys.PrimaryID()
 	fmt.Fprintf(env.Stdout, "reseal: sealing every record under key %q\n", primary)
 	start := time.Now()
 	last := start
 	p, err := a.Store.ResealAll(ctx, func(p state.ResealProgress) {
-		if *every > 0 && time.Since(last) >= *every {
+		if every > 0 && time.Since(last) >= every {
 			last = time.Now()
 			printResealProgress(env.Stdout, "progress", p, time.Since(start))
 		}

@@ -36,7 +36,7 @@ func TestSchedulerHelp(t *testing.T) {
 	}
 	for _, e := range []string{envSchedTick, envSchedBatch, envSchedLease, envSchedJitter,
 		envSchedMaxLowPending, envSchedEnqueueConcurrency} {
-		require.True(t, knownEnv[e], "%s registered in knownEnv", e)
+		require.True(t, knownEnv(e), "%s registered in knownEnv", e)
 	}
 }
 
@@ -52,9 +52,9 @@ func TestSchedulerBadConfig(t *testing.T) {
 		"Batch":         {args: []string{"--batch", "0"}, wantErr: "--batch must be between 1 and 100000"},
 		"Tick":          {args: []string{"--tick", "0s"}, wantErr: "--tick must be positive"},
 		"MaxLowPending": {args: []string{"--max-low-pending", "-1"}, wantErr: "--max-low-pending must not be negative"},
-		"EnvTick":       {env: map[string]string{envSchedTick: "soon"}, wantErr: envSchedTick + `: "soon" is not a duration`},
-		"EnvBatch":      {env: map[string]string{envSchedBatch: "many"}, wantErr: envSchedBatch + `: "many" is not a whole number`},
-		"EnvJitter":     {env: map[string]string{envSchedJitter: "lots"}, wantErr: envSchedJitter + `: "lots" is not a number`},
+		"EnvTick":       {env: map[string]string{envSchedTick: "soon"}, wantErr: envSchedTick + ` (--tick): "soon" is not a duration`},
+		"EnvBatch":      {env: map[string]string{envSchedBatch: "many"}, wantErr: envSchedBatch + ` (--batch): "many" is not a whole number`},
+		"EnvJitter":     {env: map[string]string{envSchedJitter: "lots"}, wantErr: envSchedJitter + ` (--jitter): "lots" is not a number`},
 		"NoKeys":        {args: []string{"--redis", "redis://127.0.0.1:1/0"}, wantErr: "no encryption key"},
 	}
 	for name, tc := range tests {

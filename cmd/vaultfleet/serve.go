@@ -3,11 +3,8 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net/http"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -15,70 +12,28 @@ import (
 
 	"github.com/vaultfleet/vaultfleet/internal/api"
 	"github.com/vaultfleet/vaultfleet/internal/auth"
-	"github.com/vaultfleet/vaultfleet/internal/events"
 	"github.com/vaultfleet/vaultfleet/internal/monitor"
 	"github.com/vaultfleet/vaultfleet/internal/obs"
 	"github.com/vaultfleet/vaultfleet/internal/ui"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 )
 
-// Environment variables of serve (and of the webhook relay the worker runs).
-const (
-	envAPITokens = auth.EnvTokens
-	envWebhooks  = events.EnvWebhooks
-
-	defaultServeAddr = ":8080"
-)
-
-func init() {
-	knownEnv[envAPITokens] = true
-	knownEnv[envWebhooks] = true
-}
-
-var serveEnvHelp = append(append(append([][2]string{}, commonEnvHelp...), vaultEnvHelp...),
-	[2]string{envAPITokens, "bearer tokens accepted by the API, comma-separated (required); browsers use one as the basic-auth password for / and /monitor"},
-	[2]string{envPrometheusURL, "Prometheus base URL for the monitor's metrics charts (optional)"},
-	[2]string{envMonitorReadOnly, "1 or true: the Asynq monitor cannot change tasks or queues (default false)"},
-)
-
-const envMonitorReadOnly = "VAULTFLEET_MONITOR_READONLY"
-
-func init() { knownEnv[envMonitorReadOnly] = true }
-
-// parseBoolEnv reads a boolean variable as strconv.ParseBool does (1, t,
-// true, 0, f, false, ...); unset is false, anything else an error.
-func parseBoolEnv(env Env, name string) (bool, error) {
-	v := strings.TrimSpace(env.Getenv(name))
-	if v == "" {
-		return false, nil
-	}
-	b, err := strconv.ParseBool(v)
-	if err != nil {
-		return false, fmt.Errorf("%s=%q: want true or false (1 or 0)", name, v)
-	}
-	return b, nil
-}
+const serveSynopsis = "Serve the HTTP API (/v1, /openapi.yaml), the Asynq monitor (/monitor), the status page (/) and /metrics (with queue and connection metrics), /healthz, /readyz."
 
 // runServe serves the HTTP API under /v1, its OpenAPI document at
 // /openapi.yaml, and /metrics, /healthz, /readyz, until ctx is done.
 func runServe(ctx context.Context, args []string, env Env) error {
-	fs := newFlagSet("serve", "Serve the HTTP API (/v1, /openapi.yaml), the Asynq monitor (/monitor), the status page (/) and /metrics (with queue and connection metrics), /healthz, /readyz.", env, serveEnvHelp)
-	var c common
-	c.register(fs, env, defaultServeAddr)
-	promURL := fs.String("prometheus-url", env.Getenv(envPrometheusURL), "Prometheus base URL for the monitor's charts ($"+envPrometheusURL+")")
-	readOnlyDefault, err := parseBoolEnv(env, envMonitorReadOnly)
-	if err != nil {
+	cfg := newConfig(cmdServe, cmdServe, serveSynopsis, env)
+	if err := cfg.parse(args); err != nil {
 		return err
 	}
-	readOnly := fs.Bool("monitor-readonly", readOnlyDefault, "Asynq monitor in read-only mode ($"+envMonitorReadOnly+")")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
+	c := commonFrom(cfg)
 	// The same tokens serve programs (bearer) and browsers (basic auth).
-	tokens, err := auth.ParseTokens(env.Getenv(envAPITokens))
+	tokens, err := auth.ParseTokens(cfg.str(envAPITokens))
 	if err != nil {
 		return err
 	}
+	publicURL := cfg.str(envPublicURL)
 	connOpt, err := asynqConnOpt(c.redisURL)
 	if err != nil {
 		return err
@@ -88,16 +43,18 @@ func runServe(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	defer a.Close()
-	announceFleet(ctx, a.Redis, "serve", a.Logger)
+	if err := announceFleet(ctx, a.Redis, "serve", c.shards, a.Logger); err != nil {
+		return err
+	}
 	client := asynq.NewClientFromRedisClient(a.Redis)
 	// The Vault page and sessions, when signing keys are configured.
 	var vault *vaultSetup
-	if spec := env.Getenv(envSessionKeys); spec != "" {
-		if env.Getenv(envPublicURL) == "" {
+	if spec := cfg.str(envSessionKeys); spec != "" {
+		if publicURL == "" {
 			return errors.New(envPublicURL + " is required with " + envSessionKeys + " (the OAuth callback is <url>/vault/callback)")
 		}
-		vault, err = newVault(ctx, a, scheduler.NewNotifier(client, a.Catalog), spec, env.Getenv(envPublicURL),
-			env.Getenv(envRedirectURIs), env.Getenv)
+		vault, err = newVault(ctx, a, scheduler.NewNotifier(client, a.Catalog), spec, publicURL,
+			cfg.str(envRedirectURIs), env.Getenv)
 		if err != nil {
 			return err
 		}
@@ -112,7 +69,7 @@ func runServe(ctx context.Context, args []string, env Env) error {
 		Registerer: a.Registry,
 	}
 	if vault != nil {
-		apiCfg.Sessions, apiCfg.Connect, apiCfg.PublicURL = vault.Sessions, vault.Flow, env.Getenv(envPublicURL)
+		apiCfg.Sessions, apiCfg.Connect, apiCfg.PublicURL = vault.Sessions, vault.Flow, publicURL
 	}
 	h, err := api.New(apiCfg)
 	if err != nil {
@@ -126,8 +83,8 @@ func runServe(ctx context.Context, args []string, env Env) error {
 		Inspector: inspector, Logger: a.Logger}); err != nil {
 		return err
 	}
-	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, ReadOnly: *readOnly,
-		PrometheusAddress: *promURL, Authorize: tokens.Browser})
+	mon, err := monitor.New(monitor.Config{RedisConnOpt: connOpt, ReadOnly: cfg.bool("monitor-readonly"),
+		PrometheusAddress: cfg.str("prometheus-url"), Authorize: tokens.Browser})
 	if err != nil {
 		return err
 	}

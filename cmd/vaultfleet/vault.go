@@ -11,25 +11,6 @@ import (
 	"github.com/vaultfleet/vaultfleet/internal/vaultpage"
 )
 
-// Environment variables of the Vault page and the connect flow.
-const (
-	envSessionKeys  = session.EnvKeys
-	envRedirectURIs = connect.EnvRedirectURIs
-	envPublicURL    = "VAULTFLEET_PUBLIC_URL"
-)
-
-func init() {
-	knownEnv[envSessionKeys] = true
-	knownEnv[envRedirectURIs] = true
-	knownEnv[envPublicURL] = true
-}
-
-var vaultEnvHelp = [][2]string{
-	{envSessionKeys, "Vault session signing keys id:base64(32 bytes),... (first signs, all verify); without it no Vault page and no sessions"},
-	{envPublicURL, "external base URL of serve (the OAuth callback is <url>/vault/callback); required with " + envSessionKeys},
-	{envRedirectURIs, "redirect URIs sessions may name, comma-separated: exact URLs, or origins allowing any path"},
-}
-
 // vaultSetup is the Vault page and what the /vault API needs of it.
 type vaultSetup struct {
 	Sessions *session.Keys

@@ -32,10 +32,10 @@ func TestWorkerHelp(t *testing.T) {
 		"-redis", envWorkerConcurrency, envWorkerShutdownTimeout, envRedisURL, secrets.EnvKeys, "default 20", "25s"} {
 		require.Contains(t, help, want)
 	}
-	require.True(t, knownEnv[envWorkerConcurrency])
-	require.True(t, knownEnv[envWorkerShutdownTimeout])
-	require.True(t, knownEnv["SALESFORCE_CLIENT_ID"], "client credentials the built-in catalog names")
-	require.True(t, knownEnv["SALESFORCE_CLIENT_SECRET"])
+	require.True(t, knownEnv(envWorkerConcurrency))
+	require.True(t, knownEnv(envWorkerShutdownTimeout))
+	require.True(t, knownEnv("SALESFORCE_CLIENT_ID"), "client credentials the built-in catalog names")
+	require.True(t, knownEnv("SALESFORCE_CLIENT_SECRET"))
 }
 
 func TestWorkerBadConfig(t *testing.T) {
@@ -50,7 +50,7 @@ func TestWorkerBadConfig(t *testing.T) {
 		"ShutdownEnv":      {vars: map[string]string{envWorkerShutdownTimeout: "25"}, want: envWorkerShutdownTimeout},
 		"ShutdownNegative": {args: []string{"--shutdown-timeout", "-1s"}, want: "--shutdown-timeout"},
 		"NoKeys":           {want: secrets.EnvKeys},
-		"BadLogLevel":      {vars: map[string]string{secrets.EnvKeys: testKeys}, args: []string{"--log-level", "loud"}, want: "log level"},
+		"BadLogLevel":      {vars: map[string]string{secrets.EnvKeys: testKeys}, args: []string{"--log-level", "loud"}, want: `--log-level: "loud" is not one of debug, info, warn, error`},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
