@@ -184,22 +184,27 @@ func (s *setting) parse(text string) (any, error) {
 	return nil, fmt.Errorf("unknown kind %d", s.kind)
 }
 
+// boundsError is a value of the right kind out of its setting's bounds;
+// it reads "must be ...".
+type boundsError string
+
+func (e boundsError) Error() string { return string(e) }
+
 // checkBounds checks v against min, max and positive; shown is v as the
 // user would write it.
 func (s *setting) checkBounds(v float64, parse func(string) (float64, error), shown string) error {
 	lo, hi := bound(s.min, parse), bound(s.max, parse)
 	switch {
 	case s.positive && v <= 0:
-		return fmt.Errorf("must be positive, got %s", shown)
+		return boundsError("must be positive, got " + shown)
 	case lo != nil && hi != nil && (v < *lo || v > *hi):
-		return fmt.Errorf("must be between %s and %s, got %s", s.min, s.max, shown)
+		return boundsError(fmt.Sprintf("must be between %s and %s, got %s", s.min, s.max, shown))
+	case lo != nil && v < *lo && *lo == 0:
+		return boundsError("must not be negative, got " + shown)
 	case lo != nil && v < *lo:
-		if *lo == 0 {
-			return fmt.Errorf("must not be negative, got %s", shown)
-		}
-		return fmt.Errorf("must be at least %s, got %s", s.min, shown)
+		return boundsError(fmt.Sprintf("must be at least %s, got %s", s.min, shown))
 	case hi != nil && v > *hi:
-		return fmt.Errorf("must be at most %s, got %s", s.max, shown)
+		return boundsError(fmt.Sprintf("must be at most %s, got %s", s.max, shown))
 	}
 	return nil
 }
@@ -314,14 +319,14 @@ func (c *config) parse(args []string) error {
 				}
 			}
 		}
-		if text == "" {
+		if text == "" && (!fromFlag || s.defaultFor(c.cmd) == "") {
 			continue // unset, no default: the command decides
 		}
 		val, err := s.parse(text)
 		if err != nil {
 			sep := ": "
-			if strings.HasPrefix(err.Error(), "must ") {
-				sep = " "
+			if errors.As(err, new(boundsError)) {
+				sep = " " // --batch must be ...
 			}
 			errs = append(errs, s.source(fromFlag)+sep+err.Error())
 			continue
@@ -471,3 +476,79 @@ var catalogEnv = sync.OnceValue(func() map[string]bool {
 	}
 	return out
 })
+
+// readmeTable renders the table as the README's Markdown table.
+func readmeTable() string {
+	var b strings.Builder
+	b.WriteString("| variable | flag | kind | default | read by | meaning |\n|---|---|---|---|---|---|\n")
+	for _, s := range settings {
+		env, fl := "", ""
+		if s.env != "" {
+			env = "`" + s.env + "`"
+			if s.docOnly {
+				env = mdText(s.env)
+			}
+		}
+		if s.flag != "" {
+			fl = "`--" + s.flag + "`"
+		}
+		var cmds []string
+		meaning := s.help
+		for _, c := range commands {
+			if s.usedBy(c.name) {
+				cmds = append(cmds, c.name)
+			}
+			if h, ok := s.helps[c.name]; ok {
+				meaning += "; " + c.name + ": " + h
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", env, fl, s.kindDoc(), mdText(s.defaultDoc()),
+			strings.Join(cmds, ", "), mdText(meaning))
+	}
+	return b.String()
+}
+
+// kindDoc is the kind with its bounds, for the README.
+func (s *setting) kindDoc() string {
+	k := s.kind.name()
+	switch {
+	case s.kind == kindChoice:
+		return "one of `" + strings.Join(s.choices, "`, `") + "`"
+	case s.positive:
+		return k + " > 0"
+	case s.min != "" && s.max != "":
+		return k + " " + s.min + " to " + s.max
+	case s.min != "":
+		return k + " ≥ " + s.min
+	case s.max != "":
+		return k + " ≤ " + s.max
+	}
+	return k
+}
+
+// defaultDoc is the default of every command, for the README.
+func (s *setting) defaultDoc() string {
+	show := func(v string) string {
+		if v == "" {
+			return s.defNote
+		}
+		return "`" + v + "`"
+	}
+	var parts []string
+	if slices.ContainsFunc(s.cmds, func(c string) bool { _, ok := s.defs[c]; return !ok }) {
+		if d := show(s.def); d != "" {
+			parts = append(parts, d)
+		}
+	}
+	for _, c := range s.cmds {
+		if v, ok := s.defs[c]; ok {
+			parts = append(parts, c+": "+show(v))
+		}
+	}
+	return strings.Join(parts, "; ")
+}
+
+// mdText escapes text for a Markdown table cell.
+func mdText(s string) string {
+	return strings.NewReplacer("|", `\|`, "<", "&lt;", ">", "&gt;").Replace(s)
+}

@@ -234,6 +234,12 @@ func TestConfigPrecedenceAndDefaults(t *testing.T) {
 	cfg, err = parseWith(cmdReseal, nil)
 	require.NoError(t, err)
 	require.Equal(t, "warn", cfg.str("log-level"))
+	// An empty flag is "unset" only where there is no default.
+	_, err = parseWith(cmdWorker, nil, "--shards=")
+	require.EqualError(t, err, `--shards: "" is not a whole number`)
+	cfg, err = parseWith(cmdServe, nil, "--prometheus-url=")
+	require.NoError(t, err)
+	require.Empty(t, cfg.str("prometheus-url"))
 	// A bare boolean flag.
 	cfg, err = parseWith(cmdServe, map[string]string{envMonitorReadOnly: "false"}, "--monitor-readonly")
 	require.NoError(t, err)
@@ -304,7 +310,7 @@ func TestKnownEnv(t *testing.T) {
 	}
 	require.True(t, knownEnv("SALESFORCE_CLIENT_SECRET"))
 	require.False(t, knownEnv("VAULTFLEET_SHRADS"))
-	require.False(t, knownEnv("<client_id_env>, <client_secret_env>"))
+	require.False(t, knownEnv("(the catalog's client_id_env, client_secret_env)"))
 }
 
 // TestShardCountRecorded: the first process records the fleet's shard

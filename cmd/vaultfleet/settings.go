@@ -100,7 +100,7 @@ var settings = []setting{
 			"SIGTERM waits for exchanges in flight, so give the process shutdown timeout + token timeout (15s) + this before SIGKILL"},
 	{env: envWebhooks, kind: kindString, cmds: []string{cmdWorker, cmdDev},
 		help: "webhook subscriptions file: the worker relays state-change events to them and delivers them (optional)"},
-	{env: "<client_id_env>, <client_secret_env>", kind: kindSecret, cmds: []string{cmdWorker, cmdServe}, docOnly: true,
+	{env: "(the catalog's client_id_env, client_secret_env)", kind: kindSecret, cmds: []string{cmdWorker, cmdServe}, docOnly: true,
 		help: "OAuth client credentials of each integration, named by the catalog (e.g. SALESFORCE_CLIENT_ID); serve: the connect flow's code exchange and revocation"},
 
 	// scheduler
