@@ -236,8 +236,8 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 				credMode, next.CredentialsKeyID = "d", ""
 			}
 		}
-		checkMode, checkAt := s.dueCheck(cur, next, in, h, now)
-		refreshMode, refreshAt := s.dueRefresh(cur, next, in)
+		checkMode, checkAt := dueCheck(cur, next, in, h, now)
+		refreshMode, refreshAt := dueRefresh(cur, next, in)
 		args = append(args, expected, "s", member, strconv.FormatInt(next.Version, 10), string(next.State),
 			oldState, next.ServiceID, data, credMode, sealed,
 			checkMode, ms(checkAt), refreshMode, ms(refreshAt))
