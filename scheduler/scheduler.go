@@ -479,7 +479,7 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 		return
 	}
 	_, err = s.cfg.Client.EnqueueContext(ctx, task)
-	if errors.Is(err, asynq.ErrTaskIDConflict) && j.idx == state.IndexRefresh && s.unblockRefresh(c.Ref) {
+	if errors.Is(err, asynq.ErrTaskIDConflict) && j.idx == state.IndexRefresh && s.unblockRefresh(spec) {
 		_, err = s.cfg.Client.EnqueueContext(ctx, task)
 	}
 	switch {
@@ -509,17 +509,17 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 
 // unblockRefresh deletes the connection's refresh task if asynq archived
 // it, and reports whether it did (the chain is over; a new one may start).
-func (s *Scheduler) unblockRefresh(ref state.Ref) bool {
+func (s *Scheduler) unblockRefresh(spec state.Task) bool {
 	ti, ok := s.cfg.Inspector.(TaskInspector)
 	if !ok {
 		return false
 	}
-	id := tasks.RefreshTaskID(ref.ConsumerID, ref.ConnectionID)
-	info, err := ti.GetTaskInfo(tasks.QueueCritical, id)
+	id, queue := spec.ID(), spec.Queue()
+	info, err := ti.GetTaskInfo(queue, id)
 	if err != nil || info.State != asynq.TaskStateArchived {
 		return false
 	}
-	return ti.DeleteTask(tasks.QueueCritical, id) == nil
+	return ti.DeleteTask(queue, id) == nil
 }
 
 // reschedule sets the next due time of a claim, or hands it to the
