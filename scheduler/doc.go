@@ -4,18 +4,22 @@
 // and next token refresh, scored by due time. Every Tick a Scheduler claims
 // due members shard by shard (state.Store.ClaimDue: a Lua script that moves
 // up to Batch due members to a lease score in one atomic step) and enqueues
-// one task per claim through package tasks, EnqueueConcurrency at a time:
+// one task per claim, EnqueueConcurrency at a time. What each claim
+// becomes, under which id, and when it is due next is the store's
+// scheduling policy (state.SweepTask, state.SweepNextCheck), the same one
+// the store, the Notifier, the API and the worker ask:
 //
 //   - a check claim becomes a connection:validate task on the low queue
 //     (reason scheduled, dedupe key = the due time in unix seconds); once
 //     enqueued, the member is rescheduled to now + the catalog's interval for
-//     its integration and state, spread uniformly by ±Jitter of the interval
-//     so that no provider sees a thundering herd at the top of the hour;
+//     its integration and state, spread by ±Jitter of the interval by a
+//     fraction fixed per connection (state.Jitter) so that no provider sees
+//     a thundering herd at the top of the hour;
 //     (With a Store that implements BatchRescheduler the reschedules go
 //     out in batches, one round trip for up to 256 claims.)
-//   - a refresh claim becomes a connection:refresh_token task (reason
-//     scheduled on the default queue, or expired on the critical queue when
-//     the claim is overdue by more than the refresh window). It is not
+//   - a refresh claim becomes a connection:refresh_token task on the
+//     critical queue (reason scheduled, or expired when the claim is overdue
+//     by more than the longest refresh window of its integration). It is not
 //     rescheduled: the store sets the next refresh due time when new tokens
 //     are stored, and if the refresh fails the lease runs out and the member
 //     is due again.
@@ -36,8 +40,9 @@
 // when its context is done.
 //
 // The write path uses a Notifier: after each write the HTTP API passes the
-// state.Change to Notify, which enqueues a critical validation when the
-// credentials revision moved or the connection was enabled, so a consumer
+// state.Change to Notify, which enqueues what state.TasksAfterWrite calls
+// for: a critical validation when the credentials revision moved or the
+// connection was enabled (and a refresh when its token is due), so a consumer
 // sees `callable` or `invalid` within a second or two rather than at the
 // next sweep.
 package scheduler

@@ -8,7 +8,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,7 +26,7 @@ const (
 	DefaultTick               = time.Second
 	DefaultBatch              = 500
 	DefaultLease              = 2 * time.Minute
-	DefaultJitter             = 0.10
+	DefaultJitter             = state.DefaultJitter
 	DefaultMaxLowPending      = 50_000
 	DefaultEnqueueConcurrency = 16
 )
@@ -37,12 +36,6 @@ const (
 	maxJitter = 0.5
 	// backoffMax caps the pause after consecutive failed sweeps.
 	backoffMax = 30 * time.Second
-	// defaultInterval is used when the catalog gives no positive interval,
-	// and to push back members of integrations that are not checked.
-	defaultInterval = time.Hour
-	// defaultRefreshWindow decides when a refresh claim counts as expired
-	// if the catalog sets no refresh window (DESIGN.md: at most 10m).
-	defaultRefreshWindow = 10 * time.Minute
 	// failAfter consecutive enqueue errors end a sweep (Redis is likely
 	// down): the remaining claims wait for their lease.
 	failAfter = 3
@@ -131,8 +124,9 @@ type Config struct {
 	// Lease is how long a claim is held: a claim whose enqueue never
 	// happened is due again after it. If zero, DefaultLease.
 	Lease time.Duration
-	// Jitter spreads the next check time uniformly over ±Jitter×interval.
-	// If zero, DefaultJitter; negative means no jitter; at most 0.5.
+	// Jitter spreads the next check time over ±Jitter×interval, by a
+	// fraction fixed per connection (state.Jitter). If zero, DefaultJitter;
+	// negative means no jitter; at most 0.5.
 	Jitter float64
 	// MaxLowPending pauses periodic check sweeps while the low queue holds
 	// at least this many pending tasks. If zero, DefaultMaxLowPending;
@@ -148,8 +142,9 @@ type Config struct {
 	Registerer prometheus.Registerer
 	// NowFunc is the clock. If nil, time.Now.
 	NowFunc func() time.Time
-	// RandFunc returns a uniform number in [0, 1) for jitter; it must be
-	// safe for concurrent use. If nil, math/rand/v2's Float64.
+	// RandFunc returns a uniform number in [0, 1) for the backoff after
+	// failed sweeps; it must be safe for concurrent use. If nil,
+	// math/rand/v2's Float64.
 	RandFunc func() float64
 }
 
@@ -456,30 +451,19 @@ claiming:
 func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 	c := j.claim
 	now := s.cfg.NowFunc()
-	in, ok := s.cfg.Catalog.Get(c.ServiceID)
-	if !ok || !in.Checkable() {
+	in, _ := s.cfg.Catalog.Get(c.ServiceID)
+	spec, ok := state.SweepTask(j.idx, c, in, now)
+	if !ok {
 		// Nothing to enqueue; push the member back instead of claiming
 		// it again at every lease.
-		s.reschedule(ctx, ss, j.idx, c, now.Add(s.jitter(defaultInterval)))
+		s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, now, s.cfg.Jitter))
 		return
 	}
-	var (
-		task  *asynq.Task
-		err   error
-		label string
-		key   = strconv.FormatInt(c.Due.Unix(), 10)
-	)
-	if j.idx == state.IndexCheck {
-		label = "validate"
-		task, err = tasks.NewValidateTask(c.Ref.ConsumerID, c.Ref.ConnectionID, tasks.ReasonScheduled, key)
-	} else {
+	label := "validate"
+	if j.idx == state.IndexRefresh {
 		label = "refresh_token"
-		reason := tasks.ReasonScheduled
-		if now.Sub(c.Due) > refreshWindow(in) {
-			reason = tasks.ReasonExpired
-		}
-		task, err = tasks.NewRefreshTask(c.Ref.ConsumerID, c.Ref.ConnectionID, reason, key)
 	}
+	task, _, err := spec.New()
 	if err != nil {
 		// A malformed id never becomes valid: count it, log it, and keep
 		// it from coming back at every lease.
@@ -490,12 +474,12 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 				slog.String("connection_id", c.Ref.ConnectionID), slog.String("error", err.Error()))
 		}
 		if j.idx == state.IndexCheck {
-			s.reschedule(ctx, ss, j.idx, c, now.Add(s.jitter(interval(in, c.State))))
+			s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, now, s.cfg.Jitter))
 		}
 		return
 	}
 	_, err = s.cfg.Client.EnqueueContext(ctx, task)
-	if errors.Is(err, asynq.ErrTaskIDConflict) && j.idx == state.IndexRefresh && s.unblockRefresh(c.Ref) {
+	if errors.Is(err, asynq.ErrTaskIDConflict) && j.idx == state.IndexRefresh && s.unblockRefresh(spec) {
 		_, err = s.cfg.Client.EnqueueContext(ctx, task)
 	}
 	switch {
@@ -519,23 +503,23 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 	}
 	ss.consecutive.Store(0)
 	if j.idx == state.IndexCheck {
-		s.reschedule(ctx, ss, j.idx, c, s.cfg.NowFunc().Add(s.jitter(interval(in, c.State))))
+		s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, s.cfg.NowFunc(), s.cfg.Jitter))
 	}
 }
 
 // unblockRefresh deletes the connection's refresh task if asynq archived
 // it, and reports whether it did (the chain is over; a new one may start).
-func (s *Scheduler) unblockRefresh(ref state.Ref) bool {
+func (s *Scheduler) unblockRefresh(spec state.Task) bool {
 	ti, ok := s.cfg.Inspector.(TaskInspector)
 	if !ok {
 		return false
 	}
-	id := tasks.RefreshTaskID(ref.ConsumerID, ref.ConnectionID)
-	info, err := ti.GetTaskInfo(tasks.QueueCritical, id)
+	id, queue := spec.ID(), spec.Queue()
+	info, err := ti.GetTaskInfo(queue, id)
 	if err != nil || info.State != asynq.TaskStateArchived {
 		return false
 	}
-	return ti.DeleteTask(tasks.QueueCritical, id) == nil
+	return ti.DeleteTask(queue, id) == nil
 }
 
 // reschedule sets the next due time of a claim, or hands it to the
@@ -586,32 +570,6 @@ func (s *Scheduler) rescheduleFailed(ctx context.Context, idx state.Index, err e
 		s.cfg.Logger.WarnContext(ctx, "scheduler: reschedule failed",
 			slog.String("index", string(idx)), slog.String("error", err.Error()))
 	}
-}
-
-// jitter spreads d uniformly over [d-J·d, d+J·d).
-func (s *Scheduler) jitter(d time.Duration) time.Duration {
-	if s.cfg.Jitter == 0 {
-		return d
-	}
-	f := 1 + s.cfg.Jitter*(2*s.cfg.RandFunc()-1)
-	return time.Duration(float64(d) * f)
-}
-
-func interval(in *catalog.Integration, st state.State) time.Duration {
-	if d := in.Interval(string(st)); d > 0 {
-		return d
-	}
-	return defaultInterval
-}
-
-// refreshWindow is how overdue a refresh claim may be before the token
-// counts as expired. The token lifetime is not known here, so a catalog
-// without a window gets DESIGN.md's upper bound.
-func refreshWindow(in *catalog.Integration) time.Duration {
-	if w := in.RefreshWindow.D(); w > 0 {
-		return w
-	}
-	return defaultRefreshWindow
 }
 
 // checkBackpressure reads the low queue's pending size and reports whether

@@ -246,18 +246,19 @@ func TestJitterSpreadsDueTimes(t *testing.T) {
 	t.Logf("20-bucket histogram over [now+54m, now+66m): %v (mean %d)", hist, mean)
 }
 
+// TestJitterBounds: the next check is the interval spread by the policy's
+// per-connection jitter (state.Jitter), within ±Jitter, whatever RandFunc
+// returns.
 func TestJitterBounds(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	tests := map[string]struct {
 		jitter float64
 		rand   float64
-		want   time.Duration
 	}{
-		"Lowest":   {jitter: 0.1, rand: 0, want: 54 * time.Minute},
-		"Middle":   {jitter: 0.1, rand: 0.5, want: time.Hour},
-		"Highest":  {jitter: 0.2, rand: 0.75, want: 66 * time.Minute},
-		"NoJitter": {jitter: -1, rand: 0.99, want: time.Hour},
+		"Ten":      {jitter: 0.1, rand: 0},
+		"Twenty":   {jitter: 0.2, rand: 0.75},
+		"NoJitter": {jitter: -1, rand: 0.99},
 	}
 	i := 0
 	for name, tc := range tests {
@@ -268,8 +269,14 @@ func TestJitterBounds(t *testing.T) {
 		s, err := scheduler.New(cfg)
 		require.NoError(t, err)
 		require.NoError(t, s.Sweep(context.Background()), name)
-		at := dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck)[consumer(i)+"|"+pipedrive]
-		require.Equal(t, now.Add(tc.want).UnixMilli(), at.UnixMilli(), name)
+		ref := state.Ref{ConsumerID: consumer(i), ConnectionID: pipedrive}
+		at := dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck)[ref.String()]
+		spread := max(tc.jitter, 0)
+		want := now.Add(state.Jitter(ref, time.Hour, spread))
+		require.Equal(t, want.UnixMilli(), at.UnixMilli(), name)
+		lo, hi := now.Add(time.Duration(float64(time.Hour)*(1-spread))), now.Add(time.Duration(float64(time.Hour)*(1+spread)))
+		require.False(t, at.Before(lo), "%s: %v before %v", name, at, lo)
+		require.True(t, at.Before(hi) || spread == 0 && at.Equal(hi), "%s: %v not before %v", name, at, hi)
 		i++
 	}
 }

@@ -234,6 +234,10 @@ func (p ConnectionPayload) validate() error {
 	return nil
 }
 
+// QueueFor is the queue a connection task of type typ enqueued for reason
+// r goes to (see queueFor).
+func QueueFor(typ string, r Reason) string { return queueFor(typ, r) }
+
 // queueFor picks the queue: what a user is waiting for is critical, every
 // token refresh is critical, confirmations default, periodic checks low.
 // Refreshes share one queue whatever their reason because asynq dedupes

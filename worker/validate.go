@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
 
 	"github.com/hibiken/asynq"
 
@@ -352,24 +351,22 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 }
 
 // confirmLater enqueues the next confirming check of an invalid verdict the
-// store holds back (catalog confirm_invalid), ConfirmSpacing from now. Its
-// task id makes one confirming check per step, however many tasks see it.
+// store holds back (catalog confirm_invalid), as the policy says
+// (state.ConfirmTask): ConfirmSpacing from now, one task per step however
+// many tasks see it. The check index holds the connection back meanwhile.
 func (v *validation) confirmLater(ctx context.Context, c *state.Connection) {
-	in := v.in
-	if in.ConfirmInvalid <= 0 || c == nil || c.State == state.Invalid ||
-		c.Confirmation.Invalids == 0 || c.Confirmation.Revision != v.rev {
+	spec, ok := state.ConfirmTask(c, v.in, v.rev)
+	if !ok {
 		return
 	}
-	spacing := in.ConfirmSpacingOrDefault()
-	key := "confirm-" + strconv.FormatInt(v.rev, 10) + "-" + strconv.Itoa(c.Confirmation.Invalids)
-	t, err := tasks.NewValidateTask(v.ref.ConsumerID, v.ref.ConnectionID, tasks.ReasonConfirm, key)
+	t, opts, err := spec.New()
 	if err != nil {
 		return
 	}
 	ectx, cancel := storeCtx(ctx)
 	defer cancel()
-	if _, err := v.w.enqueuer.EnqueueContext(ectx, t, asynq.ProcessIn(spacing)); err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
-		v.w.log.WarnContext(ctx, "enqueueing a confirming check failed", slog.String(keyIntegration, in.ID),
+	if _, err := v.w.enqueuer.EnqueueContext(ectx, t, opts...); err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
+		v.w.log.WarnContext(ctx, "enqueueing a confirming check failed", slog.String(keyIntegration, v.in.ID),
 			slog.String(keyConnectionID, v.ref.ConnectionID), slog.String("error", err.Error()))
 	}
 }

@@ -238,11 +238,14 @@ func runDev(ctx context.Context, args []string, env Env) error {
 		if !sc.Written {
 			continue
 		}
-		t, err := tasks.NewValidateTask(sc.Ref.ConsumerID, sc.Ref.ConnectionID, tasks.ReasonCredentialsChanged, fmt.Sprintf("rev%d", sc.Version))
+		// The notifier asks the policy (state.TasksAfterWrite), so the
+		// task is the one a consumer's write makes: the same id, no
+		// second validation of the revision.
+		c, err := store.Get(gctx, sc.Ref)
 		if err == nil {
-			_, err = client.EnqueueContext(gctx, t)
+			err = notifier.Notify(gctx, state.Change{After: c})
 		}
-		if err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
+		if err != nil {
 			logger.Warn("enqueue first validation", slog.String("connection_id", sc.Ref.ConnectionID), slog.String("error", err.Error()))
 		}
 	}

@@ -370,25 +370,12 @@ func (s *server) enqueueFor(r *http.Request, t target, typ string) (taskView, *s
 			return taskView{}, c, errf(http.StatusUnprocessableEntity, codeIncomplete, "a required setting is missing; set it first")
 		}
 	}
-	var task *asynq.Task
-	var key string
-	if typ == tasks.TypeValidate {
-		key = "od" + strconv.FormatInt(c.Version, 10)
-		task, err = tasks.NewValidateTask(c.ConsumerID, c.ID, tasks.ReasonOnDemand, key)
-	} else {
-		key = strconv.FormatInt(c.Credentials.ExpiresAt.Unix(), 10)
-		if c.Credentials.ExpiresAt.IsZero() {
-			key = "0"
-		}
-		task, err = tasks.NewRefreshTask(c.ConsumerID, c.ID, tasks.ReasonOnDemand, key)
-	}
+	spec := state.OnDemandTask(c, typ)
+	task, _, err := spec.New()
 	if err != nil {
 		return taskView{}, c, err
 	}
-	out := taskView{TaskID: tasks.TaskID(typ, c.ConsumerID, c.ID, key), Queue: tasks.QueueCritical}
-	if typ == tasks.TypeRefreshToken {
-		out.TaskID = tasks.RefreshTaskID(c.ConsumerID, c.ID)
-	}
+	out := taskView{TaskID: spec.ID(), Queue: spec.Queue()}
 	info, err := s.cfg.Enqueuer.EnqueueContext(r.Context(), task)
 	switch {
 	case errors.Is(err, asynq.ErrTaskIDConflict):
