@@ -171,7 +171,7 @@ var EventTypes = []string{EventCreated, EventUpdated, EventCallable, EventInvali
 
 // New validates cfg, applies defaults and returns a Store.
 func New(cfg Config) (*Store, error) {
-	cfg = cfg.WithDefaults()
+	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -343,13 +343,6 @@ func (s *Store) RecordRefreshFailure(ctx context.Context, ref Ref, usedRefreshTo
 // due time each was claimed at.
 func (s *Store) ClaimDue(ctx context.Context, idx Index, shard int, now time.Time, lease time.Duration, max int) ([]Claim, error) {
 	return s.claimDue(ctx, idx, shard, now, lease, max)
-}
-
-// Reschedule sets the next due time of a claimed member, only if the member
-// still carries the claim's lease score (a write meanwhile wins).
-func (s *Store) Reschedule(ctx context.Context, idx Index, c Claim, next time.Time) error {
-	_, err := s.reschedule(ctx, idx, c, next)
-	return err
 }
 
 // OldestDue returns the earliest due time in idx across all shards that is
