@@ -192,7 +192,8 @@ func New(cfg Config) (*Store, error) {
 // Shards returns the number of index shards.
 func (s *Store) Shards() int { return s.cfg.Shards }
 
-// --- reads ---
+// --- reads (List, ListConsumer and Counts: store_read.go; events:
+// store_events.go, events_latest.go) ---
 
 // Get returns one connection, or ErrNotFound. When its credentials cannot
 // be opened (sealed with a key no longer in the keyring) the error is an
@@ -210,28 +211,6 @@ func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
 		return nil, ErrNotFound
 	}
 	return c, nil
-}
-
-// ListConsumer returns every stored connection of one consumer, sorted by
-// id. A connection whose credentials cannot be opened is listed marked
-// Unreadable (empty Credentials, stored State and Health) rather than
-// failing the listing; so does List.
-func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
-	return s.listConsumer(ctx, consumerID)
-}
-
-// List returns up to limit connections matching f, starting after cursor
-// ("" for the first page), and the cursor of the next page ("" at the end).
-// A connection that exists for the whole walk and keeps matching is
-// returned exactly once, whatever is written meanwhile.
-func (s *Store) List(ctx context.Context, f Filter, cursor string, limit int) ([]*Connection, string, error) {
-	return s.list(ctx, f, cursor, limit)
-}
-
-// Counts returns the number of connections per integration and state, from
-// counters kept with every write (never a SCAN).
-func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
-	return s.counts(ctx)
 }
 
 // --- consumer-side writes ---
@@ -362,12 +341,4 @@ type Claim struct {
 	// step, so the scheduler can pick the interval without another read.
 	ServiceID string
 	State     State
-}
-
-// --- events ---
-
-// ReadEvents returns up to count stream entries after id ("0" or "" from the
-// start), for tests and followers that do not use consumer groups.
-func (s *Store) ReadEvents(ctx context.Context, afterID string, count int64) ([]Event, error) {
-	return s.readEvents(ctx, afterID, count)
 }
