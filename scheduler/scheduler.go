@@ -56,9 +56,10 @@ type Store interface {
 	// ClaimDue atomically takes up to max due members of one shard and
 	// pushes them to now+lease.
 	ClaimDue(ctx context.Context, idx state.Index, shard int, now time.Time, lease time.Duration, max int) ([]state.Claim, error)
-	// Reschedule sets the next due time of a claimed member if it still
-	// carries the claim's lease score.
-	Reschedule(ctx context.Context, idx state.Index, c state.Claim, next time.Time) error
+	// RescheduleClaim sets the next due time of a claimed member if it
+	// still carries the claim's lease score (false: a write since the
+	// claim moved or removed it).
+	RescheduleClaim(ctx context.Context, idx state.Index, c state.Claim, next time.Time) (bool, error)
 	// OldestDue returns the earliest unclaimed due time at or before now.
 	OldestDue(ctx context.Context, idx state.Index, now time.Time) (time.Time, bool, error)
 }
@@ -529,7 +530,8 @@ func (s *Scheduler) reschedule(ctx context.Context, ss *sweepState, idx state.In
 		ss.resched <- rescheduled{idx: idx, claim: c, next: next}
 		return
 	}
-	s.rescheduleFailed(ctx, idx, s.cfg.Store.Reschedule(ctx, idx, c, next))
+	_, err := s.cfg.Store.RescheduleClaim(ctx, idx, c, next)
+	s.rescheduleFailed(ctx, idx, err)
 }
 
 // batchReschedules sends reschedules to the store rescheduleBatch at a

@@ -250,7 +250,7 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 				return nil, err
 			}
 		}
-		conns, err := s.listConsumer(ctx, id)
+		conns, err := s.ListConsumer(ctx, id)
 		if err != nil {
 			return nil, err
 		}

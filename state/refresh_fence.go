@@ -30,35 +30,21 @@ import (
 // the exchange it started, and nobody else exchanges that lineage while the
 // intent is younger than its TTL.
 
-//go:embed lua/fence_begin.lua
-var fenceBeginLua string
-
+// The fence's scripts (see each file for its keys and replies).
 var (
+	//go:embed lua/fence_begin.lua
+	fenceBeginLua string
+	//go:embed lua/fence_extend.lua
+	fenceExtendLua string
+	//go:embed lua/fence_release.lua
+	fenceReleaseLua string
+	//go:embed lua/fence_settle.lua
+	fenceSettleLua string
+
 	fenceBeginScript = redis.NewScript(fenceBeginLua)
-	fenceExtend      = redis.NewScript(`
-if redis.call("GET", KEYS[1]) == ARGV[1] then
-  return redis.call("PEXPIRE", KEYS[1], ARGV[2])
-end
-return 0`)
-	fenceRelease = redis.NewScript(`
-if redis.call("GET", KEYS[1]) == ARGV[1] then
-  return redis.call("DEL", KEYS[1])
-end
-return 0`)
-	// fenceSettle ends an intent we own: "c" clears it (the outcome is
-	// known: stored, or the provider answered without rotating), "u"
-	// marks it unknown (the request may have reached the provider and no
-	// answer came back): a later invalid_grant for that lineage is then
-	// not a user revocation.
-	fenceSettle = redis.NewScript(`
-if redis.call("HGET", KEYS[1], "o") ~= ARGV[1] then
-  return 0
-end
-if ARGV[2] == "c" then
-  return redis.call("DEL", KEYS[1])
-end
-redis.call("HSET", KEYS[1], "o", "", "s", "u")
-return 1`)
+	fenceExtend      = redis.NewScript(fenceExtendLua)
+	fenceRelease     = redis.NewScript(fenceReleaseLua)
+	fenceSettle      = redis.NewScript(fenceSettleLua)
 )
 
 // intentRetention keeps an unknown-outcome intent long enough to explain

@@ -1,6 +1,15 @@
 // Package state holds the connection model, the pure rule that derives a
-// connection's state and health from its facts, and the Redis store (the one
-// place in vaultfleet that speaks go-redis).
+// connection's state and health from its facts, and the Redis store.
+//
+// It is vaultfleet's one Redis door: every Lua script (state/lua), key
+// layout and Redis command of the fleet's own data is here. Besides Store
+// (connections, consumers, due indexes, the refresh fence), small types
+// serve the other packages, each of which declares the interface it needs:
+// RateLimiter and WaveCounter (the worker's fleet-wide limits), EventStream
+// (the webhook relay's consumer group and reads), FlowStates (the connect
+// flow's one-time OAuth states). Outside state, only the process wiring
+// (cmd), asynq's own connection and test helpers hold a go-redis client;
+// door_test.go keeps it so.
 package state
 
 import (

@@ -171,7 +171,7 @@ var EventTypes = []string{EventCreated, EventUpdated, EventCallable, EventInvali
 
 // New validates cfg, applies defaults and returns a Store.
 func New(cfg Config) (*Store, error) {
-	cfg = cfg.WithDefaults()
+	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -192,7 +192,8 @@ func New(cfg Config) (*Store, error) {
 // Shards returns the number of index shards.
 func (s *Store) Shards() int { return s.cfg.Shards }
 
-// --- reads ---
+// --- reads (List, ListConsumer and Counts: store_read.go; events:
+// store_events.go, events_latest.go) ---
 
 // Get returns one connection, or ErrNotFound. When its credentials cannot
 // be opened (sealed with a key no longer in the keyring) the error is an
@@ -210,28 +211,6 @@ func (s *Store) Get(ctx context.Context, ref Ref) (*Connection, error) {
 		return nil, ErrNotFound
 	}
 	return c, nil
-}
-
-// ListConsumer returns every stored connection of one consumer, sorted by
-// id. A connection whose credentials cannot be opened is listed marked
-// Unreadable (empty Credentials, stored State and Health) rather than
-// failing the listing; so does List.
-func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
-	return s.listConsumer(ctx, consumerID)
-}
-
-// List returns up to limit connections matching f, starting after cursor
-// ("" for the first page), and the cursor of the next page ("" at the end).
-// A connection that exists for the whole walk and keeps matching is
-// returned exactly once, whatever is written meanwhile.
-func (s *Store) List(ctx context.Context, f Filter, cursor string, limit int) ([]*Connection, string, error) {
-	return s.list(ctx, f, cursor, limit)
-}
-
-// Counts returns the number of connections per integration and state, from
-// counters kept with every write (never a SCAN).
-func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
-	return s.counts(ctx)
 }
 
 // --- consumer-side writes ---
@@ -345,13 +324,6 @@ func (s *Store) ClaimDue(ctx context.Context, idx Index, shard int, now time.Tim
 	return s.claimDue(ctx, idx, shard, now, lease, max)
 }
 
-// Reschedule sets the next due time of a claimed member, only if the member
-// still carries the claim's lease score (a write meanwhile wins).
-func (s *Store) Reschedule(ctx context.Context, idx Index, c Claim, next time.Time) error {
-	_, err := s.reschedule(ctx, idx, c, next)
-	return err
-}
-
 // OldestDue returns the earliest due time in idx across all shards that is
 // at or before now, excluding leased members; ok is false if none.
 func (s *Store) OldestDue(ctx context.Context, idx Index, now time.Time) (t time.Time, ok bool, err error) {
@@ -369,12 +341,4 @@ type Claim struct {
 	// step, so the scheduler can pick the interval without another read.
 	ServiceID string
 	State     State
-}
-
-// --- events ---
-
-// ReadEvents returns up to count stream entries after id ("0" or "" from the
-// start), for tests and followers that do not use consumer groups.
-func (s *Store) ReadEvents(ctx context.Context, afterID string, count int64) ([]Event, error) {
-	return s.readEvents(ctx, afterID, count)
 }

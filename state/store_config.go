@@ -35,9 +35,9 @@ const (
 // connection and gave up; retrying later is safe.
 var ErrContention = errors.New("state: too many concurrent writes of one connection")
 
-// WithDefaults returns cfg with the defaults documented on each field
+// withDefaults returns cfg with the defaults documented on each field
 // applied.
-func (c Config) WithDefaults() Config {
+func (c Config) withDefaults() Config {
 	c.Shards = cmp.Or(c.Shards, DefaultShards)
 	c.Prefix = cmp.Or(c.Prefix, DefaultPrefix)
 	c.EventStream = cmp.Or(c.EventStream, DefaultEventStream)

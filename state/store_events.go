@@ -172,7 +172,9 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	}
 }
 
-func (s *Store) readEvents(ctx context.Context, afterID string, count int64) ([]Event, error) {
+// ReadEvents returns up to count stream entries after id ("0" or "" from the
+// start), for tests and followers that do not use consumer groups.
+func (s *Store) ReadEvents(ctx context.Context, afterID string, count int64) ([]Event, error) {
 	start := "-"
 	if afterID != "" && afterID != "0" && afterID != "0-0" {
 		start = "(" + afterID

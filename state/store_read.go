@@ -89,7 +89,11 @@ func parseMember(m string) (Ref, bool) {
 	return Ref{ConsumerID: consumer, ConnectionID: conn}, ok
 }
 
-func (s *Store) listConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
+// ListConsumer returns every stored connection of one consumer, sorted by
+// id. A connection whose credentials cannot be opened is listed marked
+// Unreadable (empty Credentials, stored State and Health) rather than
+// failing the listing; so does List.
+func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connection, error) {
 	if !tasks.ValidConsumerID(consumerID) {
 		return nil, validateRef(Ref{ConsumerID: consumerID})
 	}
@@ -272,7 +276,11 @@ func (s *Store) listPlan(ctx context.Context, f Filter) (func(sh int) []walk, er
 	}, nil
 }
 
-func (s *Store) list(ctx context.Context, f Filter, cur string, limit int) ([]*Connection, string, error) {
+// List returns up to limit connections matching f, starting after cursor
+// ("" for the first page), and the cursor of the next page ("" at the end).
+// A connection that exists for the whole walk and keeps matching is
+// returned exactly once, whatever is written meanwhile.
+func (s *Store) List(ctx context.Context, f Filter, cur string, limit int) ([]*Connection, string, error) {
 	switch {
 	case limit <= 0:
 		limit = DefaultListLimit
@@ -363,7 +371,9 @@ func (f Filter) matches(c *Connection) bool {
 		(f.UnifiedAPI == "" || c.UnifiedAPI == f.UnifiedAPI)
 }
 
-func (s *Store) counts(ctx context.Context) (map[CountKey]int64, error) {
+// Counts returns the number of connections per integration and state, from
+// counters kept with every write (never a SCAN).
+func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
 	pipe := s.cfg.Client.Pipeline()
 	cmds := make([]*redis.MapStringStringCmd, s.cfg.Shards)
 	for i := range cmds {

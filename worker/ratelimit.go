@@ -6,26 +6,29 @@ import (
 	"math/rand/v2"
 	"time"
 
-	"github.com/go-redis/redis_rate/v10"
-
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/state"
 )
 
-// rateLimit returns the fleet-wide limit of an integration, if it has one:
-// the catalog's requests per period, paced evenly (burst 1, so no window of
-// the period's length ever holds more than the limit) and stretched by the
-// configured headroom.
-func (w *Worker) rateLimit(in *catalog.Integration) (redis_rate.Limit, bool) {
-	rl := in.RateLimit
-	if rl.Requests <= 0 || rl.Per.D() <= 0 {
-		return redis_rate.Limit{}, false
-	}
-	period := time.Duration(float64(rl.Per.D()) * (1 + w.cfg.RateLimitHeadroom))
-	return redis_rate.Limit{Rate: rl.Requests, Burst: 1, Period: period}, true
+// rateLimiter takes slots of fleet-wide rate limits, one limit per
+// integration id; *state.RateLimiter is one.
+type rateLimiter interface {
+	// Take takes one slot of name's limit of n requests per period, or
+	// says how long until the next one.
+	Take(ctx context.Context, name string, n int, period time.Duration) (ok bool, retryAfter time.Duration, err error)
 }
 
-func (w *Worker) rateKey(in *catalog.Integration) string {
-	return w.cfg.KeyPrefix + ":ratelimit:" + in.ID
+var _ rateLimiter = (*state.RateLimiter)(nil)
+
+// rateLimit returns the fleet-wide limit of an integration, if it has one:
+// the catalog's requests per period, stretched by the configured headroom
+// (the limiter paces them evenly).
+func (w *Worker) rateLimit(in *catalog.Integration) (n int, period time.Duration, ok bool) {
+	rl := in.RateLimit
+	if rl.Requests <= 0 || rl.Per.D() <= 0 {
+		return 0, 0, false
+	}
+	return rl.Requests, time.Duration(float64(rl.Per.D()) * (1 + w.cfg.RateLimitHeadroom)), true
 }
 
 // waitRateLimit takes one slot of the integration's fleet-wide rate limit,
@@ -33,24 +36,23 @@ func (w *Worker) rateKey(in *catalog.Integration) string {
 // RetryAfterError wrapping ErrRateLimited with the delay until the next
 // slot.
 func (w *Worker) waitRateLimit(ctx context.Context, in *catalog.Integration) error {
-	limit, ok := w.rateLimit(in)
+	n, period, ok := w.rateLimit(in)
 	if !ok {
 		return nil
 	}
-	key := w.rateKey(in)
 	deadline := time.Now().Add(w.cfg.RateLimitWait)
 	for {
-		res, err := w.limiter.Allow(ctx, key, limit)
+		allowed, retryAfter, err := w.limiter.Take(ctx, in.ID, n, period)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			return fmt.Errorf("worker: rate limit of %s: %w", in.ID, err)
+			return fmt.Errorf("worker: %w", err)
 		}
-		if res.Allowed > 0 {
+		if allowed {
 			return nil
 		}
-		wait := max(res.RetryAfter, time.Millisecond)
+		wait := max(retryAfter, time.Millisecond)
 		if time.Until(deadline) < wait {
 			return &RetryAfterError{After: jitter(max(wait, time.Second)), Err: ErrRateLimited}
 		}

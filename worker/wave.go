@@ -8,34 +8,20 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
-// waveScript is the invalid-wave guard's sliding window: the flips to
-// invalid let through for one integration within the window, one member
-// per connection revision, scored by the time (ms) it was let through.
-// KEYS[1] the window's sorted set; ARGV[1] now (ms), ARGV[2] the window
-// (ms), ARGV[3] the threshold, ARGV[4] the member. It returns {1, count,
-// 0} when the flip may go ahead (and counts it), {0, count, oldest} when
-// the window is full: oldest is when the oldest flip in it was let
-// through. A member already in the window (a retry after a failed write)
-// goes ahead without counting twice.
-var waveScript = redis.NewScript(`
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local n = redis.call('ZCARD', KEYS[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return {1, n, 0} end
-if n >= tonumber(ARGV[3]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, n, tonumber(oldest[2])}
-end
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], window + 1000)
-return {1, n + 1, 0}
-`)
+// waveCounter keeps the invalid-wave guard's sliding windows, one per
+// integration id, fleet wide; *state.WaveCounter is one.
+type waveCounter interface {
+	// Admit counts member in name's window at now unless the window holds
+	// threshold members already (a member already in it goes ahead
+	// without counting twice).
+	Admit(ctx context.Context, name, member string, now time.Time, window time.Duration, threshold int) (state.WaveAdmission, error)
+}
+
+var _ waveCounter = (*state.WaveCounter)(nil)
 
 // guardFlip is the invalid-wave guard (catalog invalid_wave), the one
 // place every verdict about to turn a connection invalid passes through:
@@ -75,27 +61,21 @@ func (w *Worker) guardFlip(ctx context.Context, in *catalog.Integration, c *stat
 	if rev == 0 {
 		rev = c.Revision
 	}
-	key := w.cfg.KeyPrefix + ":wave:" + in.ID
 	member := c.Ref().String() + "|" + strconv.FormatInt(rev, 10)
-	res, err := waveScript.Run(ctx, w.cfg.Redis, []string{key},
-		now.UnixMilli(), window.Milliseconds(), g.Threshold, member).Int64Slice()
-	if err != nil || len(res) != 3 {
-		msg := "malformed reply"
-		if err != nil {
-			msg = err.Error()
-		}
+	res, err := w.waves.Admit(ctx, in.ID, member, now, window, g.Threshold)
+	if err != nil {
 		w.log.WarnContext(ctx, "invalid-wave guard unavailable", slog.String(keyIntegration, in.ID),
-			slog.String("error", msg))
+			slog.String("error", err.Error()))
 		return false, 0
 	}
-	if res[0] == 1 {
+	if res.Admitted {
 		return false, 0
 	}
-	retryAfter = time.UnixMilli(res[2]).Add(window).Sub(now)
+	retryAfter = res.Oldest.Add(window).Sub(now)
 	retryAfter = max(retryAfter, time.Second) + rand.N(window/10+1)
 	w.metrics.held.WithLabelValues(in.ID).Inc()
 	w.log.WarnContext(ctx, "invalid verdict held back: wave of invalid verdicts",
-		slog.String(keyIntegration, in.ID), slog.Int64("flips_in_window", res[1]),
+		slog.String(keyIntegration, in.ID), slog.Int64("flips_in_window", res.InWindow),
 		slog.Int("threshold", g.Threshold), slog.Duration("window", window),
 		slog.String("reason", v.Reason), slog.Duration("retry_after", retryAfter))
 	return true, retryAfter

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/go-redis/redis_rate/v10"
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
@@ -88,7 +87,9 @@ type Config struct {
 	Store Store
 	// Catalog describes the integrations.
 	Catalog *catalog.Catalog
-	// Redis is used by asynq, the refresh lock and the rate limiter.
+	// Redis is asynq's connection; the worker's own keys (rate limits,
+	// the invalid-wave guard) are reached through state's types on it,
+	// the connections through Store.
 	Redis redis.UniversalClient
 
 	// Concurrency is the number of tasks processed at once. If zero,
@@ -317,7 +318,8 @@ type Worker struct {
 	now       func() time.Time
 	transport http.RoundTripper
 	ownsTrans bool
-	limiter   *redis_rate.Limiter
+	limiter   rateLimiter
+	waves     waveCounter
 	breakers  *breakers
 	metrics   *metrics
 	enqueuer  *asynq.Client
@@ -367,7 +369,8 @@ func New(cfg Config) (*Worker, error) {
 		rdb:            cfg.Redis,
 		log:            cfg.Logger,
 		now:            cfg.NowFunc,
-		limiter:        redis_rate.NewLimiter(cfg.Redis),
+		limiter:        state.NewRateLimiter(cfg.Redis, cfg.KeyPrefix),
+		waves:          state.NewWaveCounter(cfg.Redis, cfg.KeyPrefix),
 		metrics:        m,
 		handlers:       map[string]asynq.Handler{},
 		clientErrUntil: map[string]time.Time{},

@@ -147,7 +147,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	delivery, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Subscriptions: subs, Logger: logger, Registerer: reg})
+	delivery, err := events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""), Subscriptions: subs, Logger: logger, Registerer: reg})
 	if err != nil {
 		return err
 	}
@@ -160,7 +160,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: client, Subscriptions: subs, StartID: "$", Logger: logger, Registerer: reg})
+	relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""), Enqueuer: client, Subscriptions: subs, StartID: "$", Logger: logger, Registerer: reg})
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/vaultfleet/vaultfleet/internal/connect"
 	"github.com/vaultfleet/vaultfleet/internal/session"
 	"github.com/vaultfleet/vaultfleet/internal/vaultpage"
+	"github.com/vaultfleet/vaultfleet/state"
 )
 
 // vaultSetup is the Vault page and what the /vault API needs of it.
@@ -29,7 +30,7 @@ func newVault(ctx context.Context, a *app, n connect.Notifier, keySpec, publicUR
 	if err != nil {
 		return nil, err
 	}
-	flow, err := connect.New(connect.Config{Store: a.Store, Catalog: a.Catalog, Redis: a.Redis, Notifier: n,
+	flow, err := connect.New(connect.Config{Store: a.Store, Catalog: a.Catalog, States: state.NewFlowStates(a.Redis, ""), Notifier: n,
 		Redirects: rd, PublicURL: publicURL, Getenv: getenv, Logger: a.Logger})
 	if err != nil {
 		return nil, err

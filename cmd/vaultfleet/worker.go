@@ -9,6 +9,7 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/vaultfleet/vaultfleet/internal/events"
+	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 	"github.com/vaultfleet/vaultfleet/worker"
 )
@@ -39,7 +40,7 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	delivery, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: a.Redis, Subscriptions: subs,
+	delivery, err := events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(a.Redis, ""), Subscriptions: subs,
 		Logger: a.Logger, Registerer: a.Registry})
 	if err != nil {
 		return err
@@ -63,7 +64,7 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 	}
 	relayDone := make(chan error, 1)
 	if len(subs) > 0 {
-		relay, err := events.NewRelay(events.RelayConfig{Client: a.Redis, Enqueuer: asynq.NewClientFromRedisClient(a.Redis),
+		relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(a.Redis, ""), Enqueuer: asynq.NewClientFromRedisClient(a.Redis),
 			Subscriptions: subs, Logger: a.Logger, Registerer: a.Registry})
 		if err != nil {
 			return err

@@ -44,7 +44,7 @@ func setupSessions(t *testing.T) *sessionBundle {
 	redirects, err := connect.ParseRedirects("https://app.example.com")
 	require.NoError(t, err)
 	env := p.ClientEnv()
-	flow, err := connect.New(connect.Config{Store: st, Catalog: cat, Redis: rdb, Notifier: notifier, Redirects: redirects,
+	flow, err := connect.New(connect.Config{Store: st, Catalog: cat, States: state.NewFlowStates(rdb, ""), Notifier: notifier, Redirects: redirects,
 		PublicURL: "https://vault.example.com", Getenv: func(k string) string { return env[k] }})
 	require.NoError(t, err)
 	h, err := api.New(api.Config{Store: st, Catalog: cat, Notifier: notifier, Enqueuer: client,

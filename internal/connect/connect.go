@@ -31,7 +31,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"golang.org/x/oauth2"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
@@ -44,8 +43,6 @@ const (
 	DefaultStateTTL = 10 * time.Minute
 	// DefaultTimeout bounds a token exchange, revocation or choices call.
 	DefaultTimeout = 15 * time.Second
-	// DefaultKeyPrefix prefixes the state keys in Redis.
-	DefaultKeyPrefix = "vf:connect:"
 	// CallbackPath is where the provider sends the consumer back.
 	CallbackPath = "/vault/callback"
 	// PagePath is the Vault page, always an allowed redirect target.
@@ -100,12 +97,23 @@ type Notifier interface {
 	Notify(ctx context.Context, ch state.Change) error
 }
 
-// Config configures a Flow. Store, Catalog, Redis, Notifier and PublicURL
-// are required.
+// States keeps a flow's record between Start and Callback: put with a
+// TTL, taken at most once; *state.FlowStates is one.
+type States interface {
+	Put(ctx context.Context, id string, value []byte, ttl time.Duration) error
+	// Take returns the value and deletes it; ok false when there is none.
+	Take(ctx context.Context, id string) (value []byte, ok bool, err error)
+}
+
+var _ States = (*state.FlowStates)(nil)
+
+// Config configures a Flow. Store, Catalog, States, Notifier and
+// PublicURL are required.
 type Config struct {
-	Store    Store
-	Catalog  *catalog.Catalog
-	Redis    redis.UniversalClient
+	Store   Store
+	Catalog *catalog.Catalog
+	// States keeps the flows' states (state.NewFlowStates).
+	States   States
 	Notifier Notifier
 	// Redirects is the allow-list of redirect URIs. If nil, none is
 	// allowed: every flow that asks for a redirect fails.
@@ -123,8 +131,6 @@ type Config struct {
 	StateTTL time.Duration
 	// Timeout: if zero, DefaultTimeout.
 	Timeout time.Duration
-	// KeyPrefix: if empty, DefaultKeyPrefix.
-	KeyPrefix string
 	// NowFunc: if nil, time.Now.
 	NowFunc func() time.Time
 	// Logger: if nil, discards.
@@ -146,8 +152,8 @@ func New(cfg Config) (*Flow, error) {
 		return nil, errors.New("connect: Config.Store is required")
 	case cfg.Catalog == nil:
 		return nil, errors.New("connect: Config.Catalog is required")
-	case cfg.Redis == nil:
-		return nil, errors.New("connect: Config.Redis is required")
+	case cfg.States == nil:
+		return nil, errors.New("connect: Config.States is required")
 	case cfg.Notifier == nil:
 		return nil, errors.New("connect: Config.Notifier is required")
 	}
@@ -166,9 +172,6 @@ func New(cfg Config) (*Flow, error) {
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = DefaultTimeout
-	}
-	if cfg.KeyPrefix == "" {
-		cfg.KeyPrefix = DefaultKeyPrefix
 	}
 	if cfg.NowFunc == nil {
 		cfg.NowFunc = time.Now
@@ -284,10 +287,6 @@ func digest(s string) string {
 	return base64.RawURLEncoding.EncodeToString(sum[:])
 }
 
-// stateKey is the Redis key of a state; the key holds the state's digest,
-// so a Redis dump does not hand out live states.
-func (f *Flow) stateKey(st string) string { return f.cfg.KeyPrefix + "state:" + digest(st) }
-
 // Start checks the request and returns the authorization URL. Settings the
 // authorize URL needs (Workday's host) come from the stored connection.
 func (f *Flow) Start(ctx context.Context, req Request) (*Started, error) {
@@ -334,8 +333,10 @@ func (f *Flow) Start(ctx context.Context, req Request) (*Started, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := f.cfg.Redis.Set(ctx, f.stateKey(st), b, f.cfg.StateTTL).Err(); err != nil {
-		return nil, fmt.Errorf("connect: store state: %w", err)
+	// Kept under the state's digest, so a Redis dump does not hand out
+	// live states.
+	if err := f.cfg.States.Put(ctx, digest(st), b, f.cfg.StateTTL); err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
 	}
 	out.URL = conf.AuthCodeURL(st, opts...)
 	f.cfg.Logger.InfoContext(ctx, "connect: flow started", slog.String("consumer_id", ref.ConsumerID),
@@ -366,14 +367,14 @@ func (f *Flow) Callback(w http.ResponseWriter, r *http.Request) {
 	st := q.Get("state")
 	var rec record
 	if st != "" {
-		b, err := f.cfg.Redis.GetDel(ctx, f.stateKey(st)).Bytes()
+		b, ok, err := f.cfg.States.Take(ctx, digest(st))
 		switch {
-		case errors.Is(err, redis.Nil):
-			st = ""
 		case err != nil:
 			f.cfg.Logger.ErrorContext(ctx, "connect: read state", slog.String("error", err.Error()))
 			f.page(w, http.StatusServiceUnavailable, "The sign-in could not be completed right now. Please try again.")
 			return
+		case !ok:
+			st = ""
 		default:
 			if json.Unmarshal(b, &rec) != nil {
 				st = ""

@@ -83,7 +83,7 @@ func setup(t *testing.T) *bench {
 	b.srv = httptest.NewServer(mux)
 	t.Cleanup(b.srv.Close)
 	b.flow, err = connect.New(connect.Config{
-		Store: store, Catalog: cat, Redis: rdb, Notifier: scheduler.NewNotifier(client, cat),
+		Store: store, Catalog: cat, States: state.NewFlowStates(rdb, ""), Notifier: scheduler.NewNotifier(client, cat),
 		Redirects: redirects, PublicURL: b.srv.URL, Getenv: func(k string) string { return b.env[k] },
 		NowFunc: b.clock.Now, Logger: slog.New(slog.NewTextHandler(b.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})
@@ -180,7 +180,7 @@ func TestConnectSalesforce(t *testing.T) {
 	require.NotContains(t, authz.String(), b.env["SALESFORCE_CLIENT_SECRET"])
 
 	// The state lives in Redis with a TTL.
-	keys, err := b.rdb.Keys(context.Background(), connect.DefaultKeyPrefix+"state:*").Result()
+	keys, err := b.rdb.Keys(context.Background(), state.DefaultPrefix+":connect:state:*").Result()
 	require.NoError(t, err)
 	require.Len(t, keys, 1)
 	ttl, err := b.rdb.PTTL(context.Background(), keys[0]).Result()

@@ -44,7 +44,7 @@ func TestApideckWebhookFormat(t *testing.T) {
 		w.WriteHeader(http.StatusOK)
 	}))
 	t.Cleanup(srv.Close)
-	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Registerer: prometheus.NewRegistry(),
+	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""), Registerer: prometheus.NewRegistry(),
 		Subscriptions: []events.Subscription{{Name: "apideck", URL: srv.URL, Secret: secret, AllowInsecure: true,
 			Format: events.FormatApideck}}})
 	require.NoError(t, err)
@@ -139,7 +139,7 @@ func TestSubscriptionFormat(t *testing.T) {
   format: xml
 `), getenv)
 	require.ErrorContains(t, err, `format: "xml" is not one of vaultfleet, apideck`)
-	_, err = events.NewDeliveryHandler(events.DeliveryConfig{Client: redistest.Start(t).Client(t),
+	_, err = events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(redistest.Start(t).Client(t), ""),
 		Subscriptions: []events.Subscription{{Name: "a", URL: "https://hooks.example.com", Secret: secret, Format: "xml"}}})
 	require.ErrorContains(t, err, "format")
 }

@@ -18,7 +18,6 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/internal/netguard"
 	"github.com/vaultfleet/vaultfleet/state"
@@ -77,13 +76,21 @@ type WebhookData struct {
 	Version      int64  `json:"version"`
 }
 
-// DeliveryConfig configures the webhook:deliver handler. Client is
+// EntryReader reads one entry of the event stream by id (ok false: no
+// longer held); *state.EventStream is one.
+type EntryReader interface {
+	Entry(ctx context.Context, id string) (e state.StreamEntry, ok bool, err error)
+}
+
+var _ EntryReader = (*state.EventStream)(nil)
+
+// DeliveryConfig configures the webhook:deliver handler. Events is
 // required.
 type DeliveryConfig struct {
-	// Client reads events from the stream (XRANGE).
-	Client redis.UniversalClient
-	// Stream is the event stream. If empty, state.DefaultEventStream.
-	Stream string
+	// Events reads back the event of a task that does not carry it (a
+	// version 1 task): state.NewEventStream, the stream the store appends
+	// to.
+	Events EntryReader
 	// Subscriptions by name; a task for another name is archived.
 	Subscriptions []Subscription
 	// HTTPClient, if set, replaces the built-in clients (tests). The
@@ -121,11 +128,8 @@ var _ asynq.Handler = (*DeliveryHandler)(nil)
 // Register it with mux.Handle(tasks.TypeWebhookDeliver, h) and serve the
 // tasks.QueueEvents queue; RetryDelay is the backoff meant for it.
 func NewDeliveryHandler(cfg DeliveryConfig) (*DeliveryHandler, error) {
-	if cfg.Client == nil {
-		return nil, errors.New("events: DeliveryConfig.Client is required")
-	}
-	if cfg.Stream == "" {
-		cfg.Stream = state.DefaultEventStream
+	if cfg.Events == nil {
+		return nil, errors.New("events: DeliveryConfig.Events is required")
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = DefaultDeliveryTimeout
@@ -247,15 +251,15 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 		wh = webhookFromTask(key, p.EventID, *p.Event)
 	} else {
 		// Version 1 (enqueued before the upgrade): read the entry back.
-		msgs, err := h.cfg.Client.XRange(ctx, h.cfg.Stream, p.EventID, p.EventID).Result()
+		entry, ok, err := h.cfg.Events.Entry(ctx, p.EventID)
 		if err != nil {
-			return fmt.Errorf("events: read event %s: %w", p.EventID, err)
+			return fmt.Errorf("events: %w", err)
 		}
-		if len(msgs) == 0 || len(msgs[0].Values) == 0 {
+		if !ok {
 			h.outcomes.WithLabelValues(OutcomeDropped).Inc()
 			return fmt.Errorf("%w: %s (trimmed by MAXLEN before delivery to %s): %w", ErrEventGone, p.EventID, sub.Name, asynq.SkipRetry)
 		}
-		if wh, err = webhookFromEntry(key, msgs[0]); err != nil {
+		if wh, err = webhookFromEntry(key, entry); err != nil {
 			h.outcomes.WithLabelValues(OutcomeDropped).Inc()
 			return fmt.Errorf("events: %w: %w", err, asynq.SkipRetry)
 		}
@@ -331,8 +335,8 @@ func redactURLError(err error) string {
 
 // webhookFromEntry builds the body from a stream entry written by the
 // store (read with state.ParseEvent).
-func webhookFromEntry(key string, m redis.XMessage) (Webhook, error) {
-	e, err := state.ParseEvent(m)
+func webhookFromEntry(key string, m state.StreamEntry) (Webhook, error) {
+	e, err := m.Event()
 	if err != nil {
 		return Webhook{}, err
 	}

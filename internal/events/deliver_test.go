@@ -213,7 +213,7 @@ func newDeliveryBundle(t *testing.T, handler http.HandlerFunc) *deliveryBundle {
 	srv := httptest.NewServer(handler)
 	t.Cleanup(srv.Close)
 	reg := prometheus.NewRegistry()
-	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Registerer: reg, Timeout: 300 * time.Millisecond,
+	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""), Registerer: reg, Timeout: 300 * time.Millisecond,
 		Subscriptions: []events.Subscription{{Name: "sub", URL: srv.URL + "/hook?token=receiver-token-123", Secret: secret, AllowInsecure: true}}})
 	require.NoError(t, err)
 	ids := addEntries(t, rdb, 1, state.EventCallable)
@@ -403,12 +403,12 @@ func TestNewDeliveryHandlerValidates(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
 	_, err := events.NewDeliveryHandler(events.DeliveryConfig{})
 	require.Error(t, err)
-	_, err = events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb,
+	_, err = events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""),
 		Subscriptions: []events.Subscription{{Name: "a", URL: "https://10.0.0.1/x", Secret: secret}}})
 	require.ErrorIs(t, err, events.ErrURLNotAllowed)
-	_, err = events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb,
+	_, err = events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""),
 		Subscriptions: []events.Subscription{{Name: "a", URL: "https://h.example.com/x"}}})
 	require.ErrorContains(t, err, "secret")
-	_, err = events.NewRelay(events.RelayConfig{Client: rdb})
+	_, err = events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, "")})
 	require.ErrorContains(t, err, "Enqueuer")
 }

@@ -188,7 +188,7 @@ func TestWebhooksEndToEnd(t *testing.T) {
 
 	reg := prometheus.NewRegistry()
 	client := asynq.NewClientFromRedisClient(rdb)
-	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Subscriptions: subs, Registerer: reg, Timeout: 2 * time.Second})
+	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""), Subscriptions: subs, Registerer: reg, Timeout: 2 * time.Second})
 	require.NoError(t, err)
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency:              8,
@@ -201,7 +201,7 @@ func TestWebhooksEndToEnd(t *testing.T) {
 	mux := asynq.NewServeMux()
 	mux.Handle(tasks.TypeWebhookDeliver, h)
 	require.NoError(t, srv.Start(mux))
-	relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: client, Subscriptions: subs,
+	relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""), Enqueuer: client, Subscriptions: subs,
 		Block: 100 * time.Millisecond, Registerer: reg})
 	require.NoError(t, err)
 	relayDone := make(chan error, 1)
@@ -392,7 +392,7 @@ func TestRelayClaimsEntriesOfADeadRelay(t *testing.T) {
 
 	subs := []events.Subscription{{Name: "s1", URL: "https://hooks.example.com/a", Secret: secret},
 		{Name: "s2", URL: "https://hooks.example.com/b", Secret: secret, Events: []string{state.EventCallable}}}
-	relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: asynq.NewClientFromRedisClient(rdb),
+	relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""), Enqueuer: asynq.NewClientFromRedisClient(rdb),
 		Subscriptions: subs, Consumer: "live-relay", Block: 50 * time.Millisecond,
 		ClaimIdle: 200 * time.Millisecond, ClaimInterval: 50 * time.Millisecond, ConsumerExpiry: time.Millisecond})
 	require.NoError(t, err)
@@ -450,7 +450,7 @@ func TestRelayTwoRelaysAndEnqueueFailures(t *testing.T) {
 	flaky.fails.Store(3)
 	var wg sync.WaitGroup
 	for i, enq := range []events.Enqueuer{flaky, asynq.NewClientFromRedisClient(rdb)} {
-		relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: enq, Subscriptions: subs,
+		relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""), Enqueuer: enq, Subscriptions: subs,
 			Consumer: fmt.Sprintf("relay-%d", i), Block: 50 * time.Millisecond, MaxBackoff: 100 * time.Millisecond,
 			ClaimIdle: 300 * time.Millisecond, ClaimInterval: 100 * time.Millisecond})
 		require.NoError(t, err)
@@ -477,7 +477,7 @@ func TestRelayWithoutSubscriptionsAcknowledges(t *testing.T) {
 	defer cancel()
 	rdb := redistest.Start(t).Client(t)
 	addEntries(t, rdb, 3, state.EventUpdated)
-	relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: asynq.NewClientFromRedisClient(rdb),
+	relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""), Enqueuer: asynq.NewClientFromRedisClient(rdb),
 		Block: 50 * time.Millisecond})
 	require.NoError(t, err)
 	done := make(chan error, 1)
@@ -486,6 +486,52 @@ func TestRelayWithoutSubscriptionsAcknowledges(t *testing.T) {
 		g, err := rdb.XInfoGroups(ctx, state.DefaultEventStream).Result()
 		return err == nil && len(g) == 1 && g[0].Pending == 0 && g[0].LastDeliveredID != "0-0"
 	}, 5*time.Second, 20*time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+}
+
+// TestRelayRecreatesItsGroupAfterTheStreamIsGone: a Redis flushed or
+// restarted without persistence loses the stream and its group; the relay
+// creates them again and relays what comes next (before, the wrapped
+// NOGROUP error was never recognised and the relay backed off forever).
+func TestRelayRecreatesItsGroupAfterTheStreamIsGone(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rdb := redistest.Start(t).Client(t)
+	subs := []events.Subscription{{Name: "s1", URL: "https://hooks.example.com/a", Secret: secret}}
+	relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""),
+		Enqueuer: asynq.NewClientFromRedisClient(rdb), Subscriptions: subs,
+		Block: 50 * time.Millisecond, MaxBackoff: 100 * time.Millisecond})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- relay.Run(ctx) }()
+	ins := asynq.NewInspectorFromRedisClient(rdb)
+	enqueued := func(id string) bool {
+		_, err := ins.GetTaskInfo(tasks.QueueEvents, tasks.IdempotencyKey(id, "s1"))
+		return err == nil
+	}
+	first := addEntries(t, rdb, 1, state.EventUpdated)
+	require.Eventually(t, func() bool { return enqueued(first[0]) }, 10*time.Second, 20*time.Millisecond)
+
+	require.NoError(t, rdb.Del(ctx, state.DefaultEventStream).Err())
+	require.Eventually(t, func() bool {
+		// Each try adds an entry until the recreated group relays one
+		// (a group made at "0" after the deletion starts at the first).
+		id, err := rdb.XAdd(ctx, &redis.XAddArgs{Stream: state.DefaultEventStream,
+			Values: []any{"type", state.EventInvalid, "connection_id", "crm+pipedrive", "consumer_id", "c9"}}).Result()
+		if err != nil {
+			return false
+		}
+		deadline := time.Now().Add(500 * time.Millisecond)
+		for time.Now().Before(deadline) {
+			if enqueued(id) {
+				return true
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return false
+	}, 15*time.Second, 10*time.Millisecond)
 	cancel()
 	require.NoError(t, <-done)
 }

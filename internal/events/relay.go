@@ -10,12 +10,10 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
@@ -41,18 +39,36 @@ type Enqueuer interface {
 
 var _ Enqueuer = (*asynq.Client)(nil)
 
-// RelayConfig configures a Relay. Client, Enqueuer and Subscriptions are
+// GroupStream is the event stream as a consumer group reads it;
+// *state.EventStream is one.
+type GroupStream interface {
+	// CreateGroup creates the group (and the stream) unless it exists.
+	CreateGroup(ctx context.Context, group, start string) error
+	// ReadGroup reads entries after id (">" new ones, waiting up to block;
+	// "0" the consumer's own pending ones). state.ErrNoGroup if the group
+	// is gone.
+	ReadGroup(ctx context.Context, group, consumer, id string, count int64, block time.Duration) ([]state.StreamEntry, error)
+	// ClaimIdle takes over entries others left pending for minIdle, from
+	// start; it returns the next start, "0-0" at the end.
+	ClaimIdle(ctx context.Context, group, consumer string, minIdle time.Duration, start string, count int64) ([]state.StreamEntry, string, error)
+	Ack(ctx context.Context, group string, ids ...string) error
+	Consumers(ctx context.Context, group string) ([]state.GroupConsumer, error)
+	DeleteConsumer(ctx context.Context, group, consumer string) error
+}
+
+var _ GroupStream = (*state.EventStream)(nil)
+
+// RelayConfig configures a Relay. Events, Enqueuer and Subscriptions are
 // required.
 type RelayConfig struct {
-	// Client reads the stream.
-	Client redis.UniversalClient
+	// Events is the event stream the relay follows
+	// (state.NewEventStream: the stream the store appends to).
+	Events GroupStream
 	// Enqueuer enqueues webhook:deliver tasks.
 	Enqueuer Enqueuer
 	// Subscriptions to relay to. With none, Run still acknowledges every
 	// entry, so nothing piles up in the group.
 	Subscriptions []Subscription
-	// Stream is the event stream. If empty, state.DefaultEventStream.
-	Stream string
 	// Group is the consumer group. If empty, DefaultGroup.
 	Group string
 	// StartID is where a newly created group starts: "0" (the default:
@@ -102,14 +118,11 @@ type Relay struct {
 
 // NewRelay validates cfg and returns a Relay.
 func NewRelay(cfg RelayConfig) (*Relay, error) {
-	if cfg.Client == nil {
-		return nil, errors.New("events: RelayConfig.Client is required")
+	if cfg.Events == nil {
+		return nil, errors.New("events: RelayConfig.Events is required")
 	}
 	if cfg.Enqueuer == nil {
 		return nil, errors.New("events: RelayConfig.Enqueuer is required")
-	}
-	if cfg.Stream == "" {
-		cfg.Stream = state.DefaultEventStream
 	}
 	if cfg.Group == "" {
 		cfg.Group = DefaultGroup
@@ -219,7 +232,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			break
 		}
-		if isNoGroup(err) {
+		if errors.Is(err, state.ErrNoGroup) {
 			groupReady = false
 		}
 		failures++
@@ -249,36 +262,22 @@ func backoff(n int, maxD time.Duration) time.Duration {
 	return d - d/4 + time.Duration(rand.Int64N(int64(d/2)+1))
 }
 
-func isNoGroup(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "NOGROUP") }
-
 // ensureGroup creates the group (and the stream) if missing.
 func (r *Relay) ensureGroup(ctx context.Context) error {
-	err := r.cfg.Client.XGroupCreateMkStream(ctx, r.cfg.Stream, r.cfg.Group, r.cfg.StartID).Err()
-	if err != nil && !strings.HasPrefix(err.Error(), "BUSYGROUP") {
-		return fmt.Errorf("create group: %w", err)
-	}
-	return nil
+	return r.cfg.Events.CreateGroup(ctx, r.cfg.Group, r.cfg.StartID)
 }
 
 // step handles this consumer's own pending entries first (left over from
 // a failed enqueue), then reads new ones, blocking up to Block.
 func (r *Relay) step(ctx context.Context) error {
 	for _, id := range []string{"0", ">"} {
-		args := &redis.XReadGroupArgs{Group: r.cfg.Group, Consumer: r.cfg.Consumer,
-			Streams: []string{r.cfg.Stream, id}, Count: r.cfg.Batch}
+		var block time.Duration
 		if id == ">" {
-			args.Block = r.cfg.Block
+			block = r.cfg.Block
 		}
-		res, err := r.cfg.Client.XReadGroup(ctx, args).Result()
-		if errors.Is(err, redis.Nil) {
-			return nil
-		}
+		msgs, err := r.cfg.Events.ReadGroup(ctx, r.cfg.Group, r.cfg.Consumer, id, r.cfg.Batch, block)
 		if err != nil {
-			return fmt.Errorf("xreadgroup: %w", err)
-		}
-		var msgs []redis.XMessage
-		for _, s := range res {
-			msgs = append(msgs, s.Messages...)
+			return err
 		}
 		if len(msgs) == 0 {
 			continue
@@ -293,12 +292,9 @@ func (r *Relay) step(ctx context.Context) error {
 func (r *Relay) claim(ctx context.Context) error {
 	start := "0-0"
 	for {
-		msgs, next, err := r.cfg.Client.XAutoClaim(ctx, &redis.XAutoClaimArgs{
-			Stream: r.cfg.Stream, Group: r.cfg.Group, Consumer: r.cfg.Consumer,
-			MinIdle: r.cfg.ClaimIdle, Start: start, Count: r.cfg.Batch,
-		}).Result()
+		msgs, next, err := r.cfg.Events.ClaimIdle(ctx, r.cfg.Group, r.cfg.Consumer, r.cfg.ClaimIdle, start, r.cfg.Batch)
 		if err != nil {
-			return fmt.Errorf("xautoclaim: %w", err)
+			return err
 		}
 		if len(msgs) > 0 {
 			r.log.InfoContext(ctx, "webhook relay: claimed entries of another relay", slog.Int("entries", len(msgs)))
@@ -316,7 +312,7 @@ func (r *Relay) claim(ctx context.Context) error {
 // expireConsumers deletes consumers with nothing pending that have been
 // idle for ConsumerExpiry (relays that went away). Errors are only logged.
 func (r *Relay) expireConsumers(ctx context.Context) {
-	cs, err := r.cfg.Client.XInfoConsumers(ctx, r.cfg.Stream, r.cfg.Group).Result()
+	cs, err := r.cfg.Events.Consumers(ctx, r.cfg.Group)
 	if err != nil {
 		return
 	}
@@ -324,7 +320,7 @@ func (r *Relay) expireConsumers(ctx context.Context) {
 		if c.Name == r.cfg.Consumer || c.Pending > 0 || c.Idle < r.cfg.ConsumerExpiry {
 			continue
 		}
-		if err := r.cfg.Client.XGroupDelConsumer(ctx, r.cfg.Stream, r.cfg.Group, c.Name).Err(); err == nil {
+		if err := r.cfg.Events.DeleteConsumer(ctx, r.cfg.Group, c.Name); err == nil {
 			r.log.InfoContext(ctx, "webhook relay: removed idle consumer", slog.String("removed", c.Name))
 		}
 	}
@@ -332,7 +328,7 @@ func (r *Relay) expireConsumers(ctx context.Context) {
 
 // handle enqueues the tasks of msgs in order and acknowledges the entries
 // done; on an enqueue error it acknowledges what was done and returns.
-func (r *Relay) handle(ctx context.Context, msgs []redis.XMessage) error {
+func (r *Relay) handle(ctx context.Context, msgs []state.StreamEntry) error {
 	var done []string
 	var failed error
 	for _, m := range msgs {
@@ -346,10 +342,10 @@ func (r *Relay) handle(ctx context.Context, msgs []redis.XMessage) error {
 		// The acknowledgement must not be lost to a cancelled ctx: the
 		// tasks are enqueued already.
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		err := r.cfg.Client.XAck(actx, r.cfg.Stream, r.cfg.Group, done...).Err()
+		err := r.cfg.Events.Ack(actx, r.cfg.Group, done...)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("xack: %w", err)
+			return err
 		}
 		r.entries.Add(float64(len(done)))
 	}
@@ -366,14 +362,14 @@ func TaskEvent(e state.Event) tasks.WebhookEvent {
 }
 
 // relay enqueues one entry's tasks.
-func (r *Relay) relay(ctx context.Context, m redis.XMessage) error {
+func (r *Relay) relay(ctx context.Context, m state.StreamEntry) error {
 	if len(m.Values) == 0 {
 		return nil // deleted from the stream meanwhile
 	}
 	typ, _ := m.Values["type"].(string)
 	// The task carries the event, so its delivery does not depend on the
 	// stream (capped by MAXLEN) still holding the entry hours later.
-	ev, evErr := state.ParseEvent(m)
+	ev, evErr := m.Event()
 	for i := range r.cfg.Subscriptions {
 		sub := &r.cfg.Subscriptions[i]
 		if !sub.Matches(typ) {

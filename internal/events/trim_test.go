@@ -52,7 +52,7 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	require.NoError(t, err)
 
 	reg := prometheus.NewRegistry()
-	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Client: rdb, Subscriptions: subs, Registerer: reg, Timeout: 2 * time.Second})
+	h, err := events.NewDeliveryHandler(events.DeliveryConfig{Events: state.NewEventStream(rdb, ""), Subscriptions: subs, Registerer: reg, Timeout: 2 * time.Second})
 	require.NoError(t, err)
 	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
 		Concurrency: 4,
@@ -69,7 +69,7 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 	require.NoError(t, srv.Start(mux))
 	t.Cleanup(srv.Shutdown)
 	client := asynq.NewClientFromRedisClient(rdb)
-	relay, err := events.NewRelay(events.RelayConfig{Client: rdb, Enqueuer: client, Subscriptions: subs,
+	relay, err := events.NewRelay(events.RelayConfig{Events: state.NewEventStream(rdb, ""), Enqueuer: client, Subscriptions: subs,
 		Block: 100 * time.Millisecond, Registerer: reg})
 	require.NoError(t, err)
 	relayDone := make(chan error, 1)

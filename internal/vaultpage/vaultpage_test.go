@@ -50,7 +50,7 @@ func setup(t *testing.T) *bench {
 	srv.Start()
 	t.Cleanup(srv.Close)
 	env := p.ClientEnv()
-	flow, err := connect.New(connect.Config{Store: store, Catalog: cat, Redis: rdb, Notifier: n, PublicURL: srv.URL,
+	flow, err := connect.New(connect.Config{Store: store, Catalog: cat, States: state.NewFlowStates(rdb, ""), Notifier: n, PublicURL: srv.URL,
 		Getenv: func(k string) string { return env[k] }})
 	require.NoError(t, err)
 	h, err := vaultpage.New(vaultpage.Config{Store: store, Catalog: cat, Sessions: keys, Flow: flow, Notifier: n,
