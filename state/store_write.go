@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"math/rand/v2"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 )
 
 //go:embed lua/write.lua
@@ -275,15 +275,8 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 
 // backoff sleeps a random time that grows with the attempt (at most 10ms).
 func backoff(ctx context.Context, attempt int) error {
-	limit := min(time.Duration(1<<min(attempt, 10))*100*time.Microsecond, 10*time.Millisecond)
-	t := time.NewTimer(rand.N(limit) + 50*time.Microsecond)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	const floor = 50 * time.Microsecond
+	return retry.Sleep(ctx, retry.Between(floor, floor+retry.Exp(attempt, 100*time.Microsecond, 10*time.Millisecond)))
 }
 
 // finish fills what every write sets: identity, version, times, and the
@@ -425,10 +418,7 @@ func defaultExpiry(c *Credentials, in *catalog.Integration) {
 // jittered spreads an interval by up to +10% so that connections that
 // changed together do not come due together.
 func jittered(d time.Duration) time.Duration {
-	if d <= 0 {
-		return d
-	}
-	return d + rand.N(d/10+1)
+	return retry.Up(d, 0.1)
 }
 
 // truncateText keeps at most maxErrorLen characters of a message.

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -591,7 +592,7 @@ func clientRejected(err error) bool {
 func retryAfterOf(err error, now time.Time) time.Duration {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) && re.Response != nil {
-		return parseRetryAfter(re.Response.Header, now)
+		return retry.HeaderAfter(re.Response.Header, now)
 	}
 	return 0
 }
