@@ -18,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/internal/retry"
 )
 
@@ -419,15 +420,6 @@ func defaultExpiry(c *Credentials, in *catalog.Integration) {
 // changed together do not come due together.
 func jittered(d time.Duration) time.Duration {
 	return retry.Up(d, 0.1)
-}
-
-// truncateText keeps at most maxErrorLen characters of a message.
-func truncateText(s string) string {
-	if utf8.RuneCountInString(s) <= maxErrorLen {
-		return s
-	}
-	r := []rune(s)
-	return string(r[:maxErrorLen])
 }
 
 // integration resolves the catalog entry of a connection id.
@@ -839,7 +831,7 @@ func WouldInvalidate(c *Connection, in *catalog.Integration, v Verdict, now time
 }
 
 func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string, misconfigured bool) (Change, error) {
-	msg = truncateText(msg)
+	msg = redact.Truncate(msg, maxErrorLen)
 	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
@@ -890,7 +882,7 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens,
 }
 
 func (s *Store) recordRefreshFailure(ctx context.Context, ref Ref, used string, msg string) (Change, error) {
-	msg = truncateText(msg)
+	msg = redact.Truncate(msg, maxErrorLen)
 	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale

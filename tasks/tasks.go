@@ -20,6 +20,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 )
 
 // Task types.
@@ -227,7 +228,7 @@ func (p ConnectionPayload) validate() error {
 	case !connectionRE.MatchString(p.ConnectionID):
 		return fmt.Errorf("%w: connection_id must look like unified_api+service_id", ErrMalformed)
 	case !reasons[p.Reason]:
-		return fmt.Errorf("%w: unknown reason %q", ErrMalformed, truncate(string(p.Reason)))
+		return fmt.Errorf("%w: unknown reason %q", ErrMalformed, redact.Truncate(string(p.Reason), 64))
 	case !keyRE.MatchString(p.Key):
 		return fmt.Errorf("%w: key not a valid dedupe key", ErrMalformed)
 	}
@@ -389,11 +390,4 @@ func jsonErr(err error) string {
 		return "field " + te.Field + " has the wrong type"
 	}
 	return "invalid JSON"
-}
-
-func truncate(s string) string {
-	if len(s) > 32 {
-		return s[:32] + "..."
-	}
-	return s
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/hibiken/asynq"
 	"golang.org/x/oauth2"
 
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -137,23 +138,7 @@ func safeErr(err error) string {
 		case ue.Err != nil:
 			inner = safeErr(ue.Err)
 		}
-		return strings.ToLower(ue.Op) + " " + redactURLString(ue.URL) + ": " + inner
+		return strings.ToLower(ue.Op) + " " + redact.URL(ue.URL) + ": " + inner
 	}
 	return err.Error()
-}
-
-// redactURL keeps scheme, host and path: no user info, query or fragment.
-func redactURL(u *url.URL) string {
-	if u == nil {
-		return ""
-	}
-	return u.Scheme + "://" + u.Host + u.EscapedPath()
-}
-
-func redactURLString(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable url)"
-	}
-	return redactURL(u)
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -137,7 +138,7 @@ func (s *server) listAll(w http.ResponseWriter, r *http.Request) {
 	for k, v := range q {
 		if !slices.Contains(listParams, k) {
 			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
-				"unknown query parameter "+strconv.Quote(truncate(k))+"; known: "+strings.Join(listParams, ", ")))
+				"unknown query parameter "+strconv.Quote(redact.Truncate(k, 32))+"; known: "+strings.Join(listParams, ", ")))
 			return
 		}
 		if len(v) > 1 {
@@ -589,11 +590,4 @@ func credentialFields(in *catalog.Integration) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-func truncate(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "..."
-	}
-	return s
 }

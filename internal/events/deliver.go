@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,6 +20,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/internal/netguard"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
@@ -290,7 +290,7 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 	resp, err := client.Do(req)
 	if err != nil {
 		h.outcomes.WithLabelValues(OutcomeFailed).Inc()
-		err = fmt.Errorf("events: deliver to %s: %s", sub.Name, redactURLError(err))
+		err = fmt.Errorf("events: deliver to %s: %s", sub.Name, redact.URLError(err))
 		h.log.WarnContext(ctx, "webhook delivery failed", append(logAttrs, slog.String("error", err.Error()))...)
 		return err
 	}
@@ -315,19 +315,6 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 		return &RetryAfterError{After: min(d, MaxRetryAfter), Err: err}
 	}
 	return err
-}
-
-// redactURLError keeps the reason of an HTTP client error but not the URL
-// (a query string may carry a receiver's token).
-func redactURLError(err error) string {
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		if ue.Timeout() {
-			return "timeout"
-		}
-		return ue.Err.Error()
-	}
-	return err.Error()
 }
 
 // webhookFromEntry builds the body from a stream entry written by the
