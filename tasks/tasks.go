@@ -38,8 +38,11 @@ const (
 	QueueEvents   = "events"
 )
 
-// Queues maps each queue to its priority weight.
-var Queues = map[string]int{QueueCritical: 6, QueueDefault: 3, QueueLow: 1, QueueEvents: 2}
+// Queues returns each queue's priority weight, in a fresh map that the
+// caller (asynq.Config.Queues) may keep.
+func Queues() map[string]int {
+	return map[string]int{QueueCritical: 6, QueueDefault: 3, QueueLow: 1, QueueEvents: 2}
+}
 
 // PayloadVersion is the version of the payloads this package writes.
 const PayloadVersion = 1

@@ -31,8 +31,8 @@ const announceTimeout = 5 * time.Second
 func announceFleet(ctx context.Context, rdb redis.UniversalClient, process string, logger *slog.Logger) {
 	ctx, cancel := context.WithTimeout(ctx, announceTimeout)
 	defer cancel()
-	queues := make([]string, 0, len(tasks.Queues))
-	for q := range tasks.Queues {
+	queues := make([]string, 0, len(tasks.Queues()))
+	for q := range tasks.Queues() {
 		queues = append(queues, q)
 	}
 	slices.Sort(queues)

@@ -149,7 +149,7 @@ func (s *server) listAll(w http.ResponseWriter, r *http.Request) {
 	var f state.Filter
 	if v := q.Get("state"); v != "" {
 		st := state.State(v)
-		if !slices.Contains(state.States, st) || st == state.Available {
+		if !slices.Contains(state.States(), st) || st == state.Available {
 			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
 				"state must be one of added, authorized, invalid, callable (available connections are not stored: list a consumer's connections to see them)"))
 			return

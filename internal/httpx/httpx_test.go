@@ -15,10 +15,13 @@ func TestStatusWriter(t *testing.T) {
 		h    http.HandlerFunc
 		want int
 	}{
-		"Nothing":     {func(http.ResponseWriter, *http.Request) {}, http.StatusOK},
-		"BodyOnly":    {func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("x")) }, http.StatusOK},
-		"Explicit":    {func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusTeapot) }, http.StatusTeapot},
-		"FirstCounts": {func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNotFound); w.WriteHeader(http.StatusOK) }, http.StatusNotFound},
+		"Nothing":  {func(http.ResponseWriter, *http.Request) {}, http.StatusOK},
+		"BodyOnly": {func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("x")) }, http.StatusOK},
+		"Explicit": {func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusTeapot) }, http.StatusTeapot},
+		"FirstCounts": {func(w http.ResponseWriter, _ *http.Request) {
+			w.WriteHeader(http.StatusNotFound)
+			w.WriteHeader(http.StatusOK)
+		}, http.StatusNotFound},
 		"Controller": {func(w http.ResponseWriter, _ *http.Request) {
 			// A ResponseController reaches the real writer through Unwrap.
 			if err := http.NewResponseController(w).SetWriteDeadline(time.Now().Add(time.Minute)); err != nil {

@@ -70,7 +70,7 @@ func (c *ConnectionsCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.errDesc, prometheus.GaugeValue, 0)
 	seen := map[state.CountKey]bool{}
 	for _, in := range c.cat.Integrations {
-		for _, s := range state.States {
+		for _, s := range state.States() {
 			if s == state.Available {
 				continue // never stored: it is the absence of a record
 			}
