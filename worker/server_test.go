@@ -280,3 +280,54 @@ func TestServerFailureDuringRedisOutageRetriedSoon(t *testing.T) {
 		t.Fatal("not retried within 25s of Redis coming back (asynq's lease and recoverer would take 30-90s)")
 	}
 }
+
+// TestStartShutdown: Start returns once the server runs (a task is then
+// processed without anything else being called), Shutdown stops it and
+// waits, and the pair refuses what would run a Worker twice.
+func TestStartShutdown(t *testing.T) {
+	leakCheck(t)
+	b := setup(t)
+	b.p.handle("/acme/me", status(200))
+	b.put("crm+acme", acmeKey(), nil)
+	w := b.worker()
+
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	require.ErrorIs(t, w.Start(cancelled), context.Canceled, "a done ctx starts nothing")
+
+	require.NoError(t, w.Start(context.Background()))
+	t.Cleanup(w.Shutdown)
+	require.ErrorContains(t, w.Start(context.Background()), "called twice")
+	require.ErrorContains(t, w.Run(context.Background()), "called twice")
+	require.ErrorContains(t, w.Handle("x:y", asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil })), "after Run or Start")
+
+	b.enqueue(validateTask(t, "crm+acme"))
+	eventually(t, 10*time.Second, func() bool { return b.get("crm+acme").State == state.Callable }, "processed after Start")
+
+	w.Shutdown()
+	require.False(t, w.startExchange(), "no exchange starts after Shutdown")
+	select {
+	case <-w.stopped:
+	default:
+		t.Fatal("Shutdown returned before handlers were told to stop waiting")
+	}
+	w.Shutdown() // idempotent
+	require.Error(t, w.Start(context.Background()), "a Worker runs once")
+}
+
+// TestShutdownWithoutStart: Shutdown of a Worker never started returns at
+// once and leaves it unable to start.
+func TestShutdownWithoutStart(t *testing.T) {
+	leakCheck(t)
+	b := setup(t)
+	w := b.worker()
+	done := make(chan struct{})
+	go func() { w.Shutdown(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown without Start blocked")
+	}
+	require.False(t, w.startExchange())
+	require.ErrorContains(t, w.Start(context.Background()), "after Shutdown")
+}
