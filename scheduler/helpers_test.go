@@ -373,5 +373,30 @@ var (
 	_ scheduler.Store            = perClaimStore{}
 )
 
+// countClaims wraps st so that n counts its ClaimDue calls, keeping
+// RescheduleBatch if st has it.
+func countClaims(st scheduler.Store, n *atomic.Int64) scheduler.Store {
+	c := claimCounter{Store: st, n: n}
+	if br, ok := st.(scheduler.BatchRescheduler); ok {
+		return batchClaimCounter{claimCounter: c, BatchRescheduler: br}
+	}
+	return c
+}
+
+type claimCounter struct {
+	scheduler.Store
+	n *atomic.Int64
+}
+
+func (c claimCounter) ClaimDue(ctx context.Context, idx state.Index, shard int, now time.Time, lease time.Duration, max int) ([]state.Claim, error) {
+	c.n.Add(1)
+	return c.Store.ClaimDue(ctx, idx, shard, now, lease, max)
+}
+
+type batchClaimCounter struct {
+	claimCounter
+	scheduler.BatchRescheduler
+}
+
 // newBatchStore returns the store itself: it implements BatchRescheduler.
 func newBatchStore(_ testing.TB, st *state.Store, _ redis.UniversalClient) scheduler.Store { return st }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,9 +93,11 @@ func TestReplicasEnqueueOnce(t *testing.T) {
 			counter := &countingEnqueuer{next: b.client}
 			reg := prometheus.NewRegistry()
 			var stops []context.CancelFunc
-			for range tc.replicas {
+			claimCalls := make([]*atomic.Int64, tc.replicas)
+			for i := range tc.replicas {
+				claimCalls[i] = new(atomic.Int64)
 				cfg := b.config(fixed(now))
-				cfg.Store, cfg.Client, cfg.Registerer = st, counter, reg
+				cfg.Store, cfg.Client, cfg.Registerer = countClaims(st, claimCalls[i]), counter, reg
 				cfg.Batch = 100 // several claims per shard, so that replicas interleave
 				s, err := scheduler.New(cfg)
 				require.NoError(t, err)
@@ -102,8 +105,20 @@ func TestReplicasEnqueueOnce(t *testing.T) {
 			}
 			require.Eventually(t, func() bool { return counter.ok.Load()+counter.dup.Load() >= n },
 				2*time.Minute, 20*time.Millisecond)
-			// Let every replica sweep a few more times: nothing more comes.
-			time.Sleep(10 * 20 * time.Millisecond)
+			// Let every replica claim a few more times, over every shard of
+			// both indexes: nothing more comes.
+			after := make([]int64, len(claimCalls))
+			for i, c := range claimCalls {
+				after[i] = c.Load()
+			}
+			require.Eventually(t, func() bool {
+				for i, c := range claimCalls {
+					if c.Load() < after[i]+int64(3*2*b.store.Shards()) {
+						return false
+					}
+				}
+				return true
+			}, time.Minute, 5*time.Millisecond, "every replica sweeps again")
 			for _, stop := range stops {
 				stop()
 			}

@@ -150,12 +150,27 @@ func TestServerCircuitBreaker(t *testing.T) {
 		_, err = client.Enqueue(task)
 		require.NoError(t, err)
 	}
+	checks := func(outcome string) int {
+		return int(testutil.ToFloat64(w.metrics.checks.WithLabelValues("acme", outcome)))
+	}
 	eventually(t, 20*time.Second, func() bool { return open() == 1 }, "breaker opens")
-	time.Sleep(100 * time.Millisecond) // let checks already past the breaker land
-	calls := b.p.count("/acme/me")
+	opened := time.Now()
+	// Checks already past the breaker land: every call the provider saw
+	// has been answered and recorded as transient.
+	var calls int
+	eventually(t, 10*time.Second, func() bool {
+		calls = b.p.count("/acme/me")
+		return checks(outcomeTransient) == calls
+	}, "calls in flight when the breaker opened land")
 	require.Less(t, calls, n, "the breaker opened before every connection was tried")
-	time.Sleep(time.Second)
-	require.Equal(t, calls, b.p.count("/acme/me"), "no provider call while the breaker is open")
+	// Tasks keep coming and the breaker turns them away without a call.
+	skipped := checks(outcomeSkipped)
+	eventually(t, 10*time.Second, func() bool { return checks(outcomeSkipped) >= skipped+5 }, "tasks held by the open breaker")
+	if time.Since(opened) < 3*time.Second { // still within the cool-down: not even a probe
+		require.Equal(t, calls, b.p.count("/acme/me"), "no provider call while the breaker is open")
+	} else {
+		require.LessOrEqual(t, b.p.count("/acme/me"), calls+2, "at most the half-open probes")
+	}
 	for i := range n {
 		c, err := b.store.Get(context.Background(), state.Ref{ConsumerID: fmt.Sprintf("c%d", i), ConnectionID: "crm+acme"})
 		require.NoError(t, err)
