@@ -232,7 +232,7 @@ func TestSafeErr(t *testing.T) {
 	ue := &url.Error{Op: "Get", URL: "https://u:" + secretPassword + "@api.example.com/v1/me?api_key=" + secretAPIKey + "#frag",
 		Err: errors.New("connection refused")}
 	s := safeErr(ue)
-	require.Equal(t, "get https://api.example.com/v1/me: connection refused", s)
+	require.Equal(t, "get https://xxxxx@api.example.com/v1/me: connection refused", s) // user info masked (redact.URL)
 	requireNoSecrets(t, s)
 
 	resp := &http.Response{StatusCode: 400}

@@ -9,6 +9,7 @@ import (
 	"github.com/go-redis/redis_rate/v10"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 )
 
 // rateLimit returns the fleet-wide limit of an integration, if it has one:
@@ -56,20 +57,8 @@ func (w *Worker) waitRateLimit(ctx context.Context, in *catalog.Integration) err
 		}
 		// A little jitter keeps the waiters of one slot from asking Redis
 		// all at the same instant.
-		if err := sleep(ctx, wait+rand.N(2*time.Millisecond)); err != nil {
+		if err := retry.Sleep(ctx, wait+rand.N(2*time.Millisecond)); err != nil {
 			return err
 		}
-	}
-}
-
-// sleep waits d or until ctx is done.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
 }

@@ -17,7 +17,6 @@ import (
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
-	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
 // errClientCredentials means the environment variables the catalog names
@@ -178,7 +177,7 @@ func (w *Worker) waitUnlocked(ctx context.Context, ref state.Ref) error {
 		if time.Now().After(deadline) {
 			return &RetryAfterError{After: jitter(time.Second), Err: ErrRefreshBusy}
 		}
-		if err := sleep(ctx, d); err != nil {
+		if err := retry.Sleep(ctx, d); err != nil {
 			return err
 		}
 		d = min(2*d, 200*time.Millisecond)
@@ -378,7 +377,7 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, lease 
 			break
 		}
 		retried = true
-		if sleep(pctx, jitter(d)) != nil {
+		if retry.Sleep(pctx, jitter(d)) != nil {
 			break
 		}
 	}
@@ -608,14 +607,10 @@ func revokedNow(c *state.Connection) bool {
 
 // handleRefresh processes connection:refresh_token.
 func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
-	r := w.newRun(ctx, t)
-	p, err := tasks.ParseConnectionPayload(t.Payload())
+	r, ref, err := w.connectionRun(ctx, t)
 	if err != nil {
-		r.res.Outcome, r.res.Error = "malformed", err.Error()
-		return r.finish(ctx, fmt.Errorf("worker: %s: %w: %w", t.Type(), err, asynq.SkipRetry))
+		return r.finish(ctx, err)
 	}
-	ref := state.Ref{ConsumerID: p.ConsumerID, ConnectionID: p.ConnectionID}
-	r.consumerID, r.connectionID = ref.ConsumerID, ref.ConnectionID
 	skip := func(integration, why string) error {
 		r.res.Outcome, r.res.Skipped = refreshSkipped, why
 		w.metrics.refreshes.WithLabelValues(integration, refreshSkipped).Inc()

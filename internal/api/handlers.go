@@ -240,12 +240,7 @@ func (s *server) patchConnection(w http.ResponseWriter, r *http.Request) {
 // the store is called, and the store writes in one atomic step, so an
 // error leaves nothing half-written.
 func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
-	t, err := s.target(r)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	ifVersion, err := ifMatch(r)
+	t, ifVersion, err := versionedTarget(r, s.target)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -280,23 +275,38 @@ func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
 }
 
 func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.target(r)
+	t, err := s.deleteTarget(r, s.target)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	ifVersion, err := ifMatch(r)
+	s.writeConnection(w, http.StatusOK, t, nil)
+}
+
+// versionedTarget resolves the connection a write addresses (resolve is
+// the native or the Vault dialect's) and the version its If-Match names.
+func versionedTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, int64, error) {
+	t, err := resolve(r)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return target{}, 0, err
+	}
+	ifVersion, err := ifMatch(r)
+	return t, ifVersion, err
+}
+
+// deleteTarget deletes the connection the request addresses, under its
+// If-Match, and notifies the change: the DELETE of both dialects.
+func (s *server) deleteTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, error) {
+	t, ifVersion, err := versionedTarget(r, resolve)
+	if err != nil {
+		return t, err
 	}
 	ch, err := s.cfg.Store.Delete(r.Context(), t.ref, ifVersion)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return t, err
 	}
 	s.notify(r, ch)
-	s.writeConnection(w, http.StatusOK, t, nil)
+	return t, nil
 }
 
 // notify hands a successful write to the Notifier. The write is done: a
