@@ -528,30 +528,15 @@ func (w *Worker) exchange(ctx context.Context, in *catalog.Integration, c *state
 	if in.OAuth.ClientIDEnv == "" || id == "" {
 		return nil, 0, fmt.Errorf("%w: $%s is empty", errClientCredentials, in.OAuth.ClientIDEnv)
 	}
-	style := oauth2.AuthStyleInHeader
-	if in.OAuth.AuthStyle == "params" {
-		style = oauth2.AuthStyleInParams
-	}
 	cfg := &oauth2.Config{
 		ClientID:     id,
 		ClientSecret: secret,
-		Endpoint:     oauth2.Endpoint{TokenURL: u.String(), AuthStyle: style},
+		Endpoint:     oauth2.Endpoint{TokenURL: u.String(), AuthStyle: authStyle(in)},
 		Scopes:       in.OAuth.Scopes,
 	}
-	hc := w.httpClient(in)
-	hc.Timeout = w.cfg.TokenTimeout
-	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.TokenTimeout)
-	defer cancel()
-	ectx = context.WithValue(ectx, oauth2.HTTPClient, hc)
-	tok, err := cfg.TokenSource(ectx, &oauth2.Token{RefreshToken: c.Credentials.RefreshToken, Expiry: time.Unix(1, 0)}).Token()
-	if err != nil {
-		var re *oauth2.RetrieveError
-		if errors.As(err, &re) && re.Response != nil {
-			return nil, re.Response.StatusCode, err
-		}
-		return nil, 0, err
-	}
-	return tok, http.StatusOK, nil
+	return w.tokenCall(ctx, in, func(ctx context.Context) (*oauth2.Token, error) {
+		return cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: c.Credentials.RefreshToken, Expiry: time.Unix(1, 0)}).Token()
+	})
 }
 
 // revokedGrant reports whether a token endpoint error means the refresh
