@@ -13,6 +13,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -188,13 +189,10 @@ func TestKilledAfterClaimIsEnqueuedAfterLease(t *testing.T) {
 	go func() { sweptA <- a.Sweep(context.Background()) }()
 	<-dead.entered
 	// A has claimed every member: all carry its lease score.
-	require.Eventually(t, func() bool {
-		for _, at := range dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck) {
-			if !at.Equal(now.Add(lease)) {
-				return false
-			}
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		for m, at := range dueScores(c, b.rdb, b.store.Shards(), state.IndexCheck) {
+			assert.True(c, at.Equal(now.Add(lease)), "%s carries A's lease score", m)
 		}
-		return true
 	}, 10*time.Second, 10*time.Millisecond)
 
 	clk := newClock(now)
@@ -589,9 +587,9 @@ func TestRedisOutage(t *testing.T) {
 	// Phase 1: the queue's Redis is down. Claims work, enqueues fail.
 	queueSrv.Stop()
 	stop := runScheduler(t, s)
-	require.Eventually(t, func() bool {
-		return metric(t, reg, "vaultfleet_scheduler_enqueue_errors_total", "index", "check") >= 3 &&
-			rec.count("sweep failed") >= 1
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		assert.GreaterOrEqual(c, metric(c, reg, "vaultfleet_scheduler_enqueue_errors_total", "index", "check"), 3.0)
+		assert.GreaterOrEqual(c, rec.count("sweep failed"), 1)
 	}, 20*time.Second, 10*time.Millisecond)
 	require.Equal(t, 1, rec.count("enqueue failed"), "rate-limited")
 	require.Zero(t, counter.ok.Load())
