@@ -223,7 +223,7 @@ func (in *Integration) validateSetting(name, v string) error {
 // means the credentials were rejected.
 func (in *Integration) IsInvalidStatus(code int) bool {
 	if len(in.Check.InvalidStatuses) == 0 {
-		return slices.Contains(DefaultInvalidStatuses, code)
+		return slices.Contains(defaultInvalidStatuses(), code)
 	}
 	return slices.Contains(in.Check.InvalidStatuses, code)
 }

@@ -30,9 +30,9 @@ const (
 	refreshWindowLifeShare   = 5 // 20% of the lifetime
 )
 
-// DefaultInvalidStatuses are the check statuses that mean "invalid" unless
-// the catalog lists others.
-var DefaultInvalidStatuses = []int{401, 403}
+// defaultInvalidStatuses returns the check statuses that mean "invalid"
+// unless the catalog lists others.
+func defaultInvalidStatuses() []int { return []int{401, 403} }
 
 // Interval states (keys of Integration.Intervals).
 const (
@@ -452,7 +452,7 @@ func (in *Integration) applyDefaults() {
 		in.Check.Method = DefaultMethod
 	}
 	if len(in.Check.InvalidStatuses) == 0 {
-		in.Check.InvalidStatuses = slices.Clone(DefaultInvalidStatuses)
+		in.Check.InvalidStatuses = defaultInvalidStatuses()
 	}
 	if in.Check.Timeout == 0 {
 		in.Check.Timeout = Duration(DefaultCheckTimeout)

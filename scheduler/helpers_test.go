@@ -255,9 +255,10 @@ func dueKey(shard int, idx state.Index) string {
 	return fmt.Sprintf("%s:{s%02d}:due:%s", state.DefaultPrefix, shard, idx)
 }
 
-// dueScores returns every member of idx with its due time.
-func dueScores(t testing.TB, rdb redis.UniversalClient, shards int, idx state.Index) map[string]time.Time {
-	t.Helper()
+// dueScores returns every member of idx with its due time. t may be an
+// EventuallyWithT's CollectT: a condition runs on another goroutine.
+func dueScores(t require.TestingT, rdb redis.UniversalClient, shards int, idx state.Index) map[string]time.Time {
+	helper(t)
 	out := map[string]time.Time{}
 	for sh := range shards {
 		zs, err := rdb.ZRangeWithScores(context.Background(), dueKey(sh, idx), 0, -1).Result()
@@ -267,6 +268,13 @@ func dueScores(t testing.TB, rdb redis.UniversalClient, shards int, idx state.In
 		}
 	}
 	return out
+}
+
+// helper marks the caller a test helper when t is a testing.TB.
+func helper(t require.TestingT) {
+	if h, ok := t.(interface{ Helper() }); ok {
+		h.Helper()
+	}
 }
 
 // runScheduler runs s until the test ends.
@@ -293,8 +301,8 @@ func runScheduler(t *testing.T, s *scheduler.Scheduler) context.CancelFunc {
 
 // metric returns the value of a counter or gauge in reg with the given
 // labels ("" matches a metric without labels).
-func metric(t testing.TB, reg prometheus.Gatherer, name string, labels ...string) float64 {
-	t.Helper()
+func metric(t require.TestingT, reg prometheus.Gatherer, name string, labels ...string) float64 {
+	helper(t)
 	mfs, err := reg.Gather()
 	require.NoError(t, err)
 	for _, mf := range mfs {
@@ -314,7 +322,8 @@ func metric(t testing.TB, reg prometheus.Gatherer, name string, labels ...string
 			}
 		}
 	}
-	t.Fatalf("metric %s%v not found", name, labels)
+	t.Errorf("metric %s%v not found", name, labels)
+	t.FailNow()
 	return 0
 }
 
@@ -372,6 +381,31 @@ var (
 	_ scheduler.BatchRescheduler = (*state.Store)(nil)
 	_ scheduler.Store            = perClaimStore{}
 )
+
+// countClaims wraps st so that n counts its ClaimDue calls, keeping
+// RescheduleBatch if st has it.
+func countClaims(st scheduler.Store, n *atomic.Int64) scheduler.Store {
+	c := claimCounter{Store: st, n: n}
+	if br, ok := st.(scheduler.BatchRescheduler); ok {
+		return batchClaimCounter{claimCounter: c, BatchRescheduler: br}
+	}
+	return c
+}
+
+type claimCounter struct {
+	scheduler.Store
+	n *atomic.Int64
+}
+
+func (c claimCounter) ClaimDue(ctx context.Context, idx state.Index, shard int, now time.Time, lease time.Duration, max int) ([]state.Claim, error) {
+	c.n.Add(1)
+	return c.Store.ClaimDue(ctx, idx, shard, now, lease, max)
+}
+
+type batchClaimCounter struct {
+	claimCounter
+	scheduler.BatchRescheduler
+}
 
 // newBatchStore returns the store itself: it implements BatchRescheduler.
 func newBatchStore(_ testing.TB, st *state.Store, _ redis.UniversalClient) scheduler.Store { return st }

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -277,12 +278,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 // backoff returns the pause after n consecutive failures: Tick doubled
 // n-1 times, capped at 30s, ±20% so replicas do not retry in step.
 func (s *Scheduler) backoff(n int) time.Duration {
-	d := s.cfg.Tick
-	for i := 1; i < n && d < backoffMax; i++ {
-		d *= 2
-	}
-	d = min(d, backoffMax)
-	return time.Duration(float64(d) * (0.8 + 0.4*s.cfg.RandFunc()))
+	return retry.Spread(retry.Exp(n-1, s.cfg.Tick, backoffMax), 0.2, s.cfg.RandFunc())
 }
 
 // sweepState is the bookkeeping of one sweep.

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -92,9 +94,11 @@ func TestReplicasEnqueueOnce(t *testing.T) {
 			counter := &countingEnqueuer{next: b.client}
 			reg := prometheus.NewRegistry()
 			var stops []context.CancelFunc
-			for range tc.replicas {
+			claimCalls := make([]*atomic.Int64, tc.replicas)
+			for i := range tc.replicas {
+				claimCalls[i] = new(atomic.Int64)
 				cfg := b.config(fixed(now))
-				cfg.Store, cfg.Client, cfg.Registerer = st, counter, reg
+				cfg.Store, cfg.Client, cfg.Registerer = countClaims(st, claimCalls[i]), counter, reg
 				cfg.Batch = 100 // several claims per shard, so that replicas interleave
 				s, err := scheduler.New(cfg)
 				require.NoError(t, err)
@@ -102,8 +106,20 @@ func TestReplicasEnqueueOnce(t *testing.T) {
 			}
 			require.Eventually(t, func() bool { return counter.ok.Load()+counter.dup.Load() >= n },
 				2*time.Minute, 20*time.Millisecond)
-			// Let every replica sweep a few more times: nothing more comes.
-			time.Sleep(10 * 20 * time.Millisecond)
+			// Let every replica claim a few more times, over every shard of
+			// both indexes: nothing more comes.
+			after := make([]int64, len(claimCalls))
+			for i, c := range claimCalls {
+				after[i] = c.Load()
+			}
+			require.Eventually(t, func() bool {
+				for i, c := range claimCalls {
+					if c.Load() < after[i]+int64(3*2*b.store.Shards()) {
+						return false
+					}
+				}
+				return true
+			}, time.Minute, 5*time.Millisecond, "every replica sweeps again")
 			for _, stop := range stops {
 				stop()
 			}
@@ -173,13 +189,10 @@ func TestKilledAfterClaimIsEnqueuedAfterLease(t *testing.T) {
 	go func() { sweptA <- a.Sweep(context.Background()) }()
 	<-dead.entered
 	// A has claimed every member: all carry its lease score.
-	require.Eventually(t, func() bool {
-		for _, at := range dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck) {
-			if !at.Equal(now.Add(lease)) {
-				return false
-			}
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		for m, at := range dueScores(c, b.rdb, b.store.Shards(), state.IndexCheck) {
+			assert.True(c, at.Equal(now.Add(lease)), "%s carries A's lease score", m)
 		}
-		return true
 	}, 10*time.Second, 10*time.Millisecond)
 
 	clk := newClock(now)
@@ -581,9 +594,9 @@ func TestRedisOutage(t *testing.T) {
 	// Phase 1: the queue's Redis is down. Claims work, enqueues fail.
 	queueSrv.Stop()
 	stop := runScheduler(t, s)
-	require.Eventually(t, func() bool {
-		return metric(t, reg, "vaultfleet_scheduler_enqueue_errors_total", "index", "check") >= 3 &&
-			rec.count("sweep failed") >= 1
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		assert.GreaterOrEqual(c, metric(c, reg, "vaultfleet_scheduler_enqueue_errors_total", "index", "check"), 3.0)
+		assert.GreaterOrEqual(c, rec.count("sweep failed"), 1)
 	}, 20*time.Second, 10*time.Millisecond)
 	require.Equal(t, 1, rec.count("enqueue failed"), "rate-limited")
 	require.Zero(t, counter.ok.Load())

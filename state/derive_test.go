@@ -217,11 +217,11 @@ func clone(c *Connection) *Connection {
 func TestDeriveProperties(t *testing.T) {
 	t.Parallel()
 	validStates := map[State]bool{}
-	for _, s := range States {
+	for _, s := range States() {
 		validStates[s] = true
 	}
 	validHealth := map[Health]bool{}
-	for _, h := range Healths {
+	for _, h := range Healths() {
 		validHealth[h] = true
 	}
 	rapid.Check(t, func(t *rapid.T) {

@@ -34,8 +34,8 @@ const (
 	Callable   State = "callable"
 )
 
-// States lists every state in flow order.
-var States = []State{Available, Added, Authorized, Invalid, Callable}
+// States returns every state in flow order (a fresh slice).
+func States() []State { return []State{Available, Added, Authorized, Invalid, Callable} }
 
 // Health says how a connection is doing within its state.
 type Health string
@@ -63,10 +63,12 @@ const (
 	HealthMissingScopes Health = "missing_scopes"
 )
 
-// Healths lists every health value.
-var Healths = []Health{HealthOK, HealthPendingRefresh, HealthPendingConfirmation,
-	HealthDegraded, HealthNeedsAuth, HealthRevoked, HealthMissingSettings,
-	HealthMisconfigured, HealthRotationLost, HealthMissingScopes}
+// Healths returns every health value (a fresh slice).
+func Healths() []Health {
+	return []Health{HealthOK, HealthPendingRefresh, HealthPendingConfirmation,
+		HealthDegraded, HealthNeedsAuth, HealthRevoked, HealthMissingSettings,
+		HealthMisconfigured, HealthRotationLost, HealthMissingScopes}
+}
 
 // Outcome is the meaning of a definitive check or refresh result.
 type Outcome string

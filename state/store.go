@@ -164,10 +164,12 @@ const (
 	EventDownstreamRecovered   = "vault.connection.downstream.recovered"
 )
 
-// EventTypes lists every event type.
-var EventTypes = []string{EventCreated, EventUpdated, EventCallable, EventInvalid,
-	EventDisabled, EventDeleted, EventRevoked, EventTokenRefreshFailed,
-	EventTokenRefreshRecovered, EventDownstreamDegraded, EventDownstreamRecovered}
+// EventTypes returns every event type (a fresh slice).
+func EventTypes() []string {
+	return []string{EventCreated, EventUpdated, EventCallable, EventInvalid,
+		EventDisabled, EventDeleted, EventRevoked, EventTokenRefreshFailed,
+		EventTokenRefreshRecovered, EventDownstreamDegraded, EventDownstreamRecovered}
+}
 
 // New validates cfg, applies defaults and returns a Store.
 func New(cfg Config) (*Store, error) {

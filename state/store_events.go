@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 )
 
 // Events are appended to Config.EventStream in the same Lua call as the
@@ -134,7 +135,7 @@ func (s *Store) appendEvents(ctx context.Context, events []Event) {
 		var err error
 		for attempt := range appendAttempts {
 			if attempt > 0 {
-				if err = sleepCtx(ctx, appendBackoff(attempt)); err != nil {
+				if err = retry.Sleep(ctx, appendBackoff(attempt)); err != nil {
 					break
 				}
 			}
@@ -157,19 +158,7 @@ func (s *Store) appendEvents(ctx context.Context, events []Event) {
 
 // appendBackoff is 50ms doubling per attempt, at most 2s.
 func appendBackoff(attempt int) time.Duration {
-	return min(50*time.Millisecond<<(attempt-1), 2*time.Second)
-}
-
-// sleepCtx waits d or until ctx is done.
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	return retry.Exp(attempt-1, 50*time.Millisecond, 2*time.Second)
 }
 
 // ReadEvents returns up to count stream entries after id ("0" or "" from the

@@ -287,7 +287,7 @@ func (s *Store) List(ctx context.Context, f Filter, cur string, limit int) ([]*C
 	case limit > MaxListLimit:
 		limit = MaxListLimit
 	}
-	if f.State != "" && !slices.Contains(States, f.State) {
+	if f.State != "" && !slices.Contains(States(), f.State) {
 		return nil, "", &FieldError{Field: "state", Msg: "unknown state"}
 	}
 	start := cursor{}

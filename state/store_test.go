@@ -977,7 +977,7 @@ func TestEvents(t *testing.T) {
 	require.Equal(t, want, eventTypes(evs))
 	require.Equal(t, ch.Events[0].ID, evs[len(evs)-2].ID)
 	for _, e := range evs {
-		require.Contains(t, EventTypes, e.Type)
+		require.Contains(t, EventTypes(), e.Type)
 		require.Equal(t, "c1", e.ConsumerID)
 		require.Equal(t, "bamboohr", e.ServiceID)
 		require.Positive(t, e.Version)

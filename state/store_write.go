@@ -6,14 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"strconv"
 	"time"
-	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 )
 
 //go:embed lua/write.lua
@@ -266,15 +265,8 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 
 // backoff sleeps a random time that grows with the attempt (at most 10ms).
 func backoff(ctx context.Context, attempt int) error {
-	limit := min(time.Duration(1<<min(attempt, 10))*100*time.Microsecond, 10*time.Millisecond)
-	t := time.NewTimer(rand.N(limit) + 50*time.Microsecond)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	const floor = 50 * time.Microsecond
+	return retry.Sleep(ctx, retry.Between(floor, floor+retry.Exp(attempt, 100*time.Microsecond, 10*time.Millisecond)))
 }
 
 // finish fills what every write sets: identity, version, times, and the
@@ -301,15 +293,6 @@ func (s *Store) finish(cur, next *Connection, in *catalog.Integration, ref Ref, 
 // sameCredentials compares credentials including IssuedAt (Equal leaves
 // it out: it does not make credentials different, but it is stored).
 func sameCredentials(a, b Credentials) bool { return a.Equal(b) && a.IssuedAt.Equal(b.IssuedAt) }
-
-// truncateText keeps at most maxErrorLen characters of a message.
-func truncateText(s string) string {
-	if utf8.RuneCountInString(s) <= maxErrorLen {
-		return s
-	}
-	r := []rune(s)
-	return string(r[:maxErrorLen])
-}
 
 // integration resolves the catalog entry of a connection id.
 func (s *Store) integration(connectionID string) (*catalog.Integration, error) {

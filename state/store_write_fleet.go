@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 )
 
 // refreshTokenDead reports whether c's verdict for its current revision is
@@ -127,7 +128,7 @@ func WouldInvalidate(c *Connection, in *catalog.Integration, v Verdict, now time
 }
 
 func (s *Store) recordTransient(ctx context.Context, ref Ref, rev int64, msg string, misconfigured bool) (Change, error) {
-	msg = truncateText(msg)
+	msg = redact.Truncate(msg, maxErrorLen)
 	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
@@ -178,7 +179,7 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens,
 }
 
 func (s *Store) recordRefreshFailure(ctx context.Context, ref Ref, used string, msg string) (Change, error) {
-	msg = truncateText(msg)
+	msg = redact.Truncate(msg, maxErrorLen)
 	return s.fleetWrite(ctx, ref, nil, func(c *Connection, _ *catalog.Integration, now time.Time) (hints, error) {
 		if c.Credentials.RefreshToken != used {
 			return hints{}, ErrStale

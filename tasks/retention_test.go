@@ -78,7 +78,7 @@ func TestRetainedTaskShowsResult(t *testing.T) {
 	insp := asynq.NewInspector(opt)
 	t.Cleanup(func() { _ = insp.Close() })
 
-	srv := asynq.NewServer(opt, asynq.Config{Concurrency: 2, Queues: Queues, LogLevel: asynq.FatalLevel})
+	srv := asynq.NewServer(opt, asynq.Config{Concurrency: 2, Queues: Queues(), LogLevel: asynq.FatalLevel})
 	mux := asynq.NewServeMux()
 	mux.HandleFunc(TypeValidate, func(_ context.Context, t *asynq.Task) error {
 		_, err := t.ResultWriter().Write([]byte(`{"outcome":"valid"}`))
@@ -139,7 +139,7 @@ func BenchmarkRetentionMemory(b *testing.B) {
 			_, err = client.Enqueue(task)
 			require.NoError(b, err)
 		}
-		srvA := asynq.NewServer(opt, asynq.Config{Concurrency: 50, Queues: Queues, LogLevel: asynq.FatalLevel})
+		srvA := asynq.NewServer(opt, asynq.Config{Concurrency: 50, Queues: Queues(), LogLevel: asynq.FatalLevel})
 		mux := asynq.NewServeMux()
 		mux.HandleFunc(TypeValidate, func(_ context.Context, t *asynq.Task) error {
 			_, err := t.ResultWriter().Write(result)

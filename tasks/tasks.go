@@ -20,6 +20,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 )
 
 // Task types.
@@ -37,8 +38,11 @@ const (
 	QueueEvents   = "events"
 )
 
-// Queues maps each queue to its priority weight.
-var Queues = map[string]int{QueueCritical: 6, QueueDefault: 3, QueueLow: 1, QueueEvents: 2}
+// Queues returns each queue's priority weight, in a fresh map that the
+// caller (asynq.Config.Queues) may keep.
+func Queues() map[string]int {
+	return map[string]int{QueueCritical: 6, QueueDefault: 3, QueueLow: 1, QueueEvents: 2}
+}
 
 // PayloadVersion is the version of the payloads this package writes.
 const PayloadVersion = 1
@@ -227,7 +231,7 @@ func (p ConnectionPayload) validate() error {
 	case !connectionRE.MatchString(p.ConnectionID):
 		return fmt.Errorf("%w: connection_id must look like unified_api+service_id", ErrMalformed)
 	case !reasons[p.Reason]:
-		return fmt.Errorf("%w: unknown reason %q", ErrMalformed, truncate(string(p.Reason)))
+		return fmt.Errorf("%w: unknown reason %q", ErrMalformed, redact.Truncate(string(p.Reason), 64))
 	case !keyRE.MatchString(p.Key):
 		return fmt.Errorf("%w: key not a valid dedupe key", ErrMalformed)
 	}
@@ -393,11 +397,4 @@ func jsonErr(err error) string {
 		return "field " + te.Field + " has the wrong type"
 	}
 	return "invalid JSON"
-}
-
-func truncate(s string) string {
-	if len(s) > 32 {
-		return s[:32] + "..."
-	}
-	return s
 }

@@ -102,7 +102,7 @@ func benchRunWith(b *testing.B, n, concurrency int, latency time.Duration, noop 
 		if noop {
 			var count atomic.Int64
 			srv := asynq.NewServerFromRedisClient(env.rdb, asynq.Config{
-				Concurrency: concurrency, Queues: tasks.Queues, TaskCheckInterval: 100 * time.Millisecond,
+				Concurrency: concurrency, Queues: tasks.Queues(), TaskCheckInterval: 100 * time.Millisecond,
 				DelayedTaskCheckInterval: 100 * time.Millisecond, LogLevel: asynq.ErrorLevel,
 			})
 			processed = func() int { return int(count.Load()) }

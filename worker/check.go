@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -292,10 +293,10 @@ func classify(in *catalog.Integration, status int, h http.Header, body []byte, o
 		return r
 	case status == http.StatusTooManyRequests:
 		r.kind, r.msg = kindThrottled, "status 429"
-		r.retryAfter = parseRetryAfter(h, now)
+		r.retryAfter = retry.HeaderAfter(h, now)
 		return r
 	case status == http.StatusServiceUnavailable:
-		r.retryAfter = parseRetryAfter(h, now)
+		r.retryAfter = retry.HeaderAfter(h, now)
 	}
 	r.kind, r.msg = kindTransient, "status "+strconv.Itoa(status)
 	return r

@@ -187,18 +187,6 @@ func TestAssertHolds(t *testing.T) {
 	require.False(t, assertHolds(&catalog.Assertion{Path: "b"}, []byte(`{"a":null}`)))
 }
 
-func TestParseRetryAfter(t *testing.T) {
-	t.Parallel()
-	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
-	h := func(v string) http.Header { return http.Header{"Retry-After": []string{v}} }
-	require.Equal(t, 120*time.Second, parseRetryAfter(h("120"), now))
-	require.Equal(t, time.Duration(0), parseRetryAfter(h("-1"), now))
-	require.Equal(t, time.Duration(0), parseRetryAfter(h("soon"), now))
-	require.Equal(t, time.Duration(0), parseRetryAfter(http.Header{}, now))
-	require.Equal(t, time.Minute, parseRetryAfter(h(now.Add(time.Minute).Format(http.TimeFormat)), now))
-	require.Equal(t, time.Duration(0), parseRetryAfter(h(now.Add(-time.Minute).Format(http.TimeFormat)), now))
-}
-
 func TestRetryDelay(t *testing.T) {
 	t.Parallel()
 	w := &Worker{cfg: Config{RetryBaseDelay: 2 * time.Second, RetryMaxDelay: time.Minute, MaxRetryAfter: time.Hour}}
@@ -244,7 +232,7 @@ func TestSafeErr(t *testing.T) {
 	ue := &url.Error{Op: "Get", URL: "https://u:" + secretPassword + "@api.example.com/v1/me?api_key=" + secretAPIKey + "#frag",
 		Err: errors.New("connection refused")}
 	s := safeErr(ue)
-	require.Equal(t, "get https://api.example.com/v1/me: connection refused", s)
+	require.Equal(t, "get https://xxxxx@api.example.com/v1/me: connection refused", s) // user info masked (redact.URL)
 	requireNoSecrets(t, s)
 
 	resp := &http.Response{StatusCode: 400}

@@ -32,18 +32,32 @@ func (w *Worker) exchangeClientCredentials(ctx context.Context, in *catalog.Inte
 		}
 		return nil, 0, fmt.Errorf("%w: the connection has no client_id", errMisconfigured)
 	}
-	style := oauth2.AuthStyleInHeader
-	if in.OAuth.AuthStyle == catalog.AuthStyleParams {
-		style = oauth2.AuthStyleInParams
-	}
 	cfg := &clientcredentials.Config{ClientID: id, ClientSecret: secret, TokenURL: u.String(),
-		Scopes: in.OAuth.Scopes, AuthStyle: style}
+		Scopes: in.OAuth.Scopes, AuthStyle: authStyle(in)}
+	return w.tokenCall(ctx, in, cfg.Token)
+}
+
+// authStyle is how the integration's token endpoint wants the client
+// credentials: in the Authorization header unless the catalog says params.
+func authStyle(in *catalog.Integration) oauth2.AuthStyle {
+	if in.OAuth.AuthStyle == catalog.AuthStyleParams {
+		return oauth2.AuthStyleInParams
+	}
+	return oauth2.AuthStyleInHeader
+}
+
+// tokenCall runs one token endpoint request (fetch) through the
+// integration's HTTP client, bounded by TokenTimeout and detached from
+// ctx's cancellation (an exchange, once sent, is seen through). It returns
+// the endpoint's HTTP status: 200, the status of a RetrieveError, or 0
+// when no answer came.
+func (w *Worker) tokenCall(ctx context.Context, in *catalog.Integration, fetch func(context.Context) (*oauth2.Token, error)) (*oauth2.Token, int, error) {
 	hc := w.httpClient(in)
 	hc.Timeout = w.cfg.TokenTimeout
 	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.TokenTimeout)
 	defer cancel()
 	ectx = context.WithValue(ectx, oauth2.HTTPClient, hc)
-	tok, err := cfg.Token(ectx)
+	tok, err := fetch(ectx)
 	if err != nil {
 		var re *oauth2.RetrieveError
 		if errors.As(err, &re) && re.Response != nil {

@@ -2,6 +2,16 @@
 // validate connections against their integration's check endpoint and
 // refresh their OAuth tokens, and apply what they learn to the store.
 //
+// # Life cycle
+//
+// Like asynq's own components, a Worker has a Start(ctx) that returns once
+// its asynq server runs and a Shutdown that stops it gracefully: no new
+// token exchange starts, asynq gives in-flight tasks ShutdownTimeout and
+// puts the rest back, handlers waiting for Redis stop waiting, and the
+// exchanges and handlers still running are waited for, so that the caller
+// may close Redis afterwards. Run(ctx) is Start, waiting for ctx, then
+// Shutdown. A Worker runs once.
+//
 // # Verdicts
 //
 // A check request is built from the catalog (URL, headers, credentials per

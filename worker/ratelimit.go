@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -58,20 +59,8 @@ func (w *Worker) waitRateLimit(ctx context.Context, in *catalog.Integration) err
 		}
 		// A little jitter keeps the waiters of one slot from asking Redis
 		// all at the same instant.
-		if err := sleep(ctx, wait+rand.N(2*time.Millisecond)); err != nil {
+		if err := retry.Sleep(ctx, wait+rand.N(2*time.Millisecond)); err != nil {
 			return err
 		}
-	}
-}
-
-// sleep waits d or until ctx is done.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
 }

@@ -15,8 +15,8 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
-	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
 // errClientCredentials means the environment variables the catalog names
@@ -177,7 +177,7 @@ func (w *Worker) waitUnlocked(ctx context.Context, ref state.Ref) error {
 		if time.Now().After(deadline) {
 			return &RetryAfterError{After: jitter(time.Second), Err: ErrRefreshBusy}
 		}
-		if err := sleep(ctx, d); err != nil {
+		if err := retry.Sleep(ctx, d); err != nil {
 			return err
 		}
 		d = min(2*d, 200*time.Millisecond)
@@ -377,7 +377,7 @@ func (w *Worker) keepTokens(ctx context.Context, in *catalog.Integration, lease 
 			break
 		}
 		retried = true
-		if sleep(pctx, jitter(d)) != nil {
+		if retry.Sleep(pctx, jitter(d)) != nil {
 			break
 		}
 	}
@@ -528,30 +528,15 @@ func (w *Worker) exchange(ctx context.Context, in *catalog.Integration, c *state
 	if in.OAuth.ClientIDEnv == "" || id == "" {
 		return nil, 0, fmt.Errorf("%w: $%s is empty", errClientCredentials, in.OAuth.ClientIDEnv)
 	}
-	style := oauth2.AuthStyleInHeader
-	if in.OAuth.AuthStyle == "params" {
-		style = oauth2.AuthStyleInParams
-	}
 	cfg := &oauth2.Config{
 		ClientID:     id,
 		ClientSecret: secret,
-		Endpoint:     oauth2.Endpoint{TokenURL: u.String(), AuthStyle: style},
+		Endpoint:     oauth2.Endpoint{TokenURL: u.String(), AuthStyle: authStyle(in)},
 		Scopes:       in.OAuth.Scopes,
 	}
-	hc := w.httpClient(in)
-	hc.Timeout = w.cfg.TokenTimeout
-	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.TokenTimeout)
-	defer cancel()
-	ectx = context.WithValue(ectx, oauth2.HTTPClient, hc)
-	tok, err := cfg.TokenSource(ectx, &oauth2.Token{RefreshToken: c.Credentials.RefreshToken, Expiry: time.Unix(1, 0)}).Token()
-	if err != nil {
-		var re *oauth2.RetrieveError
-		if errors.As(err, &re) && re.Response != nil {
-			return nil, re.Response.StatusCode, err
-		}
-		return nil, 0, err
-	}
-	return tok, http.StatusOK, nil
+	return w.tokenCall(ctx, in, func(ctx context.Context) (*oauth2.Token, error) {
+		return cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: c.Credentials.RefreshToken, Expiry: time.Unix(1, 0)}).Token()
+	})
 }
 
 // revokedGrant reports whether a token endpoint error means the refresh
@@ -591,7 +576,7 @@ func clientRejected(err error) bool {
 func retryAfterOf(err error, now time.Time) time.Duration {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) && re.Response != nil {
-		return parseRetryAfter(re.Response.Header, now)
+		return retry.HeaderAfter(re.Response.Header, now)
 	}
 	return 0
 }
@@ -607,14 +592,10 @@ func revokedNow(c *state.Connection) bool {
 
 // handleRefresh processes connection:refresh_token.
 func (w *Worker) handleRefresh(ctx context.Context, t *asynq.Task) error {
-	r := w.newRun(ctx, t)
-	p, err := tasks.ParseConnectionPayload(t.Payload())
+	r, ref, err := w.connectionRun(ctx, t)
 	if err != nil {
-		r.res.Outcome, r.res.Error = "malformed", err.Error()
-		return r.finish(ctx, fmt.Errorf("worker: %s: %w: %w", t.Type(), err, asynq.SkipRetry))
+		return r.finish(ctx, err)
 	}
-	ref := state.Ref{ConsumerID: p.ConsumerID, ConnectionID: p.ConnectionID}
-	r.consumerID, r.connectionID = ref.ConsumerID, ref.ConnectionID
 	skip := func(integration, why string) error {
 		r.res.Outcome, r.res.Skipped = refreshSkipped, why
 		w.metrics.refreshes.WithLabelValues(integration, refreshSkipped).Inc()

@@ -12,6 +12,7 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/vaultfleet/vaultfleet/state"
+	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
 // Fixed log keys of every task line.
@@ -85,6 +86,21 @@ type taskRun struct {
 	res   Result
 	// identity for the log line
 	taskID, queue, consumerID, connectionID, integration string
+}
+
+// connectionRun starts the run of a task about one connection and reads
+// its payload. A malformed payload is an error to pass to r.finish: the
+// task is archived at once, its result saying "malformed".
+func (w *Worker) connectionRun(ctx context.Context, t *asynq.Task) (*taskRun, state.Ref, error) {
+	r := w.newRun(ctx, t)
+	p, err := tasks.ParseConnectionPayload(t.Payload())
+	if err != nil {
+		r.res.Outcome, r.res.Error = "malformed", err.Error()
+		return r, state.Ref{}, fmt.Errorf("worker: %s: %w: %w", t.Type(), err, asynq.SkipRetry)
+	}
+	ref := state.Ref{ConsumerID: p.ConsumerID, ConnectionID: p.ConnectionID}
+	r.consumerID, r.connectionID = ref.ConsumerID, ref.ConnectionID
+	return r, ref, nil
 }
 
 func (w *Worker) newRun(ctx context.Context, t *asynq.Task) *taskRun {

@@ -5,16 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
-	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
 	"golang.org/x/oauth2"
 
+	"github.com/vaultfleet/vaultfleet/internal/redact"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
@@ -33,19 +32,9 @@ var ErrRefreshBusy = errors.New("worker: token refresh in progress elsewhere")
 
 // RetryAfterError asks for the task to be retried after a given delay (a
 // provider's Retry-After, an open breaker's cool-down, a rate limit's next
-// slot). Worker.RetryDelay honours it.
-type RetryAfterError struct {
-	// After is the delay before the retry.
-	After time.Duration
-	// Err says why.
-	Err error
-}
-
-func (e *RetryAfterError) Error() string {
-	return fmt.Sprintf("%v (retry after %s)", e.Err, e.After.Round(time.Millisecond))
-}
-
-func (e *RetryAfterError) Unwrap() error { return e.Err }
+// slot). Worker.RetryDelay honours it. It is retry.AfterError, the one
+// type internal/events uses too.
+type RetryAfterError = retry.AfterError
 
 // isFailure tells asynq whether an error uses up a retry: tasks held back
 // by the fleet itself (breaker, rate limit, another worker's refresh) do
@@ -82,49 +71,14 @@ func (w *Worker) RetryDelay(n int, err error, t *asynq.Task) time.Duration {
 	return backoff(n, w.cfg.RetryBaseDelay, w.cfg.RetryMaxDelay)
 }
 
+// backoff is full jitter above one second: uniform in [1s, min(ceiling,
+// base·2^n)).
 func backoff(n int, base, ceiling time.Duration) time.Duration {
-	const floor = time.Second
-	d := ceiling
-	if n < 40 && base<<n > 0 && base<<n < ceiling {
-		d = base << n
-	}
-	if d <= floor {
-		return floor
-	}
-	return floor + rand.N(d-floor)
+	return retry.Between(time.Second, retry.Exp(n, base, ceiling))
 }
 
 // jitter returns d plus up to half of d, to spread retries of many tasks.
-func jitter(d time.Duration) time.Duration {
-	if d <= 0 {
-		return 0
-	}
-	return d + rand.N(d/2+1)
-}
-
-// parseRetryAfter reads a Retry-After header: delay-seconds or an HTTP
-// date. Zero if absent or unreadable.
-func parseRetryAfter(h http.Header, now time.Time) time.Duration {
-	v := strings.TrimSpace(h.Get("Retry-After"))
-	if v == "" {
-		return 0
-	}
-	if s, err := strconv.ParseInt(v, 10, 64); err == nil {
-		if s <= 0 {
-			return 0
-		}
-		if s > int64(365*24*time.Hour/time.Second) {
-			s = int64(365 * 24 * time.Hour / time.Second)
-		}
-		return time.Duration(s) * time.Second
-	}
-	if t, err := http.ParseTime(v); err == nil {
-		if d := t.Sub(now); d > 0 {
-			return d
-		}
-	}
-	return 0
-}
+func jitter(d time.Duration) time.Duration { return retry.Up(d, 0.5) }
 
 // handleError is the server's ErrorHandler. The handlers of this package
 // log their own task line, so their retries are logged here at debug level
@@ -184,23 +138,7 @@ func safeErr(err error) string {
 		case ue.Err != nil:
 			inner = safeErr(ue.Err)
 		}
-		return strings.ToLower(ue.Op) + " " + redactURLString(ue.URL) + ": " + inner
+		return strings.ToLower(ue.Op) + " " + redact.URL(ue.URL) + ": " + inner
 	}
 	return err.Error()
-}
-
-// redactURL keeps scheme, host and path: no user info, query or fragment.
-func redactURL(u *url.URL) string {
-	if u == nil {
-		return ""
-	}
-	return u.Scheme + "://" + u.Host + u.EscapedPath()
-}
-
-func redactURLString(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable url)"
-	}
-	return redactURL(u)
 }

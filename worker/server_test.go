@@ -150,12 +150,27 @@ func TestServerCircuitBreaker(t *testing.T) {
 		_, err = client.Enqueue(task)
 		require.NoError(t, err)
 	}
+	checks := func(outcome string) int {
+		return int(testutil.ToFloat64(w.metrics.checks.WithLabelValues("acme", outcome)))
+	}
 	eventually(t, 20*time.Second, func() bool { return open() == 1 }, "breaker opens")
-	time.Sleep(100 * time.Millisecond) // let checks already past the breaker land
-	calls := b.p.count("/acme/me")
+	opened := time.Now()
+	// Checks already past the breaker land: every call the provider saw
+	// has been answered and recorded as transient.
+	var calls int
+	eventually(t, 10*time.Second, func() bool {
+		calls = b.p.count("/acme/me")
+		return checks(outcomeTransient) == calls
+	}, "calls in flight when the breaker opened land")
 	require.Less(t, calls, n, "the breaker opened before every connection was tried")
-	time.Sleep(time.Second)
-	require.Equal(t, calls, b.p.count("/acme/me"), "no provider call while the breaker is open")
+	// Tasks keep coming and the breaker turns them away without a call.
+	skipped := checks(outcomeSkipped)
+	eventually(t, 10*time.Second, func() bool { return checks(outcomeSkipped) >= skipped+5 }, "tasks held by the open breaker")
+	if time.Since(opened) < 3*time.Second { // still within the cool-down: not even a probe
+		require.Equal(t, calls, b.p.count("/acme/me"), "no provider call while the breaker is open")
+	} else {
+		require.LessOrEqual(t, b.p.count("/acme/me"), calls+2, "at most the half-open probes")
+	}
 	for i := range n {
 		c, err := b.store.Get(context.Background(), state.Ref{ConsumerID: fmt.Sprintf("c%d", i), ConnectionID: "crm+acme"})
 		require.NoError(t, err)
@@ -279,4 +294,55 @@ func TestServerFailureDuringRedisOutageRetriedSoon(t *testing.T) {
 		t.Log(b.logs.String())
 		t.Fatal("not retried within 25s of Redis coming back (asynq's lease and recoverer would take 30-90s)")
 	}
+}
+
+// TestStartShutdown: Start returns once the server runs (a task is then
+// processed without anything else being called), Shutdown stops it and
+// waits, and the pair refuses what would run a Worker twice.
+func TestStartShutdown(t *testing.T) {
+	leakCheck(t)
+	b := setup(t)
+	b.p.handle("/acme/me", status(200))
+	b.put("crm+acme", acmeKey(), nil)
+	w := b.worker()
+
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	require.ErrorIs(t, w.Start(cancelled), context.Canceled, "a done ctx starts nothing")
+
+	require.NoError(t, w.Start(context.Background()))
+	t.Cleanup(w.Shutdown)
+	require.ErrorContains(t, w.Start(context.Background()), "called twice")
+	require.ErrorContains(t, w.Run(context.Background()), "called twice")
+	require.ErrorContains(t, w.Handle("x:y", asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil })), "after Run or Start")
+
+	b.enqueue(validateTask(t, "crm+acme"))
+	eventually(t, 10*time.Second, func() bool { return b.get("crm+acme").State == state.Callable }, "processed after Start")
+
+	w.Shutdown()
+	require.False(t, w.startExchange(), "no exchange starts after Shutdown")
+	select {
+	case <-w.stopped:
+	default:
+		t.Fatal("Shutdown returned before handlers were told to stop waiting")
+	}
+	w.Shutdown() // idempotent
+	require.Error(t, w.Start(context.Background()), "a Worker runs once")
+}
+
+// TestShutdownWithoutStart: Shutdown of a Worker never started returns at
+// once and leaves it unable to start.
+func TestShutdownWithoutStart(t *testing.T) {
+	leakCheck(t)
+	b := setup(t)
+	w := b.worker()
+	done := make(chan struct{})
+	go func() { w.Shutdown(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown without Start blocked")
+	}
+	require.False(t, w.startExchange())
+	require.ErrorContains(t, w.Start(context.Background()), "after Shutdown")
 }

@@ -10,7 +10,6 @@ import (
 
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/state"
-	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
 // skipUnreadable: the connection's credentials cannot be opened (sealed
@@ -19,14 +18,10 @@ const skipUnreadable = "credentials_unreadable"
 
 // handleValidate processes connection:validate.
 func (w *Worker) handleValidate(ctx context.Context, t *asynq.Task) error {
-	r := w.newRun(ctx, t)
-	p, err := tasks.ParseConnectionPayload(t.Payload())
+	r, ref, err := w.connectionRun(ctx, t)
 	if err != nil {
-		r.res.Outcome, r.res.Error = "malformed", err.Error()
-		return r.finish(ctx, fmt.Errorf("worker: %s: %w: %w", t.Type(), err, asynq.SkipRetry))
+		return r.finish(ctx, err)
 	}
-	ref := state.Ref{ConsumerID: p.ConsumerID, ConnectionID: p.ConnectionID}
-	r.consumerID, r.connectionID = ref.ConsumerID, ref.ConnectionID
 	v := validation{w: w, r: r, ref: ref}
 	return r.finish(ctx, v.run(ctx))
 }
@@ -237,6 +232,22 @@ func (v *validation) check(ctx context.Context) (checkResult, error) {
 	return res, nil
 }
 
+// dropped reports whether a write's err means the task is over without
+// effect, and records why: the credentials changed (ErrStale: a
+// validation of the new ones is queued already) or the connection is gone.
+func (v *validation) dropped(err error) bool {
+	switch {
+	case errors.Is(err, state.ErrStale):
+		v.r.res.Dropped = dropStale
+		v.w.metrics.dropped.WithLabelValues(dropStale).Inc()
+		return true
+	case errors.Is(err, state.ErrNotFound):
+		v.r.res.Dropped = skipNotFound
+		return true
+	}
+	return false
+}
+
 func (v *validation) noteRetry(err error) {
 	var ra *RetryAfterError
 	if errors.As(err, &ra) {
@@ -299,14 +310,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 		r.res.Error = res.msg
 		ch, err := w.store.RecordTransient(sctx, v.ref, v.rev, res.msg)
 		switch {
-		case errors.Is(err, state.ErrStale):
-			// The credentials changed: a validation of the new ones is
-			// queued already; this task is over.
-			r.res.Dropped = dropStale
-			w.metrics.dropped.WithLabelValues(dropStale).Inc()
-			return nil
-		case errors.Is(err, state.ErrNotFound):
-			r.res.Dropped = skipNotFound
+		case v.dropped(err):
 			return nil
 		case err != nil:
 			w.log.WarnContext(ctx, "recording a transient failure failed", slog.String(keyIntegration, in.ID),
@@ -332,12 +336,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 	r.res.Verdict, r.res.Reason = string(verdict.Outcome), verdict.Reason
 	ch, err := w.store.ApplyVerdictFrom(sctx, v.c, verdict)
 	switch {
-	case errors.Is(err, state.ErrStale):
-		r.res.Dropped = dropStale
-		w.metrics.dropped.WithLabelValues(dropStale).Inc()
-		return nil
-	case errors.Is(err, state.ErrNotFound):
-		r.res.Dropped = skipNotFound
+	case v.dropped(err):
 		return nil
 	case err != nil:
 		return storeErr("apply verdict", err)

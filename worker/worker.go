@@ -328,7 +328,14 @@ type Worker struct {
 
 	mu       sync.Mutex
 	handlers map[string]asynq.Handler
-	running  bool
+	running  bool // Start was called: no more Handle
+
+	// lifeMu orders Start and Shutdown: srv is the server Start started,
+	// shut says Shutdown began (Start refuses from then on).
+	lifeMu       sync.Mutex
+	srv          *asynq.Server
+	shut         bool
+	shutdownOnce sync.Once
 
 	// inflight tracks handler goroutines, which asynq may leave running
 	// for a moment after Shutdown returns.
@@ -412,13 +419,13 @@ func newTransport(connectTimeout time.Duration, concurrency int, cat *catalog.Ca
 	}
 }
 
-// Handle registers another handler by task type before Run, as Config.Extra
+// Handle registers another handler by task type before Run or Start, as Config.Extra
 // does.
 func (w *Worker) Handle(taskType string, h asynq.Handler) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.running {
-		return errors.New("worker: Handle after Run")
+		return errors.New("worker: Handle after Run or Start")
 	}
 	if h == nil || taskType == "" {
 		return errors.New("worker: Handle needs a task type and a handler")
@@ -448,12 +455,34 @@ func (w *Worker) Handler() asynq.Handler {
 // Run processes tasks until ctx is done, then shuts down gracefully:
 // in-flight tasks get ShutdownTimeout to finish and whatever does not
 // finish goes back to its queue. It returns an error only if the server
-// could not start. A Worker runs once.
+// could not start. A Worker runs once. Run is Start, waiting for ctx, then
+// Shutdown.
 func (w *Worker) Run(ctx context.Context) error {
+	if err := w.Start(ctx); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	w.Shutdown()
+	return nil
+}
+
+// Start starts processing tasks and returns once the asynq server is
+// running, like asynq's Server.Start; Shutdown stops it. It fails if ctx
+// is already done, if the Worker was started before, or if asynq refuses
+// to start. ctx only bounds the start: stopping is Shutdown's job.
+func (w *Worker) Start(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("worker: start: %w", err)
+	}
+	w.lifeMu.Lock()
+	defer w.lifeMu.Unlock()
+	if w.shut {
+		return errors.New("worker: Start after Shutdown")
+	}
 	w.mu.Lock()
 	if w.running {
 		w.mu.Unlock()
-		return errors.New("worker: Run called twice")
+		return errors.New("worker: Run or Start called twice")
 	}
 	w.running = true
 	w.mu.Unlock()
@@ -463,16 +492,39 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err := srv.Start(handler); err != nil {
 		return fmt.Errorf("worker: start: %w", err)
 	}
+	w.srv = srv
 	w.log.Info("worker started", slog.Int("concurrency", w.cfg.Concurrency),
 		slog.Duration("shutdown_timeout", w.cfg.ShutdownTimeout))
-	<-ctx.Done()
-	w.log.Info("worker shutting down")
+	return nil
+}
+
+// Shutdown stops the worker gracefully and returns once it is stopped: no
+// token exchange starts any more, asynq's server shuts down (in-flight
+// tasks get ShutdownTimeout, then go back to their queues), handlers still
+// waiting for Redis stop waiting, and the token exchanges and handlers
+// still running are waited for, so that the caller may close Redis. It
+// may be called more than once, and without Start (then it only stops
+// what New set up).
+func (w *Worker) Shutdown() {
+	w.shutdownOnce.Do(w.shutdown)
+}
+
+func (w *Worker) shutdown() {
+	w.lifeMu.Lock()
+	srv := w.srv
+	w.shut = true
+	w.lifeMu.Unlock()
+	if srv != nil {
+		w.log.Info("worker shutting down")
+	}
 	// No token exchange starts from here on; the ones in flight finish,
 	// store their tokens and are waited for below.
 	w.exMu.Lock()
 	w.closing = true
 	w.exMu.Unlock()
-	srv.Shutdown()
+	if srv != nil {
+		srv.Shutdown()
+	}
 	close(w.stopped)
 	// asynq returns once every task is finished or put back; a handler
 	// whose task was put back sees its context cancelled and returns soon,
@@ -484,8 +536,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	if w.ownsTrans {
 		w.transport.(*http.Transport).CloseIdleConnections()
 	}
-	w.log.Info("worker stopped")
-	return nil
+	if srv != nil {
+		w.log.Info("worker stopped")
+	}
 }
 
 // waitFor waits for wg, logging every few seconds while it takes long.
@@ -519,7 +572,7 @@ func (w *Worker) startExchange() bool {
 func (w *Worker) serverConfig() asynq.Config {
 	return asynq.Config{
 		Concurrency:              w.cfg.Concurrency,
-		Queues:                   tasks.Queues,
+		Queues:                   tasks.Queues(),
 		StrictPriority:           false,
 		RetryDelayFunc:           w.RetryDelay,
 		IsFailure:                isFailure,

@@ -25,6 +25,7 @@ import (
 	"github.com/vaultfleet/vaultfleet/internal/events"
 	"github.com/vaultfleet/vaultfleet/internal/monitor"
 	"github.com/vaultfleet/vaultfleet/internal/obs"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/internal/session"
 	"github.com/vaultfleet/vaultfleet/internal/sim"
@@ -226,7 +227,7 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	for _, ref := range sim.Refs(o.consumers) {
 		if _, err := store.Delete(gctx, ref, 0); err != nil && !errors.Is(err, state.ErrNotFound) {
 			return abort(fmt.Errorf("reset demo connection %s in %s (set %s to the key that sealed it, or use an empty Redis): %w",
-				ref, redactRedisURL(redisURL), secrets.EnvKeys, err))
+				ref, redact.URL(redisURL), secrets.EnvKeys, err))
 		}
 	}
 	seeded, err := sim.Seed(gctx, store, providers, o.consumers)
@@ -457,7 +458,7 @@ func printBanner(w io.Writer, base, redisURL string, embedded, authOn bool, seed
 	if !embedded {
 		redisNote = "the Redis that " + envRedisURL + " (or --redis) names"
 		redisLine = fmt.Sprintf("  Redis        %s   (dev writes there: demo connections, tasks, and its dev key under %s)\n",
-			redactRedisURL(redisURL), devKeyKey)
+			redact.URL(redisURL), devKeyKey)
 	}
 	stored, available := 0, 0
 	for _, sc := range seeded {

@@ -177,7 +177,7 @@ func requireAllQueues(t *testing.T, url, password string) {
 	for _, q := range v.Queues {
 		names = append(names, q.Queue)
 	}
-	for q := range tasks.Queues {
+	for q := range tasks.Queues() {
 		require.True(t, slices.Contains(names, q), "queue %s missing from the monitor: %v", q, names)
 		code, body := get(url + "/" + q)
 		require.Equal(t, http.StatusOK, code, "queue %s: %s", q, body)

@@ -74,7 +74,7 @@ func TestEnqueueErrors(t *testing.T) {
 		"BadQueue":           {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--queue", "events"}, wantCode: 1, wantErr: `--queue: "events" is not one of critical, default, low`},
 		"UnknownFlag":        {args: []string{"validate", "--nope"}, wantCode: 2, wantErr: "flag provided but not defined: -nope"},
 		"ExtraArgument":      {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "now"}, wantCode: 2, wantErr: `unexpected argument "now"`},
-		"RedisUnreachable":   {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--redis", "redis://:s3cret-pw@127.0.0.1:1/0"}, wantCode: 1, wantErr: "the Redis at redis://:xxxxx@127.0.0.1:1/0: "},
+		"RedisUnreachable":   {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--redis", "redis://:s3cret-pw@127.0.0.1:1/0"}, wantCode: 1, wantErr: "the Redis at redis://xxxxx@127.0.0.1:1/0: "},
 		"UnknownIntegration": {args: []string{"validate", "--consumer", "c1", "--connection", "crm+nosuchcrm"}, wantCode: 1, wantErr: `--connection "crm+nosuchcrm": no such integration in the catalog (known: `},
 		"WrongUnifiedAPI":    {args: []string{"refresh", "--consumer", "c1", "--connection", "hris+salesforce"}, wantCode: 1, wantErr: `--connection "hris+salesforce": no such integration`},
 		"BadRedisURL":        {args: []string{"validate", "--consumer", "c1", "--connection", "crm+hubspot", "--redis", "http://x"}, wantCode: 1, wantErr: "not a valid Redis URL"},

@@ -5,15 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/internal/monitor"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
@@ -48,8 +47,8 @@ func announceFleet(ctx context.Context, rdb redis.UniversalClient, process strin
 	} else if err != nil {
 		return err
 	}
-	queues := make([]string, 0, len(tasks.Queues))
-	for q := range tasks.Queues {
+	queues := make([]string, 0, len(tasks.Queues()))
+	for q := range tasks.Queues() {
 		queues = append(queues, q)
 	}
 	slices.Sort(queues)
@@ -116,26 +115,11 @@ var errNoFleet = errors.New("holds no vaultfleet fleet")
 func checkFleet(ctx context.Context, rdb redis.UniversalClient, redisURL string) error {
 	n, err := rdb.Exists(ctx, fleetKey).Result()
 	if err != nil {
-		return fmt.Errorf("the Redis at %s: %v", redactRedisURL(redisURL), err)
+		return fmt.Errorf("the Redis at %s: %v", redact.URL(redisURL), err)
 	}
 	if n == 0 {
 		return fmt.Errorf("the Redis at %s %w (no %s key: no vaultfleet worker, scheduler, serve or dev has run against it); set %s or --redis to the fleet's Redis",
-			redactRedisURL(redisURL), errNoFleet, fleetKey, envRedisURL)
+			redact.URL(redisURL), errNoFleet, fleetKey, envRedisURL)
 	}
 	return nil
-}
-
-// redactRedisURL hides the password of a Redis URL.
-func redactRedisURL(raw string) string {
-	if u, err := url.Parse(raw); err == nil {
-		return u.Redacted()
-	}
-	scheme, rest, ok := strings.Cut(raw, "://")
-	if !ok {
-		return "(unparsable URL)"
-	}
-	if i := strings.LastIndex(rest, "@"); i >= 0 {
-		rest = "xxxxx" + rest[i:]
-	}
-	return scheme + "://" + rest
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -137,7 +138,7 @@ func (s *server) listAll(w http.ResponseWriter, r *http.Request) {
 	for k, v := range q {
 		if !slices.Contains(listParams, k) {
 			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
-				"unknown query parameter "+strconv.Quote(truncate(k))+"; known: "+strings.Join(listParams, ", ")))
+				"unknown query parameter "+strconv.Quote(redact.Truncate(k, 32))+"; known: "+strings.Join(listParams, ", ")))
 			return
 		}
 		if len(v) > 1 {
@@ -148,7 +149,7 @@ func (s *server) listAll(w http.ResponseWriter, r *http.Request) {
 	var f state.Filter
 	if v := q.Get("state"); v != "" {
 		st := state.State(v)
-		if !slices.Contains(state.States, st) || st == state.Available {
+		if !slices.Contains(state.States(), st) || st == state.Available {
 			s.fail(w, r, errf(http.StatusBadRequest, codeInvalidQuery,
 				"state must be one of added, authorized, invalid, callable (available connections are not stored: list a consumer's connections to see them)"))
 			return
@@ -239,12 +240,7 @@ func (s *server) patchConnection(w http.ResponseWriter, r *http.Request) {
 // the store is called, and the store writes in one atomic step, so an
 // error leaves nothing half-written.
 func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
-	t, err := s.target(r)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	ifVersion, err := ifMatch(r)
+	t, ifVersion, err := versionedTarget(r, s.target)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -279,23 +275,38 @@ func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
 }
 
 func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.target(r)
+	t, err := s.deleteTarget(r, s.target)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	ifVersion, err := ifMatch(r)
+	s.writeConnection(w, http.StatusOK, t, nil)
+}
+
+// versionedTarget resolves the connection a write addresses (resolve is
+// the native or the Vault dialect's) and the version its If-Match names.
+func versionedTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, int64, error) {
+	t, err := resolve(r)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return target{}, 0, err
+	}
+	ifVersion, err := ifMatch(r)
+	return t, ifVersion, err
+}
+
+// deleteTarget deletes the connection the request addresses, under its
+// If-Match, and notifies the change: the DELETE of both dialects.
+func (s *server) deleteTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, error) {
+	t, ifVersion, err := versionedTarget(r, resolve)
+	if err != nil {
+		return t, err
 	}
 	ch, err := s.cfg.Store.Delete(r.Context(), t.ref, ifVersion)
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return t, err
 	}
 	s.notify(r, ch)
-	s.writeConnection(w, http.StatusOK, t, nil)
+	return t, nil
 }
 
 // notify hands a successful write to the Notifier. The write is done: a
@@ -576,11 +587,4 @@ func credentialFields(in *catalog.Integration) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-func truncate(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "..."
-	}
-	return s
 }

@@ -372,12 +372,7 @@ type vaultUpdateBody struct {
 // (Apideck: updating an available connection adds it) and otherwise
 // patches it.
 func (s *server) vaultUpdateConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.vaultTarget(r)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
-	ifVersion, err := ifMatch(r)
+	t, ifVersion, err := versionedTarget(r, s.vaultTarget)
 	if err != nil {
 		s.vaultFail(w, r, err)
 		return
@@ -518,22 +513,10 @@ func (s *server) decodeLenient(w http.ResponseWriter, r *http.Request, dst any) 
 }
 
 func (s *server) vaultDeleteConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.vaultTarget(r)
-	if err != nil {
+	if _, err := s.deleteTarget(r, s.vaultTarget); err != nil {
 		s.vaultFail(w, r, err)
 		return
 	}
-	ifVersion, err := ifMatch(r)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
-	ch, err := s.cfg.Store.Delete(r.Context(), t.ref, ifVersion)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
-	s.notify(r, ch)
 	w.WriteHeader(http.StatusNoContent)
 }
 

@@ -141,10 +141,10 @@ func setupVault(t *testing.T) *vaultBundle {
 // field, for the script to check against the SDK's enums.
 func vaultMappings(cat *catalog.Catalog) map[string][]string {
 	m := map[string][]string{}
-	for _, s := range state.States {
+	for _, s := range state.States() {
 		m["states"] = append(m["states"], string(s))
 	}
-	for _, h := range state.Healths {
+	for _, h := range state.Healths() {
 		m["health"] = append(m["health"], api.VaultHealth(h))
 	}
 	for _, a := range []catalog.AuthType{catalog.AuthOAuth2, catalog.AuthAPIKey, catalog.AuthBasic} {

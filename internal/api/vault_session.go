@@ -296,7 +296,7 @@ func (s *server) vaultCreateSession(w http.ResponseWriter, r *http.Request) {
 	if body.Settings.AllowActions != nil {
 		actions = append([]session.Action{}, *body.Settings.AllowActions...)
 		for _, a := range actions {
-			if !slices.Contains(session.Actions, a) {
+			if !slices.Contains(session.Actions(), a) {
 				s.vaultFail(w, r, errf(http.StatusBadRequest, codeInvalidField, "settings.allow_actions: each one of delete, disconnect, reauthorize, disable"))
 				return
 			}

@@ -214,7 +214,7 @@ func TestSessionAllowActions(t *testing.T) {
 	}
 	all := func(except session.Action) []session.Action {
 		var out []session.Action
-		for _, a := range session.Actions {
+		for _, a := range session.Actions() {
 			if a != except {
 				out = append(out, a)
 			}

@@ -180,7 +180,7 @@ func TestVaultTokenRefusedAndUnavailable(t *testing.T) {
 
 func TestVaultHealthMapping(t *testing.T) {
 	t.Parallel()
-	for _, h := range state.Healths {
+	for _, h := range state.Healths() {
 		got := api.VaultHealth(h)
 		switch h {
 		case state.HealthMisconfigured, state.HealthRotationLost:

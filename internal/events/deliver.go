@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,6 +19,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vaultfleet/vaultfleet/internal/netguard"
+	"github.com/vaultfleet/vaultfleet/internal/redact"
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -293,7 +294,7 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 	resp, err := client.Do(req)
 	if err != nil {
 		h.outcomes.WithLabelValues(OutcomeFailed).Inc()
-		err = fmt.Errorf("events: deliver to %s: %s", sub.Name, redactURLError(err))
+		err = fmt.Errorf("events: deliver to %s: %s", sub.Name, redact.URLError(err))
 		h.log.WarnContext(ctx, "webhook delivery failed", append(logAttrs, slog.String("error", err.Error()))...)
 		return err
 	}
@@ -313,24 +314,11 @@ func (h *DeliveryHandler) ProcessTask(ctx context.Context, t *asynq.Task) error 
 	h.outcomes.WithLabelValues(OutcomeFailed).Inc()
 	h.log.WarnContext(ctx, "webhook delivery failed", logAttrs...)
 	err = fmt.Errorf("events: deliver to %s: HTTP %d", sub.Name, resp.StatusCode)
-	if d, ok := parseRetryAfter(resp.Header.Get("Retry-After"), h.cfg.NowFunc()); ok &&
+	if d, ok := retry.ParseAfter(resp.Header.Get("Retry-After"), h.cfg.NowFunc()); ok &&
 		(resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable) {
-		return &RetryAfterError{After: d, Err: err}
+		return &RetryAfterError{After: min(d, MaxRetryAfter), Err: err}
 	}
 	return err
-}
-
-// redactURLError keeps the reason of an HTTP client error but not the URL
-// (a query string may carry a receiver's token).
-func redactURLError(err error) string {
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		if ue.Timeout() {
-			return "timeout"
-		}
-		return ue.Err.Error()
-	}
-	return err.Error()
 }
 
 // webhookFromEntry builds the body from a stream entry written by the
@@ -366,30 +354,9 @@ func webhookFromTask(key, eventID string, e tasks.WebhookEvent) Webhook {
 	}
 }
 
-// RetryAfterError is a failed attempt whose receiver asked to wait.
-type RetryAfterError struct {
-	After time.Duration
-	Err   error
-}
-
-func (e *RetryAfterError) Error() string {
-	return e.Err.Error() + " (retry after " + e.After.String() + ")"
-}
-
-func (e *RetryAfterError) Unwrap() error { return e.Err }
-
-func parseRetryAfter(v string, now time.Time) (time.Duration, bool) {
-	if v == "" {
-		return 0, false
-	}
-	if n, err := strconv.Atoi(v); err == nil && n >= 0 {
-		return min(time.Duration(n)*time.Second, MaxRetryAfter), true
-	}
-	if t, err := http.ParseTime(v); err == nil {
-		return min(max(t.Sub(now), 0), MaxRetryAfter), true
-	}
-	return 0, false
-}
+// RetryAfterError is a failed attempt whose receiver asked to wait: the
+// fleet's one retry.AfterError, which the worker honours too.
+type RetryAfterError = retry.AfterError
 
 // RetryDelay is the asynq RetryDelayFunc meant for webhook:deliver tasks:
 // the receiver's Retry-After when it sent one (capped at MaxRetryAfter),
@@ -402,10 +369,5 @@ func RetryDelay(n int, err error, _ *asynq.Task) time.Duration {
 	if errors.As(err, &ra) {
 		return max(ra.After, time.Second)
 	}
-	d := 10 * time.Second
-	for i := 0; i < n && d < time.Hour; i++ {
-		d *= 2
-	}
-	d = min(d, time.Hour)
-	return d - d/5 + time.Duration(rand.Int64N(int64(2*d/5)+1))
+	return retry.Spread(retry.Exp(n, 10*time.Second, time.Hour), 0.2, rand.Float64())
 }

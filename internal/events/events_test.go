@@ -18,6 +18,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -364,17 +365,27 @@ func addEntries(t testing.TB, rdb *redis.Client, n int, typ string) []string {
 
 func pendingTaskIDs(t testing.TB, rdb *redis.Client) map[string]bool {
 	t.Helper()
+	out, err := pendingTasks(rdb)
+	require.NoError(t, err)
+	return out
+}
+
+// pendingTasks is pendingTaskIDs for a require.Eventually condition, which
+// runs on another goroutine: it reports errors instead of failing.
+func pendingTasks(rdb *redis.Client) (map[string]bool, error) {
 	ins := asynq.NewInspectorFromRedisClient(rdb)
 	ts, err := ins.ListPendingTasks(tasks.QueueEvents, asynq.PageSize(1000))
 	if err != nil && strings.Contains(err.Error(), "does not exist") {
-		return map[string]bool{}
+		return map[string]bool{}, nil
 	}
-	require.NoError(t, err)
+	if err != nil {
+		return nil, err
+	}
 	out := map[string]bool{}
 	for _, ti := range ts {
 		out[ti.ID] = true
 	}
-	return out
+	return out, nil
 }
 
 func TestRelayClaimsEntriesOfADeadRelay(t *testing.T) {
@@ -401,7 +412,11 @@ func TestRelayClaimsEntriesOfADeadRelay(t *testing.T) {
 
 	require.Eventually(t, func() bool {
 		p, err := rdb.XPending(ctx, state.DefaultEventStream, events.DefaultGroup).Result()
-		return err == nil && p.Count == 0 && len(pendingTaskIDs(t, rdb)) == len(ids)
+		if err != nil || p.Count != 0 {
+			return false
+		}
+		got, err := pendingTasks(rdb)
+		return err == nil && len(got) == len(ids)
 	}, 10*time.Second, 20*time.Millisecond)
 	got := pendingTaskIDs(t, rdb)
 	for _, id := range ids {
@@ -454,13 +469,21 @@ func TestRelayTwoRelaysAndEnqueueFailures(t *testing.T) {
 			Consumer: fmt.Sprintf("relay-%d", i), Block: 50 * time.Millisecond, MaxBackoff: 100 * time.Millisecond,
 			ClaimIdle: 300 * time.Millisecond, ClaimInterval: 100 * time.Millisecond})
 		require.NoError(t, err)
-		wg.Go(func() { require.NoError(t, relay.Run(ctx)) })
+		wg.Go(func() { assert.NoError(t, relay.Run(ctx)) }) // not require: another goroutine
 	}
-	time.Sleep(100 * time.Millisecond) // let the group be created at the stream's end or start
+	// Entries are added once the group exists (at the stream's end).
+	require.Eventually(t, func() bool {
+		g, err := rdb.XInfoGroups(ctx, state.DefaultEventStream).Result()
+		return err == nil && len(g) == 1
+	}, 10*time.Second, 10*time.Millisecond, "relays created their group")
 	ids := addEntries(t, rdb, 40, state.EventUpdated)
 	require.Eventually(t, func() bool {
 		p, err := rdb.XPending(ctx, state.DefaultEventStream, events.DefaultGroup).Result()
-		return err == nil && p.Count == 0 && len(pendingTaskIDs(t, rdb)) == len(ids)
+		if err != nil || p.Count != 0 {
+			return false
+		}
+		got, err := pendingTasks(rdb)
+		return err == nil && len(got) == len(ids)
 	}, 10*time.Second, 20*time.Millisecond)
 	got := pendingTaskIDs(t, rdb)
 	for _, id := range ids {

@@ -15,6 +15,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -242,24 +243,14 @@ func (r *Relay) Run(ctx context.Context) error {
 			r.log.WarnContext(ctx, "webhook relay: backing off", slog.String("error", err.Error()),
 				slog.Int("failures", failures), slog.Duration("backoff", d))
 		}
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-		case <-t.C:
-		}
+		_ = retry.Sleep(ctx, d) // a cancelled ctx ends the loop above
 	}
 	return nil
 }
 
 // backoff is 100ms doubling up to max, with ±25% jitter.
 func backoff(n int, maxD time.Duration) time.Duration {
-	d := 100 * time.Millisecond
-	for i := 1; i < n && d < maxD; i++ {
-		d *= 2
-	}
-	d = min(d, maxD)
-	return d - d/4 + time.Duration(rand.Int64N(int64(d/2)+1))
+	return retry.Spread(retry.Exp(n-1, 100*time.Millisecond, maxD), 0.25, rand.Float64())
 }
 
 // ensureGroup creates the group (and the stream) if missing.

@@ -128,8 +128,8 @@ func ParseSubscriptions(data []byte, getenv func(string) string) ([]Subscription
 			return nil, fmt.Errorf("%s: format: %q is not one of %s, %s", where, s.Format, FormatVaultfleet, FormatApideck)
 		}
 		for _, e := range s.Events {
-			if !slices.Contains(state.EventTypes, e) {
-				return nil, fmt.Errorf("%s: events: unknown event type %q (known: %s)", where, e, strings.Join(state.EventTypes, ", "))
+			if !slices.Contains(state.EventTypes(), e) {
+				return nil, fmt.Errorf("%s: events: unknown event type %q (known: %s)", where, e, strings.Join(state.EventTypes(), ", "))
 			}
 		}
 		if s.SecretEnv == "" {

@@ -6,9 +6,8 @@ package obs
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
-	"regexp"
-	"sync"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -71,7 +70,7 @@ func (c *ConnectionsCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.errDesc, prometheus.GaugeValue, 0)
 	seen := map[state.CountKey]bool{}
 	for _, in := range c.cat.Integrations {
-		for _, s := range state.States {
+		for _, s := range state.States() {
 			if s == state.Available {
 				continue // never stored: it is the absence of a record
 			}
@@ -88,97 +87,99 @@ func (c *ConnectionsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// QueueMetricRenames maps the two gauges asynq's x/metrics collector names
+// queueMetricName maps the two gauges asynq's x/metrics collector names
 // with a _total suffix (which Prometheus reserves for counters, so
-// `promtool check metrics` rejects them) to conventional names. The
-// Prometheus recording rules in deploy/prometheus/recording.yml give the old
-// names back to the Asynq monitor's charts, which query them.
-var QueueMetricRenames = map[string]string{
-	"asynq_tasks_enqueued_total": "asynq_tasks_enqueued",
-	"asynq_queue_paused_total":   "asynq_queue_paused",
+// `promtool check metrics` rejects them) to conventional names, and keeps
+// every other name. The Prometheus recording rules in
+// deploy/prometheus/recording.yml give the old names back to the Asynq
+// monitor's charts, which query them.
+func queueMetricName(name string) string {
+	switch name {
+	case "asynq_tasks_enqueued_total":
+		return "asynq_tasks_enqueued"
+	case "asynq_queue_paused_total":
+		return "asynq_queue_paused"
+	}
+	return name
 }
 
 // RegisterQueueMetrics registers asynq's queue collector (asynq_queue_size,
 // asynq_queue_latency_seconds, asynq_tasks_processed_total, ...) read
-// through inspector at scrape time, with QueueMetricRenames applied.
+// through inspector at scrape time, with the names of queueMetricName.
 // It has no deadline: RegisterRedisCollectors is the one processes use.
 func RegisterQueueMetrics(reg prometheus.Registerer, inspector *asynq.Inspector) error {
 	return reg.Register(newQueueCollector(inspector))
 }
 
-// newQueueCollector is asynq's queue collector with QueueMetricRenames.
+// newQueueCollector is asynq's queue collector renamed by queueMetricName.
 func newQueueCollector(inspector *asynq.Inspector) prometheus.Collector {
-	return &renamingCollector{inner: metrics.NewQueueMetricsCollector(inspector),
-		renames: QueueMetricRenames, descs: map[*prometheus.Desc]*prometheus.Desc{}}
+	return newRenamingCollector(metrics.NewQueueMetricsCollector(inspector), queueMetricName)
 }
 
-// renamingCollector re-exports some gauges of another collector under new
-// names. It is unchecked (Describe sends nothing): the renamed descriptors
-// are only known once the inner collector has produced metrics.
+// renamingCollector re-exports the metrics of another collector with the
+// family names rename gives. It reads them through a private registry's
+// Gather, which reports each family's name, help, type and label names
+// as data, so nothing depends on how a Desc prints itself. It is
+// unchecked (Describe sends nothing): the inner collector is registered
+// unchecked too, so that registration does not call asynq's Describe,
+// which collects, that is, reads Redis.
 type renamingCollector struct {
-	inner   prometheus.Collector
-	renames map[string]string
-	mu      sync.Mutex
-	descs   map[*prometheus.Desc]*prometheus.Desc // inner desc -> renamed (nil: keep)
+	reg    *prometheus.Registry
+	rename func(string) string
 }
 
-var fqNameRE = regexp.MustCompile(`fqName: "([^"]+)"`)
-var helpRE = regexp.MustCompile(`help: "((?:[^"\\]|\\.)*)"`)
+func newRenamingCollector(inner prometheus.Collector, rename func(string) string) *renamingCollector {
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(uncheckedCollector{inner})
+	return &renamingCollector{reg: reg, rename: rename}
+}
+
+// uncheckedCollector hides a collector's descriptors from its registry.
+type uncheckedCollector struct{ prometheus.Collector }
+
+func (uncheckedCollector) Describe(chan<- *prometheus.Desc) {}
 
 func (c *renamingCollector) Describe(chan<- *prometheus.Desc) {}
 
-func (c *renamingCollector) Collect(ch chan<- prometheus.Metric) {
-	in := make(chan prometheus.Metric)
-	go func() {
-		c.inner.Collect(in)
-		close(in)
-	}()
-	for m := range in {
-		renamed := c.renamed(m)
-		if renamed == nil {
-			ch <- m
-			continue
-		}
-		var pb dto.Metric
-		if err := m.Write(&pb); err != nil || pb.Gauge == nil {
-			ch <- m
-			continue
-		}
-		values := make([]string, 0, len(pb.Label))
-		for _, l := range pb.Label {
-			values = append(values, l.GetValue())
-		}
-		ch <- prometheus.MustNewConstMetric(renamed, prometheus.GaugeValue, pb.Gauge.GetValue(), values...)
-	}
-}
+// renameErrDesc names a failure to gather the inner collector.
+var renameErrDesc = prometheus.NewDesc("vaultfleet_renamed_collector_error",
+	"The inner collector of a renaming collector failed.", nil, nil)
 
-// renamed returns the new descriptor for m's family, or nil to keep it.
-// Label names come from the metric itself, in the order Write reports them.
-func (c *renamingCollector) renamed(m prometheus.Metric) *prometheus.Desc {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	d := m.Desc()
-	if r, ok := c.descs[d]; ok {
-		return r
+func (c *renamingCollector) Collect(ch chan<- prometheus.Metric) {
+	families, err := c.reg.Gather()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(renameErrDesc, err)
 	}
-	var r *prometheus.Desc
-	s := d.String()
-	if fq := fqNameRE.FindStringSubmatch(s); fq != nil {
-		if to, ok := c.renames[fq[1]]; ok {
-			var pb dto.Metric
-			if err := m.Write(&pb); err == nil {
-				names := make([]string, 0, len(pb.Label))
-				for _, l := range pb.Label {
-					names = append(names, l.GetName())
-				}
-				help := "Renamed from " + fq[1] + "."
-				if h := helpRE.FindStringSubmatch(s); h != nil {
-					help = h[1]
-				}
-				r = prometheus.NewDesc(to, help, names, nil)
+	for _, f := range families {
+		name := c.rename(f.GetName())
+		for _, m := range f.GetMetric() {
+			names := make([]string, 0, len(m.GetLabel()))
+			values := make([]string, 0, len(m.GetLabel()))
+			for _, l := range m.GetLabel() {
+				names = append(names, l.GetName())
+				values = append(values, l.GetValue())
 			}
+			desc := prometheus.NewDesc(name, f.GetHelp(), names, nil)
+			var (
+				vt prometheus.ValueType
+				v  float64
+			)
+			switch f.GetType() {
+			case dto.MetricType_GAUGE:
+				vt, v = prometheus.GaugeValue, m.GetGauge().GetValue()
+			case dto.MetricType_COUNTER:
+				vt, v = prometheus.CounterValue, m.GetCounter().GetValue()
+			case dto.MetricType_UNTYPED:
+				vt, v = prometheus.UntypedValue, m.GetUntyped().GetValue()
+			default:
+				ch <- prometheus.NewInvalidMetric(desc, fmt.Errorf("obs: cannot re-export %s metric %s", f.GetType(), f.GetName()))
+				continue
+			}
+			cm, err := prometheus.NewConstMetric(desc, vt, v, values...)
+			if err != nil {
+				cm = prometheus.NewInvalidMetric(desc, err)
+			}
+			ch <- cm
 		}
 	}
-	c.descs[d] = r
-	return r
 }

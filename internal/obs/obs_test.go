@@ -91,3 +91,49 @@ func TestQueueMetricsRenamed(t *testing.T) {
 		require.NoError(t, err, "promtool: %s", res)
 	}
 }
+
+// TestRenamingCollector: family names are mapped from gathered data (help,
+// type and labels kept), the inner collector is not collected at
+// registration, and a family that cannot be re-exported is an error, not
+// a silent loss.
+func TestRenamingCollector(t *testing.T) {
+	t.Parallel()
+	gauge := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "x_items_total", Help: "Items \"quoted\" help."}, []string{"queue", "state"})
+	gauge.WithLabelValues("default", "pending").Set(3)
+	counter := prometheus.NewCounter(prometheus.CounterOpts{Name: "x_done_total", Help: "Done."})
+	counter.Add(2)
+	collected := 0
+	c := newRenamingCollector(collectorFunc(func(ch chan<- prometheus.Metric) {
+		collected++
+		gauge.Collect(ch)
+		counter.Collect(ch)
+	}), func(name string) string {
+		if name == "x_items_total" {
+			return "x_items"
+		}
+		return name
+	})
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(c))
+	require.Zero(t, collected, "registration must not collect")
+	require.NoError(t, testutil.GatherAndCompare(reg, strings.NewReader(`
+# HELP x_done_total Done.
+# TYPE x_done_total counter
+x_done_total 2
+# HELP x_items Items "quoted" help.
+# TYPE x_items gauge
+x_items{queue="default",state="pending"} 3
+`)))
+	require.Equal(t, 1, collected)
+
+	hist := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "x_seconds", Help: "h"})
+	bad := prometheus.NewRegistry()
+	require.NoError(t, bad.Register(newRenamingCollector(hist, func(s string) string { return s })))
+	_, err := bad.Gather()
+	require.ErrorContains(t, err, "cannot re-export HISTOGRAM metric x_seconds")
+}
+
+type collectorFunc func(chan<- prometheus.Metric)
+
+func (f collectorFunc) Describe(chan<- *prometheus.Desc)    {}
+func (f collectorFunc) Collect(ch chan<- prometheus.Metric) { f(ch) }

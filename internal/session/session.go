@@ -67,8 +67,10 @@ const (
 	ActionDisable Action = "disable"
 )
 
-// Actions lists every action.
-var Actions = []Action{ActionDelete, ActionDisconnect, ActionReauthorize, ActionDisable}
+// Actions returns every action (a fresh slice).
+func Actions() []Action {
+	return []Action{ActionDelete, ActionDisconnect, ActionReauthorize, ActionDisable}
+}
 
 // Errors of Verify.
 var (
@@ -167,7 +169,7 @@ func (k *Keys) Issue(o Options, now time.Time) (string, *Claims, error) {
 		return "", nil, fmt.Errorf("session: length must be between %s and %s", MinLength, MaxLength)
 	}
 	for _, a := range o.AllowActions {
-		if !slices.Contains(Actions, a) {
+		if !slices.Contains(Actions(), a) {
 			return "", nil, fmt.Errorf("session: unknown action %q", a)
 		}
 	}

@@ -123,8 +123,8 @@ func TestAllowActions(t *testing.T) {
 		allowed []Action
 		refused []Action
 	}{
-		{"OmittedAllowsAll", nil, Actions, nil},
-		{"EmptyAllowsNone", []Action{}, nil, Actions},
+		{"OmittedAllowsAll", nil, Actions(), nil},
+		{"EmptyAllowsNone", []Action{}, nil, Actions()},
 		{"Some", []Action{ActionDisable}, []Action{ActionDisable}, []Action{ActionDelete, ActionDisconnect, ActionReauthorize}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

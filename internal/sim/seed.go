@@ -30,12 +30,18 @@ const (
 // ErrTooFewConsumers means Seed was asked for fewer than MinConsumers.
 var ErrTooFewConsumers = errors.New("sim: too few demo consumers to show every state")
 
-// UnifiedAPIs maps each provider id to its unified API in the dev catalog.
-var UnifiedAPIs = map[string]string{
-	Salesforce: "crm",
-	BambooHR:   "hris",
-	Xero:       "accounting",
-	Pipedrive:  "crm",
+// UnifiedAPI returns the unified API of a provider id in the dev catalog,
+// "" for an unknown id.
+func UnifiedAPI(providerID string) string {
+	switch providerID {
+	case Salesforce, Pipedrive:
+		return "crm"
+	case BambooHR:
+		return "hris"
+	case Xero:
+		return "accounting"
+	}
+	return ""
 }
 
 // Setting names the seed writes.
@@ -185,7 +191,7 @@ func Refs(n int) []state.Ref {
 				continue
 			}
 			svc := seedServices[j]
-			out = append(out, state.Ref{ConsumerID: consumerName(i), ConnectionID: state.ConnectionID(UnifiedAPIs[svc], svc)})
+			out = append(out, state.Ref{ConsumerID: consumerName(i), ConnectionID: state.ConnectionID(UnifiedAPI(svc), svc)})
 		}
 	}
 	return out
@@ -207,7 +213,7 @@ func ChooseTenant(ctx context.Context, w Writer, sc SeededConnection) (state.Cha
 
 // demoConnection mints the credentials of one demo connection.
 func (p *Providers) demoConnection(consumer, svc string, d demo) (SeededConnection, state.Input, error) {
-	api := UnifiedAPIs[svc]
+	api := UnifiedAPI(svc)
 	sc := SeededConnection{
 		Ref:        state.Ref{ConsumerID: consumer, ConnectionID: state.ConnectionID(api, svc)},
 		ServiceID:  svc,

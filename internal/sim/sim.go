@@ -22,8 +22,8 @@ const (
 	Pipedrive  = "pipedrive"
 )
 
-// ProviderIDs lists the simulated providers.
-var ProviderIDs = []string{Salesforce, BambooHR, Xero, Pipedrive}
+// ProviderIDs returns the simulated providers (a fresh slice).
+func ProviderIDs() []string { return []string{Salesforce, BambooHR, Xero, Pipedrive} }
 
 // ErrUnknownProvider means no simulated provider has the given id, or it
 // does not issue the kind of credential asked for.

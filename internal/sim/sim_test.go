@@ -211,7 +211,7 @@ func TestStartAndClose(t *testing.T) {
 		p, err := Start(ctx, Config{})
 		require.NoError(t, err)
 		hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-		for _, id := range ProviderIDs {
+		for _, id := range ProviderIDs() {
 			u := p.BaseURL(id)
 			require.True(t, strings.HasPrefix(u, "http://127.0.0.1:"), u)
 			res, err := hc.Get(u + "/nothing-here")
@@ -704,7 +704,7 @@ func TestStats(t *testing.T) {
 	require.Equal(t, http.StatusNotFound, b.get(t, b.p.BaseURL(Xero)+"/nope", nil).status)
 
 	st := b.p.Stats()
-	require.Len(t, st, len(ProviderIDs))
+	require.Len(t, st, len(ProviderIDs()))
 	sf := st[Salesforce]
 	require.EqualValues(t, 1, sf.Checks)
 	require.EqualValues(t, 1, sf.ChecksOK)
@@ -732,11 +732,11 @@ func TestCatalogYAML(t *testing.T) {
 		Xero:       {"tenant_id": "8d6f7c1e-0000-4000-a000-000000000000"},
 		Pipedrive:  {},
 	}
-	for _, id := range ProviderIDs {
+	for _, id := range ProviderIDs() {
 		t.Run(id, func(t *testing.T) {
 			in, ok := b.cat.Get(id)
 			require.True(t, ok)
-			require.Equal(t, UnifiedAPIs[id], in.UnifiedAPI)
+			require.Equal(t, UnifiedAPI(id), in.UnifiedAPI)
 			require.True(t, in.Checkable())
 			require.True(t, in.AllowHTTP)
 			base, err := url.Parse(b.p.BaseURL(id))
@@ -858,7 +858,7 @@ func TestSeed(t *testing.T) {
 		}
 		then[sc.Then]++
 	}
-	for _, st := range state.States {
+	for _, st := range state.States() {
 		require.Positive(t, expect[st], "no demo connection shows %s", st)
 	}
 	// Some connections are revoked later, some get their tenant later.
@@ -981,7 +981,7 @@ func TestSeedSizes(t *testing.T) {
 		consumers[sc.Ref.ConsumerID] = true
 	}
 	require.Len(t, consumers, DefaultConsumers)
-	require.Len(t, seeded, DefaultConsumers*len(ProviderIDs))
+	require.Len(t, seeded, DefaultConsumers*len(ProviderIDs()))
 
 	seeded, err = Seed(context.Background(), w, b.p, 2*len(consumerNames)+1)
 	require.NoError(t, err)

@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/vaultfleet/vaultfleet/internal/httpx"
 )
 
 // Endpoints, as counted in Stats.
@@ -155,26 +157,6 @@ func (c *counters) snapshot() ProviderStats {
 	return s
 }
 
-// statusWriter remembers the status a handler wrote.
-type statusWriter struct {
-	http.ResponseWriter
-	status int
-}
-
-func (w *statusWriter) WriteHeader(code int) {
-	if w.status == 0 {
-		w.status = code
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *statusWriter) Write(b []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	return w.ResponseWriter.Write(b)
-}
-
 // route registers h on mux for pattern, counted as endpoint.
 func (s *server) route(p *Providers, mux *http.ServeMux, pattern, endpoint string, h http.HandlerFunc) {
 	mux.Handle(pattern, s.counted(p, endpoint, h))
@@ -184,16 +166,13 @@ func (s *server) route(p *Providers, mux *http.ServeMux, pattern, endpoint strin
 func (s *server) counted(p *Providers, endpoint string, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		sw := &statusWriter{ResponseWriter: w}
+		sw := httpx.NewStatusWriter(w)
 		h.ServeHTTP(sw, r)
-		if sw.status == 0 {
-			sw.status = http.StatusOK
-		}
-		s.stats.add(Call{Endpoint: endpoint, Status: sw.status})
+		s.stats.add(Call{Endpoint: endpoint, Status: sw.Status()})
 		// The path only: a query may carry a credential (api_token=...).
 		p.log.Debug("simulated provider answered", slog.String("provider", s.id),
 			slog.String("endpoint", endpoint), slog.String("method", r.Method),
-			slog.String("path", r.URL.Path), slog.Int("status", sw.status),
+			slog.String("path", r.URL.Path), slog.Int("status", sw.Status()),
 			slog.Duration("latency", time.Since(start)))
 	})
 }

@@ -201,7 +201,7 @@ func TestAllowActionsOnThePage(t *testing.T) {
 	} {
 		t.Run(string(tc.action), func(t *testing.T) {
 			var others []session.Action
-			for _, a := range session.Actions {
+			for _, a := range session.Actions() {
 				if a != tc.action {
 					others = append(others, a)
 				}
@@ -220,7 +220,7 @@ func TestAllowActionsOnThePage(t *testing.T) {
 		})
 	}
 	// Allowed: each goes through.
-	c, _ := b.session(t, session.Options{AllowActions: session.Actions})
+	c, _ := b.session(t, session.Options{AllowActions: session.Actions()})
 	_, csrf, _ := b.page(t, c)
 	require.Equal(t, http.StatusSeeOther, b.post(t, c, "hris/bamboohr/credentials", csrf, url.Values{"cred_api_key": {"k2"}}, nil).StatusCode)
 	require.Equal(t, http.StatusSeeOther, b.post(t, c, "hris/bamboohr/disable", csrf, nil, nil).StatusCode)
