@@ -141,8 +141,10 @@ func (uncheckedCollector) Describe(chan<- *prometheus.Desc) {}
 
 func (c *renamingCollector) Describe(chan<- *prometheus.Desc) {}
 
-// renameErrDesc names a failure to gather the inner collector.
-var renameErrDesc = prometheus.NewDesc("vaultfleet_renamed_collector_error",
+// renameErrDesc names a failure to gather the inner collector: it only
+// ever reports an error to the scrape (prometheus.NewInvalidMetric), never
+// a series.
+var renameErrDesc = prometheus.NewDesc("renamed_collector_gather_error",
 	"The inner collector of a renaming collector failed.", nil, nil)
 
 func (c *renamingCollector) Collect(ch chan<- prometheus.Metric) {
