@@ -53,6 +53,9 @@ func Main(m *testing.M) {
 	if shared != nil {
 		shared.Close()
 	}
+	if sharedCluster != nil {
+		sharedCluster.Close()
+	}
 	os.Exit(code)
 }
 
