@@ -277,3 +277,101 @@ func portFree(p int) bool {
 	_ = l.Close()
 	return true
 }
+
+// Migration moves one hash slot from its master to another, step by step,
+// as redis-cli --cluster reshard does: Begin marks the slot importing on
+// the target and migrating on the source, Move migrates some keys, Finish
+// migrates the rest and gives the slot to the target on every master.
+type Migration struct {
+	Slot           int
+	Source, Target string // addresses
+	c              *Cluster
+	tb             testing.TB
+	src, dst       *redis.Client
+	srcID, dstID   string
+}
+
+// BeginMigration starts moving the slot of key to another master.
+func (c *Cluster) BeginMigration(tb testing.TB, key string) *Migration {
+	tb.Helper()
+	ctx := context.Background()
+	n0 := c.Node(tb, c.Addrs[0])
+	slot, err := n0.ClusterKeySlot(ctx, key).Result()
+	if err != nil {
+		tb.Fatalf("redistest: keyslot: %v", err)
+	}
+	m := &Migration{Slot: int(slot), c: c, tb: tb}
+	ranges, err := n0.ClusterSlots(ctx).Result()
+	if err != nil {
+		tb.Fatalf("redistest: cluster slots: %v", err)
+	}
+	for _, r := range ranges {
+		if int(slot) >= r.Start && int(slot) <= r.End {
+			m.Source = r.Nodes[0].Addr
+		}
+	}
+	for _, a := range c.Addrs {
+		if a != m.Source {
+			m.Target = a
+			break
+		}
+	}
+	if m.Source == "" || m.Target == "" {
+		tb.Fatalf("redistest: slot %d: no source or target master", slot)
+	}
+	m.src, m.dst = c.Node(tb, m.Source), c.Node(tb, m.Target)
+	m.srcID, m.dstID = m.nodeID(m.src), m.nodeID(m.dst)
+	m.must(m.dst.Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "IMPORTING", m.srcID).Err())
+	m.must(m.src.Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "MIGRATING", m.dstID).Err())
+	return m
+}
+
+// Move migrates keys (of the slot) from the source to the target.
+func (m *Migration) Move(keys ...string) {
+	m.tb.Helper()
+	host, port, _ := net.SplitHostPort(m.Target)
+	args := []any{"MIGRATE", host, port, "", 0, 5000, "KEYS"}
+	for _, k := range keys {
+		args = append(args, k)
+	}
+	m.must(m.src.Do(context.Background(), args...).Err())
+}
+
+// Finish migrates the slot's remaining keys and assigns the slot to the
+// target on every master.
+func (m *Migration) Finish() {
+	m.tb.Helper()
+	ctx := context.Background()
+	for {
+		keys, err := m.src.ClusterGetKeysInSlot(ctx, m.Slot, 100).Result()
+		m.must(err)
+		if len(keys) == 0 {
+			break
+		}
+		m.Move(keys...)
+	}
+	m.must(m.dst.Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "NODE", m.dstID).Err())
+	m.must(m.src.Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "NODE", m.dstID).Err())
+	for _, a := range m.c.Addrs {
+		if a != m.Source && a != m.Target {
+			m.must(m.c.Node(m.tb, a).Do(ctx, "CLUSTER", "SETSLOT", m.Slot, "NODE", m.dstID).Err())
+		}
+	}
+	if err := m.c.waitOK(30 * time.Second); err != nil {
+		m.tb.Fatalf("redistest: after migration: %v", err)
+	}
+}
+
+func (m *Migration) nodeID(n *redis.Client) string {
+	m.tb.Helper()
+	id, err := n.Do(context.Background(), "CLUSTER", "MYID").Text()
+	m.must(err)
+	return id
+}
+
+func (m *Migration) must(err error) {
+	m.tb.Helper()
+	if err != nil {
+		m.tb.Fatalf("redistest: migrate slot %d from %s to %s: %v", m.Slot, m.Source, m.Target, err)
+	}
+}
