@@ -49,13 +49,17 @@ func HaveCluster() bool {
 }
 
 // StartCluster returns the package's private three-master cluster,
-// starting it on first use (Main stops it). It skips the test when
+// starting it on first use (Main, which the package's TestMain must call,
+// stops it). It skips the test when
 // redis-server or redis-cli is missing. Take it with Client, which gives
 // the test the whole cluster, flushed, until the test ends.
 func StartCluster(tb testing.TB) *Cluster {
 	tb.Helper()
 	if !HaveCluster() {
 		tb.Skip("redistest: Redis Cluster tests need redis-server and redis-cli on PATH")
+	}
+	if !inMain {
+		tb.Fatal("redistest: StartCluster needs redistest.Main in TestMain to stop the cluster; use NewCluster otherwise")
 	}
 	sharedClusterOnce.Do(func() { sharedCluster, sharedClusterErr = startCluster() })
 	if sharedClusterErr != nil {
