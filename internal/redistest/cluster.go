@@ -282,6 +282,41 @@ func portFree(p int) bool {
 	return true
 }
 
+// Owner returns the address of the master that owns key's slot.
+func (c *Cluster) Owner(tb testing.TB, key string) string {
+	tb.Helper()
+	_, owner := c.slotOwner(tb, key)
+	return owner
+}
+
+func (c *Cluster) slotOwner(tb testing.TB, key string) (int, string) {
+	tb.Helper()
+	ctx := context.Background()
+	n := c.Node(tb, c.Addrs[0])
+	slot, err := n.ClusterKeySlot(ctx, key).Result()
+	if err != nil {
+		tb.Fatalf("redistest: keyslot: %v", err)
+	}
+	shards, err := n.ClusterShards(ctx).Result()
+	if err != nil {
+		tb.Fatalf("redistest: cluster shards: %v", err)
+	}
+	for _, sh := range shards {
+		for _, r := range sh.Slots {
+			if slot < r.Start || slot > r.End {
+				continue
+			}
+			for _, nd := range sh.Nodes {
+				if nd.Role == "master" {
+					return int(slot), net.JoinHostPort(nd.IP, strconv.FormatInt(nd.Port, 10))
+				}
+			}
+		}
+	}
+	tb.Fatalf("redistest: no master owns slot %d", slot)
+	return 0, ""
+}
+
 // Migration moves one hash slot from its master to another, step by step,
 // as redis-cli --cluster reshard does: Begin marks the slot importing on
 // the target and migrating on the source, Move migrates some keys, Finish
@@ -299,21 +334,8 @@ type Migration struct {
 func (c *Cluster) BeginMigration(tb testing.TB, key string) *Migration {
 	tb.Helper()
 	ctx := context.Background()
-	n0 := c.Node(tb, c.Addrs[0])
-	slot, err := n0.ClusterKeySlot(ctx, key).Result()
-	if err != nil {
-		tb.Fatalf("redistest: keyslot: %v", err)
-	}
-	m := &Migration{Slot: int(slot), c: c, tb: tb}
-	ranges, err := n0.ClusterSlots(ctx).Result()
-	if err != nil {
-		tb.Fatalf("redistest: cluster slots: %v", err)
-	}
-	for _, r := range ranges {
-		if int(slot) >= r.Start && int(slot) <= r.End {
-			m.Source = r.Nodes[0].Addr
-		}
-	}
+	slot, owner := c.slotOwner(tb, key)
+	m := &Migration{Slot: slot, Source: owner, c: c, tb: tb}
 	for _, a := range c.Addrs {
 		if a != m.Source {
 			m.Target = a
