@@ -83,6 +83,25 @@ func (s *Scheduler) rollback(ctx context.Context, idx state.Index, claims []stat
 	return nil
 }
 
+// RefusedShardsError is what Sweep returns when its only failures were
+// shards whose claims Redis refused with an error reply (a slot migrating
+// on Redis Cluster, say): every other shard was swept. Run does not back
+// off for it.
+type RefusedShardsError struct{ errs []error }
+
+func (e *RefusedShardsError) Error() string   { return errors.Join(e.errs...).Error() }
+func (e *RefusedShardsError) Unwrap() []error { return e.errs }
+
+// refusedOnly reports whether every error is an error reply.
+func refusedOnly(errs []error) bool {
+	for _, err := range errs {
+		if !isReplyError(err) {
+			return false
+		}
+	}
+	return true
+}
+
 // isReplyError reports whether err is an error reply of the Redis server
 // (the server answered: it is reachable), as opposed to a network error
 // or a timeout.

@@ -271,6 +271,16 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			return nil
 		}
 		wait := s.cfg.Tick - time.Since(start)
+		var refused *RefusedShardsError
+		if errors.As(err, &refused) {
+			// Redis answered and the other shards were swept: no backoff,
+			// the refused shards are tried again next tick.
+			if s.sweepLog.Allow() {
+				s.cfg.Logger.WarnContext(ctx, "scheduler: shards refused; retried next sweep",
+					slog.String("error", err.Error()))
+			}
+			err = nil
+		}
 		if err != nil {
 			failures++
 			wait = s.backoff(failures)
@@ -470,13 +480,18 @@ claiming:
 			}
 		}
 	}
+	refused := len(errs) > 0 && refusedOnly(errs)
 	if ss.failing.Load() {
 		if p := ss.firstErr.Load(); p != nil {
 			errs = append(errs, fmt.Errorf("enqueue: %w", *p))
+			refused = false
 		}
 	}
 	if len(errs) == 0 {
 		return ctx.Err()
+	}
+	if refused && ctx.Err() == nil {
+		return &RefusedShardsError{errs: errs}
 	}
 	return errors.Join(errs...)
 }

@@ -3,6 +3,7 @@ package scheduler_test
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,12 +18,14 @@ import (
 // reply (as a node does for a slot that migrates).
 type refusingStore struct {
 	*state.Store
-	refuse map[int]bool
-	do     func(ctx context.Context) error
+	refuse  map[int]bool
+	do      func(ctx context.Context) error
+	refused atomic.Int64
 }
 
 func (r *refusingStore) ClaimDue(ctx context.Context, idx state.Index, shard int, now time.Time, lease time.Duration, max int) ([]state.Claim, error) {
 	if r.refuse[shard] {
+		r.refused.Add(1)
 		return nil, r.do(ctx)
 	}
 	return r.Store.ClaimDue(ctx, idx, shard, now, lease, max)
@@ -49,6 +52,8 @@ func TestSweepGoesOnPastAFailingShard(t *testing.T) {
 	err = s.Sweep(context.Background())
 	require.Error(t, err)
 	require.Equal(t, 2, strings.Count(err.Error(), "shard"), "one error per index of the refused shard: %v", err)
+	var refusedErr *scheduler.RefusedShardsError
+	require.ErrorAs(t, err, &refusedErr)
 
 	want := 0
 	for i := range n {
@@ -63,6 +68,38 @@ func TestSweepGoesOnPastAFailingShard(t *testing.T) {
 	delete(rs.refuse, refused)
 	require.NoError(t, s.Sweep(context.Background()))
 	require.Len(t, allTasks(t, b.insp, tasks.QueueLow), n)
+}
+
+// TestRunDoesNotBackOffForRefusedShards: a shard Redis keeps refusing
+// (a long slot migration) does not slow the loop down for the others: it
+// sweeps every tick, without the backoff of a failed sweep.
+func TestRunDoesNotBackOffForRefusedShards(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.seedAPIKey(t, 0, 10)
+	rs := &refusingStore{Store: b.store, refuse: map[int]bool{0: true},
+		do: func(ctx context.Context) error { return b.rdb.Do(ctx, "VAULTFLEET-NO-SUCH-COMMAND").Err() }}
+	cfg := b.config(fixed(b.t0.Add(time.Minute)))
+	cfg.Store = rs
+	s, err := scheduler.New(cfg)
+	require.NoError(t, err)
+	start := time.Now()
+	runScheduler(t, s)
+	// Two refused claims (both indexes) per sweep; with the backoff of
+	// failed sweeps, twelve sweeps at a 20ms tick would take over 30s.
+	require.Eventually(t, func() bool { return rs.refused.Load() >= 24 }, 10*time.Second, 10*time.Millisecond)
+	t.Logf("12 sweeps in %v", time.Since(start).Round(time.Millisecond))
+	require.Len(t, allTasks(t, b.insp, tasks.QueueLow), 10-countShard(b, 0, 10))
+}
+
+func countShard(b *bundle, shard, n int) int {
+	k := 0
+	for i := range n {
+		if b.store.ShardOf(consumer(i)) == shard {
+			k++
+		}
+	}
+	return k
 }
 
 // TestSweepGivesBackUntriedClaims: when enqueues keep failing the sweep
