@@ -2,8 +2,10 @@
 //
 // The store keeps two sharded due indexes in Redis sorted sets: next check
 // and next token refresh, scored by due time. Every Tick a Scheduler claims
-// due members shard by shard (state.Store.ClaimDue: a Lua script that moves
-// up to Batch due members to a lease score in one atomic step) and enqueues
+// due members shard by shard (state.Store.ClaimDue: Lua scripts that move
+// up to Batch due members to a lease score atomically, at the Redis server's
+// TIME unless Config.NowFunc is set; a shard Redis refuses waits for the
+// next sweep while the others go on) and enqueues
 // one task per claim through package tasks, EnqueueConcurrency at a time:
 //
 //   - a check claim becomes a connection:validate task on the low queue
