@@ -113,3 +113,37 @@ func TestSweepDuringSlotMigration(t *testing.T) {
 	}
 	require.True(t, found, "the migrated connection is claimed after the migration")
 }
+
+// TestRunThroughSlotMigration: a running scheduler (its loop, not one
+// sweep) goes on sweeping while a shard's slot migrates, and claims the
+// migrated connection soon after the slot has moved: no backoff piles up
+// during the migration.
+func TestRunThroughSlotMigration(t *testing.T) {
+	b, c := setupCluster(t)
+	const n = 100
+	b.seedAPIKey(t, 0, n)
+	moved := consumer(1)
+	shard := b.store.ShardOf(moved)
+	recKey := fmt.Sprintf("%s:{s%02d}:conn:%s|%s", state.DefaultPrefix, shard, moved, pipedrive)
+	m := c.BeginMigration(t, recKey)
+	m.Move(recKey)
+
+	s, err := scheduler.New(b.clusterConfig())
+	require.NoError(t, err)
+	runScheduler(t, s)
+	inShard := 0
+	for i := range n {
+		if b.store.ShardOf(consumer(i)) == shard {
+			inShard++
+		}
+	}
+	require.Eventually(t, func() bool { return len(allTasks(t, b.insp, tasks.QueueLow)) == n-inShard },
+		10*time.Second, 20*time.Millisecond, "the other shards are swept during the migration")
+	time.Sleep(300 * time.Millisecond) // several ticks with the shard refused
+
+	m.Finish()
+	start := time.Now()
+	require.Eventually(t, func() bool { return len(allTasks(t, b.insp, tasks.QueueLow)) == n },
+		5*time.Second, 20*time.Millisecond, "the migrated shard is swept after the migration")
+	t.Logf("migrated shard swept %v after the slot moved", time.Since(start).Round(time.Millisecond))
+}
