@@ -2,12 +2,14 @@
 //
 // The store keeps two sharded due indexes in Redis sorted sets: next check
 // and next token refresh, scored by due time. Every Tick a Scheduler claims
-// due members shard by shard (state.Store.ClaimDue: a Lua script that moves
-// up to Batch due members to a lease score in one atomic step) and enqueues
-// one task per claim, EnqueueConcurrency at a time. What each claim
-// becomes, under which id, and when it is due next is the store's
-// scheduling policy (state.SweepTask, state.SweepNextCheck), the same one
-// the store, the Notifier, the API and the worker ask:
+// due members shard by shard (state.Store.ClaimDue: Lua scripts that move
+// up to Batch due members to a lease score atomically, at the Redis server's
+// TIME unless Config.NowFunc is set; a shard Redis refuses waits for the
+// next sweep while the others go on) and enqueues one task per claim,
+// EnqueueConcurrency at a time. What each claim becomes, under which id,
+// and when it is due next is the store's scheduling policy
+// (state.SweepTask, state.SweepNextCheck), the same one the store, the
+// Notifier, the API and the worker ask:
 //
 //   - a check claim becomes a connection:validate task on the low queue
 //     (reason scheduled, dedupe key = the due time in unix seconds); once

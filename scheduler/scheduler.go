@@ -142,7 +142,9 @@ type Config struct {
 	// Registerer receives the scheduler's metrics. If nil, they are kept
 	// but not registered. Schedulers sharing a Registerer share metrics.
 	Registerer prometheus.Registerer
-	// NowFunc is the clock. If nil, time.Now.
+	// NowFunc is the clock. If nil, time.Now, and claims use the Redis
+	// server's TIME (replicas with skewed clocks agree on leases); if set
+	// (tests), claims use it too.
 	NowFunc func() time.Time
 	// RandFunc returns a uniform number in [0, 1) for the backoff after
 	// failed sweeps; it must be safe for concurrent use. If nil,
@@ -213,6 +215,9 @@ func (c Config) validate() error {
 type Scheduler struct {
 	cfg Config
 	m   *metrics
+	// claimNow is the now of claims: zero (Redis TIME) unless
+	// Config.NowFunc was set.
+	claimNow func() time.Time
 
 	// paused is true while backpressure holds periodic sweeps back.
 	paused atomic.Bool
@@ -222,6 +227,10 @@ type Scheduler struct {
 
 // New applies defaults to cfg, validates it and returns a Scheduler.
 func New(cfg Config) (*Scheduler, error) {
+	claimNow := func() time.Time { return time.Time{} }
+	if cfg.NowFunc != nil {
+		claimNow = cfg.NowFunc
+	}
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -232,7 +241,7 @@ func New(cfg Config) (*Scheduler, error) {
 	}
 	every := rate.Every(logEvery)
 	return &Scheduler{
-		cfg: cfg, m: m,
+		cfg: cfg, m: m, claimNow: claimNow,
 		probeLog:      rate.NewLimiter(every, 1),
 		enqueueLog:    rate.NewLimiter(every, 1),
 		rescheduleLog: rate.NewLimiter(every, 1),
@@ -259,6 +268,16 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			return nil
 		}
 		wait := s.cfg.Tick - time.Since(start)
+		var refused *RefusedShardsError
+		if errors.As(err, &refused) {
+			// Redis answered and the other shards were swept: no backoff,
+			// the refused shards are tried again next tick.
+			if s.sweepLog.Allow() {
+				s.cfg.Logger.WarnContext(ctx, "scheduler: shards refused; retried next sweep",
+					slog.String("error", err.Error()))
+			}
+			err = nil
+		}
 		if err != nil {
 			failures++
 			wait = s.backoff(failures)
@@ -316,9 +335,14 @@ func indexNo(idx state.Index) int {
 
 // Sweep runs one tick: it claims due members of every shard of both
 // indexes (refresh first, checks unless backpressure holds them back)
-// batch by batch and enqueues their tasks. It returns the first Redis
-// error, after enqueueing what it had claimed; claims it could not
-// enqueue come back after their lease.
+// batch by batch and enqueues their tasks. A shard whose claim fails with
+// an error reply (a slot migrating on Redis Cluster, say) is left for the
+// next sweep while the other shards go on; after failAfter consecutive
+// failures of another kind (Redis unreachable) the sweep stops claiming.
+// It returns every claim error and the first enqueue error, joined, after
+// enqueueing what it had claimed. A claim whose enqueue failed comes back
+// after its lease; claims never tried (the sweep gave up) are given back
+// at once when Redis allows.
 func (s *Scheduler) Sweep(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -327,9 +351,13 @@ func (s *Scheduler) Sweep(ctx context.Context) error {
 	paused := s.checkBackpressure(ctx)
 	lastProbe := time.Now()
 
+	var errs []error
 	for _, idx := range []state.Index{state.IndexRefresh, state.IndexCheck} {
 		if err := s.updateLag(ctx, idx); err != nil {
-			return err
+			if !isReplyError(err) {
+				return err // Redis unreachable: claims would fail too
+			}
+			errs = append(errs, err)
 		}
 	}
 
@@ -350,11 +378,13 @@ func (s *Scheduler) Sweep(ctx context.Context) error {
 	}
 	jobs := make(chan job, s.cfg.Batch)
 	var wg sync.WaitGroup
+	var untried untriedClaims
 	for range s.cfg.EnqueueConcurrency {
 		wg.Go(func() {
 			for j := range jobs {
 				if ss.failing.Load() {
-					continue // leave the claim to its lease
+					untried.add(j) // given back below
+					continue
 				}
 				s.handle(jctx, ss, j)
 				ss.lastDone[indexNo(j.idx)].Store(time.Now().UnixNano())
@@ -376,7 +406,7 @@ func (s *Scheduler) Sweep(ctx context.Context) error {
 		}
 	}
 	var claimDone [2]time.Time
-	var err error
+	claimErrs, failures := 0, 0
 claiming:
 	for len(active) > 0 {
 		next := active[:0]
@@ -384,11 +414,20 @@ claiming:
 			if ctx.Err() != nil || ss.failing.Load() {
 				break claiming
 			}
-			claims, cerr := s.cfg.Store.ClaimDue(ctx, c.idx, c.shard, s.cfg.NowFunc(), s.cfg.Lease, s.cfg.Batch)
+			claims, cerr := s.cfg.Store.ClaimDue(ctx, c.idx, c.shard, s.claimNow(), s.cfg.Lease, s.cfg.Batch)
 			if cerr != nil {
-				err = fmt.Errorf("claim %s shard %d: %w", c.idx, c.shard, cerr)
-				break claiming
+				// This shard waits for the next sweep; the others go on
+				// unless Redis looks unreachable.
+				claimErrs++
+				errs = append(errs, fmt.Errorf("claim %s shard %d: %w", c.idx, c.shard, cerr))
+				if !isReplyError(cerr) {
+					if failures++; failures >= failAfter {
+						break claiming
+					}
+				}
+				continue
 			}
+			failures = 0
 			s.m.claims.WithLabelValues(string(c.idx)).Add(float64(len(claims)))
 			for _, cl := range claims {
 				jobs <- job{idx: c.idx, claim: cl}
@@ -417,8 +456,9 @@ claiming:
 		close(ss.resched)
 		batched.Wait()
 	}
+	s.giveBack(ctx, untried.take())
 
-	if err == nil {
+	if claimErrs == 0 {
 		for _, idx := range []state.Index{state.IndexRefresh, state.IndexCheck} {
 			if idx == state.IndexCheck && paused {
 				continue
@@ -432,15 +472,20 @@ claiming:
 			}
 		}
 	}
-	if err == nil && ss.failing.Load() {
+	refused := len(errs) > 0 && refusedOnly(errs)
+	if ss.failing.Load() {
 		if p := ss.firstErr.Load(); p != nil {
-			err = fmt.Errorf("enqueue: %w", *p)
+			errs = append(errs, fmt.Errorf("enqueue: %w", *p))
+			refused = false
 		}
 	}
-	if err == nil {
-		err = ctx.Err()
+	if len(errs) == 0 {
+		return ctx.Err()
 	}
-	return err
+	if refused && ctx.Err() == nil {
+		return &RefusedShardsError{errs: errs}
+	}
+	return errors.Join(errs...)
 }
 
 // handle enqueues the task of one claim and, for a check, sets its next

@@ -321,7 +321,9 @@ func (s *Store) RecordRefreshFailure(ctx context.Context, ref Ref, usedRefreshTo
 // time is at or before now and pushes them to now+lease, so that a replica
 // claiming at the same time gets other members, and a claim whose enqueue
 // never happened is due again after the lease. It returns the refs with the
-// due time each was claimed at.
+// due time each was claimed at. A zero now means the Redis server's TIME,
+// so that replicas with skewed clocks agree on leases; a test clock may
+// pass its own now.
 func (s *Store) ClaimDue(ctx context.Context, idx Index, shard int, now time.Time, lease time.Duration, max int) ([]Claim, error) {
 	return s.claimDue(ctx, idx, shard, now, lease, max)
 }
@@ -339,6 +341,9 @@ type Claim struct {
 	Due time.Time
 	// Lease is the score it was pushed to.
 	Lease time.Time
+	// At is the time of the claim: the now given to ClaimDue, or the Redis
+	// server's TIME.
+	At time.Time
 	// ServiceID and State are read from the record in the same atomic
 	// step, so the scheduler can pick the interval without another read.
 	ServiceID string

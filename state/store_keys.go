@@ -61,7 +61,6 @@ func shardTags(prefix string, shards int) []string {
 }
 
 func (k keys) record(member string) string { return k.tag + "conn:" + member }
-func (k keys) recordPrefix() string        { return k.tag + "conn:" }
 func (k keys) all() string                 { return k.tag + "all" }
 func (k keys) state(st State) string       { return k.tag + "st:" + string(st) }
 func (k keys) service(id string) string    { return k.tag + "svc:" + id }

@@ -12,10 +12,13 @@ import (
 )
 
 var (
+	//go:embed lua/claim_peek.lua
+	claimPeekLua string
 	//go:embed lua/claim.lua
 	claimLua string
 
-	claimScript = redis.NewScript(claimLua)
+	claimPeekScript = redis.NewScript(claimPeekLua)
+	claimScript     = redis.NewScript(claimLua)
 )
 
 func (s *Store) checkIndex(idx Index, shard int) error {
@@ -28,6 +31,11 @@ func (s *Store) checkIndex(idx Index, shard int) error {
 	return nil
 }
 
+// claimDue claims in two steps, so that every script declares every key
+// it touches (Redis Cluster refuses undeclared keys while a slot
+// migrates; Dragonfly always does): claim_peek.lua lists due members,
+// claim.lua claims those still due with their record keys in KEYS. A zero
+// now means the Redis server's TIME.
 func (s *Store) claimDue(ctx context.Context, idx Index, shard int, now time.Time, lease time.Duration, max int) ([]Claim, error) {
 	if err := s.checkIndex(idx, shard); err != nil {
 		return nil, err
@@ -39,14 +47,42 @@ func (s *Store) claimDue(ctx context.Context, idx Index, shard int, now time.Tim
 		return nil, fmt.Errorf("state: claim lease must be positive, got %v", lease)
 	}
 	k := s.shardKeys(shard)
-	leaseAt := now.Add(lease)
-	res, err := claimScript.Run(ctx, s.cfg.Client, []string{k.due(idx)},
-		now.UnixMilli(), leaseAt.UnixMilli(), max, k.recordPrefix()).StringSlice()
+	at := ""
+	if !now.IsZero() {
+		at = strconv.FormatInt(now.UnixMilli(), 10)
+	}
+	peek, err := claimPeekScript.Run(ctx, s.cfg.Client, []string{k.due(idx)}, at, max).StringSlice()
 	if err != nil {
 		return nil, fmt.Errorf("state: claim due %s shard %d: %w", idx, shard, err)
 	}
-	out := make([]Claim, 0, len(res)/4)
-	for i := 0; i+3 < len(res); i += 4 {
+	if len(peek) < 2 {
+		return nil, nil
+	}
+	members := peek[1:]
+	keys := make([]string, 1, 1+len(members))
+	keys[0] = k.due(idx)
+	args := make([]any, 2, 2+len(members))
+	// The claim runs at the peek's time, so that a member listed as due
+	// is still due (TIME differs between nodes after a failover).
+	args[0], args[1] = peek[0], lease.Milliseconds()
+	for _, m := range members {
+		keys = append(keys, k.record(m))
+		args = append(args, m)
+	}
+	res, err := claimScript.Run(ctx, s.cfg.Client, keys, args...).StringSlice()
+	if err != nil {
+		return nil, fmt.Errorf("state: claim due %s shard %d: %w", idx, shard, err)
+	}
+	if len(res) < 2 {
+		return nil, fmt.Errorf("state: claim due %s shard %d: malformed reply", idx, shard)
+	}
+	atMS, err1 := strconv.ParseInt(res[0], 10, 64)
+	leaseMS, err2 := strconv.ParseInt(res[1], 10, 64)
+	if err1 != nil || err2 != nil {
+		return nil, fmt.Errorf("state: claim due %s shard %d: malformed reply", idx, shard)
+	}
+	out := make([]Claim, 0, (len(res)-2)/4)
+	for i := 2; i+3 < len(res); i += 4 {
 		ref, ok := parseMember(res[i])
 		if !ok {
 			continue
@@ -55,8 +91,8 @@ func (s *Store) claimDue(ctx context.Context, idx Index, shard int, now time.Tim
 		if err != nil {
 			return nil, fmt.Errorf("state: claim due %s shard %d: malformed score", idx, shard)
 		}
-		out = append(out, Claim{Ref: ref, Due: scoreTime(score), Lease: time.UnixMilli(leaseAt.UnixMilli()).UTC(),
-			ServiceID: res[i+2], State: State(res[i+3])})
+		out = append(out, Claim{Ref: ref, Due: scoreTime(score), Lease: time.UnixMilli(leaseMS).UTC(),
+			At: time.UnixMilli(atMS).UTC(), ServiceID: res[i+2], State: State(res[i+3])})
 	}
 	return out, nil
 }

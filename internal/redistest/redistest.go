@@ -41,6 +41,8 @@ type Server struct {
 }
 
 var (
+	// inMain is set by Main, which stops the shared servers at exit.
+	inMain     bool
 	shared     *Server
 	sharedErr  error
 	sharedOnce sync.Once
@@ -49,9 +51,13 @@ var (
 // Main runs a test binary's tests around one private server. Use it from
 // TestMain: func TestMain(m *testing.M) { redistest.Main(m) }.
 func Main(m *testing.M) {
+	inMain = true
 	code := m.Run()
 	if shared != nil {
 		shared.Close()
+	}
+	if sharedCluster != nil {
+		sharedCluster.Close()
 	}
 	os.Exit(code)
 }
