@@ -7,8 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/vaultfleet/vaultfleet/state"
 )
 
@@ -95,17 +93,9 @@ func (e *RefusedShardsError) Unwrap() []error { return e.errs }
 // refusedOnly reports whether every error is an error reply.
 func refusedOnly(errs []error) bool {
 	for _, err := range errs {
-		if !isReplyError(err) {
+		if !state.ReplyError(err) {
 			return false
 		}
 	}
 	return true
-}
-
-// isReplyError reports whether err is an error reply of the Redis server
-// (the server answered: it is reachable), as opposed to a network error
-// or a timeout.
-func isReplyError(err error) bool {
-	var re redis.Error
-	return errors.As(err, &re) && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled)
 }

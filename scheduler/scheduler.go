@@ -354,7 +354,7 @@ func (s *Scheduler) Sweep(ctx context.Context) error {
 	var errs []error
 	for _, idx := range []state.Index{state.IndexRefresh, state.IndexCheck} {
 		if err := s.updateLag(ctx, idx); err != nil {
-			if !isReplyError(err) {
+			if !state.ReplyError(err) {
 				return err // Redis unreachable: claims would fail too
 			}
 			errs = append(errs, err)
@@ -420,7 +420,7 @@ claiming:
 				// unless Redis looks unreachable.
 				claimErrs++
 				errs = append(errs, fmt.Errorf("claim %s shard %d: %w", c.idx, c.shard, cerr))
-				if !isReplyError(cerr) {
+				if !state.ReplyError(cerr) {
 					if failures++; failures >= failAfter {
 						break claiming
 					}

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -37,4 +38,12 @@ func Unavailable(err error) bool {
 		}
 	}
 	return false
+}
+
+// ReplyError reports whether err is an error reply of the Redis server
+// (the server answered, so it is reachable: a slot migrating, a script
+// refused), as opposed to a network error or a timeout.
+func ReplyError(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled)
 }
