@@ -59,7 +59,7 @@ fi
 	calls := strings.Split(strings.TrimSpace(string(b)), "\n")
 	require.Equal(t, []string{
 		"apt-get update -qq",
-		"apt-get install -y -qq --no-install-recommends redis-server prometheus docker-compose chromium policy=101",
+		"apt-get install -y -qq --no-install-recommends redis-server redis-tools prometheus docker-compose chromium policy=101",
 		"systemctl disable --now prometheus",
 	}, calls, "install while no service may start (policy-rc.d answers 101), then disable prometheus")
 	require.NoFileExists(t, policy, "the policy file is removed afterwards")
