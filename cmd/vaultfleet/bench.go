@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"runtime/pprof"
 	"strings"
 	"time"
 
@@ -57,7 +56,9 @@ func runBench(ctx context.Context, args []string, env Env) error {
 	fs.BoolVar(&small, "small", false, "a run of a few seconds per scenario (CI); sizes and schedule flags given explicitly still apply")
 	fs.BoolVar(&o.ForceSharedDB, "force-shared-db", false, "use REDIS_URL even if its database is not empty (a scratch database only: the bench's servers run whatever tasks are queued there)")
 	fs.BoolVar(&markdown, "markdown", false, "also print the table as Markdown")
-	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the scenarios to this file (go tool pprof -top vaultfleet FILE)")
+	fs.StringVar(&cpuprof, "cpuprofile", "", "write a CPU profile of the timed part of --profile-scenario to this file (read it with: go tool pprof -top FILE)")
+	fs.StringVar(&o.ProfileScenario, "profile-scenario", bench.ScenarioRevalidate, "the scenario --cpuprofile profiles")
+	fs.BoolVar(&o.Verbose, "verbose", false, "also print the warnings and errors of the bench's worker and scheduler")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: vaultfleet bench [flags]\n\n%s\n\nflags:\n", benchSynopsis)
 		fs.PrintDefaults()
@@ -105,10 +106,7 @@ func runBench(ctx context.Context, args []string, env Env) error {
 			return fmt.Errorf("--cpuprofile: %w", err)
 		}
 		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return fmt.Errorf("--cpuprofile: %w", err)
-		}
-		defer pprof.StopCPUProfile()
+		o.CPUProfile = f
 	}
 	report, err := bench.Run(ctx, o)
 	if report != nil && len(report.Rows) > 0 {

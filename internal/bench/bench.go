@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -66,6 +67,12 @@ type Options struct {
 	ForceSharedDB bool
 	// Log, if set, gets progress lines.
 	Log io.Writer
+	// Verbose sends the worker's and scheduler's logs to Log.
+	Verbose bool
+	// CPUProfile, if set, gets a CPU profile of the timed part of the
+	// scenario ProfileScenario (default revalidate).
+	CPUProfile      io.Writer
+	ProfileScenario string
 }
 
 // Defaults are the options of a full run.
@@ -119,6 +126,9 @@ func (o Options) withDefaults() Options {
 	if len(o.Scenarios) == 0 {
 		o.Scenarios = AllScenarios
 	}
+	if o.ProfileScenario == "" {
+		o.ProfileScenario = ScenarioRevalidate
+	}
 	return o
 }
 
@@ -127,6 +137,9 @@ func (o Options) validate() error {
 		if !slices.Contains(AllScenarios, s) {
 			return fmt.Errorf("unknown scenario %q: want some of %s", s, strings.Join(AllScenarios, ","))
 		}
+	}
+	if o.CPUProfile != nil && !o.has(o.ProfileScenario) {
+		return fmt.Errorf("the profiled scenario %q is not among those to run (%s)", o.ProfileScenario, strings.Join(o.Scenarios, ","))
 	}
 	switch {
 	case o.Connections < 1, o.MemoryConnections < 1, o.Tasks < 1:
@@ -141,6 +154,28 @@ func (o Options) validate() error {
 		return fmt.Errorf("check interval must be at least 1s, got %s", o.CheckInterval)
 	}
 	return nil
+}
+
+// Command is the vaultfleet bench command line of these options.
+func (o Options) Command() string {
+	return fmt.Sprintf("vaultfleet bench --connections %d --memory-connections %d --tasks %d --concurrency %d "+
+		"--slow-concurrency %d --slow-latency %s --duration %s --check-interval %s --token-lifetime %s --refresh-window %s --scenarios %s",
+		o.Connections, o.MemoryConnections, o.Tasks, o.Concurrency, o.SlowConcurrency, o.SlowLatency, o.Duration,
+		o.CheckInterval, o.TokenLifetime, o.RefreshWindow, strings.Join(o.Scenarios, ","))
+}
+
+// profile starts the CPU profile if scenario is the profiled one; the
+// returned function stops it.
+func (e *env) profile(scenario string) (stop func()) {
+	if e.o.CPUProfile == nil || scenario != e.o.ProfileScenario || e.profiled {
+		return func() {}
+	}
+	e.profiled = true
+	if err := pprof.StartCPUProfile(e.o.CPUProfile); err != nil {
+		e.report.note("CPU profile not taken: %v", err)
+		return func() {}
+	}
+	return pprof.StopCPUProfile
 }
 
 func (o Options) has(s string) bool { return slices.Contains(o.Scenarios, s) }
@@ -198,9 +233,7 @@ func (r *Report) note(format string, args ...any) {
 func (r *Report) Print(w io.Writer) {
 	fmt.Fprintf(w, "machine: %s\n", r.Machine)
 	fmt.Fprintf(w, "redis:   %s\n", r.Redis)
-	o := r.Options
-	fmt.Fprintf(w, "run:     --connections %d --memory-connections %d --tasks %d --concurrency %d --duration %s (%s in all)\n\n",
-		o.Connections, o.MemoryConnections, o.Tasks, o.Concurrency, o.Duration, r.Elapsed.Round(time.Second))
+	fmt.Fprintf(w, "run:     %s (%s in all)\n\n", r.Options.Command(), r.Elapsed.Round(time.Second))
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight|tabwriter.Debug)
 	fmt.Fprintln(tw, "scenario\tfigure\tvalue\tbaseline (same run)\tratio\tgoal\t\t")
 	for _, row := range r.Rows {
@@ -310,6 +343,8 @@ type env struct {
 	owned  bool // the bench started this Redis and may flush it
 	report *Report
 	log    *slog.Logger
+	// profiled is set once the profile was taken.
+	profiled bool
 }
 
 func (e *env) logf(format string, args ...any) {
@@ -327,8 +362,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	start := time.Now()
 	e := &env{o: o, rt: &roundTrips{}, report: &Report{Options: o, Machine: machine()},
 		log: slog.New(slog.DiscardHandler)}
-	if os.Getenv("BENCH_DEBUG") != "" {
-		e.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if o.Verbose && o.Log != nil {
+		e.log = slog.New(slog.NewTextHandler(o.Log, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
 	if o.RedisURL != "" {
 		opt, err := redis.ParseURL(o.RedisURL)

@@ -75,7 +75,7 @@ func (e *env) enqueueValidations(ctx context.Context, pop, conn string, n int, r
 // measure starts a server with run and times it until processed reaches
 // n: elapsed time, this process's CPU, Redis CPU and commands, the bench
 // client's round trips, and the process's peak RSS.
-func (e *env) measure(ctx context.Context, n int, run func(context.Context) error, processed func() int) (taskRun, error) {
+func (e *env) measure(ctx context.Context, scenario string, n int, run func(context.Context) error, processed func() int) (taskRun, error) {
 	r := taskRun{n: n}
 	settle()
 	debug.FreeOSMemory()
@@ -86,6 +86,8 @@ func (e *env) measure(ctx context.Context, n int, run func(context.Context) erro
 	}
 	rt0, cpu0 := e.rt.n.Load(), processCPU()
 	stopRSS := peakRSS()
+	stopProfile := e.profile(scenario)
+	defer stopProfile()
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	start := time.Now()
@@ -119,6 +121,7 @@ func (e *env) measure(ctx context.Context, n int, run func(context.Context) erro
 		time.Sleep(10 * time.Millisecond)
 	}
 	r.elapsed = time.Since(start)
+	stopProfile()
 	r.procCPU = processCPU() - cpu0
 	r.trips = e.rt.n.Load() - rt0
 	r.peakRSS = stopRSS()
@@ -134,6 +137,7 @@ func (e *env) measure(ctx context.Context, n int, run func(context.Context) erro
 // runNoop processes the queued backlog of n tasks with a no-op asynq
 // handler at concurrency c.
 func (e *env) runNoop(ctx context.Context, n, c int) (taskRun, error) {
+	const scenario = ScenarioNoop
 	var mu sync.Mutex
 	count := 0
 	srv := asynq.NewServerFromRedisClient(e.rdb, asynq.Config{Concurrency: c, Queues: tasks.Queues,
@@ -146,7 +150,7 @@ func (e *env) runNoop(ctx context.Context, n, c int) (taskRun, error) {
 		srv.Shutdown()
 		return nil
 	}
-	return e.measure(ctx, n, run, func() int { mu.Lock(); defer mu.Unlock(); return count })
+	return e.measure(ctx, scenario, n, run, func() int { mu.Lock(); defer mu.Unlock(); return count })
 }
 
 // newWorker builds a worker as production does, at concurrency c, with
@@ -188,13 +192,13 @@ func total(m map[string]int) int {
 
 // runWorker processes the queued backlog of n validations with the real
 // worker at concurrency c and fails unless every one succeeded.
-func (e *env) runWorker(ctx context.Context, st *state.Store, cat *catalog.Catalog, n, c int) (taskRun, error) {
+func (e *env) runWorker(ctx context.Context, scenario string, st *state.Store, cat *catalog.Catalog, n, c int) (taskRun, error) {
 	reg := prometheus.NewRegistry()
 	w, err := e.newWorker(st, cat, c, pollInterval, reg)
 	if err != nil {
 		return taskRun{}, err
 	}
-	r, err := e.measure(ctx, n, w.Run, func() int { return total(processedBy(reg)) })
+	r, err := e.measure(ctx, scenario, n, w.Run, func() int { return total(processedBy(reg)) })
 	if err != nil {
 		return r, err
 	}
@@ -264,7 +268,7 @@ func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
 			return nil, err
 		}
 		e.logf("first validation: %d tasks at concurrency %d", n, c)
-		r, err := e.runWorker(ctx, st, cat, n, c)
+		r, err := e.runWorker(ctx, ScenarioValidate, st, cat, n, c)
 		if err != nil {
 			return nil, fmt.Errorf("first validation: %w", err)
 		}
@@ -278,7 +282,7 @@ func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
 			return nil, err
 		}
 		e.logf("periodic revalidation: %d tasks at concurrency %d", n, c)
-		r, err := e.runWorker(ctx, st, cat, n, c)
+		r, err := e.runWorker(ctx, ScenarioRevalidate, st, cat, n, c)
 		if err != nil {
 			return nil, fmt.Errorf("periodic revalidation: %w", err)
 		}
@@ -393,7 +397,7 @@ func (e *env) slowScenario(ctx context.Context, p *provider, st *state.Store, ca
 		return err
 	}
 	e.logf("slow provider: %d tasks at concurrency %d, %s per check", n, c, o.SlowLatency)
-	r, err := e.runWorker(ctx, st, cat, n, c)
+	r, err := e.runWorker(ctx, ScenarioSlow, st, cat, n, c)
 	if err != nil {
 		return fmt.Errorf("slow provider: %w", err)
 	}
@@ -430,11 +434,13 @@ func (e *env) memoryAndSweep(ctx context.Context) error {
 	}
 	now := time.Now()
 	start := time.Now()
+	stopProfile := e.profile(ScenarioMemory)
 	// Tokens expire in 3h: none is due for refresh during the sweep.
 	if err := seedOAuth(ctx, st, "m", oauthConn, m, true, func(int) time.Time { return now.Add(3 * time.Hour) }); err != nil {
 		return fmt.Errorf("store OAuth connections: %w", err)
 	}
 	seedTime := time.Since(start)
+	stopProfile()
 	s1, err := snapshot(ctx, e.rdb)
 	if err != nil {
 		return err
@@ -503,10 +509,13 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 		return err
 	}
 	start := time.Now()
-	if err := s.Sweep(ctx); err != nil {
+	stopProfile := e.profile(ScenarioSweep)
+	err = s.Sweep(ctx)
+	sweepTime = time.Since(start)
+	stopProfile()
+	if err != nil {
 		return fmt.Errorf("sweep: %w", err)
 	}
-	sweepTime = time.Since(start)
 	s1, err := snapshot(ctx, e.rdb)
 	if err != nil {
 		return err
@@ -660,7 +669,7 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 		return err
 	}
 	s, err := scheduler.New(scheduler.Config{Store: claimRecorder{st, f}, Catalog: cat, Client: e.asynqClient(),
-		Inspector: e.inspector()})
+		Inspector: e.inspector(), Logger: e.log})
 	if err != nil {
 		return err
 	}
@@ -691,6 +700,8 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	f.mu.Unlock()
 	e.logf("freshness: running for %s", o.Duration)
 	cpu0 := processCPU()
+	stopProfile := e.profile(ScenarioFreshness)
+	defer stopProfile()
 	r0, err := snapshot(ctx, e.rdb)
 	if err != nil {
 		stop()
@@ -702,6 +713,7 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	case <-time.After(o.Duration):
 	}
 	end := time.Now()
+	stopProfile()
 	cpu := processCPU() - cpu0
 	r1, serr := snapshot(ctx, e.rdb)
 	stop()
