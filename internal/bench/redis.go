@@ -153,11 +153,12 @@ func info(ctx context.Context, rdb redis.UniversalClient, section string) (map[s
 type redisStats struct {
 	cpu      time.Duration
 	commands int64 // every command executed, those run by Lua scripts included
+	byName   map[string]int64
 	memory   int64 // used_memory
 }
 
 func snapshot(ctx context.Context, rdb redis.UniversalClient) (redisStats, error) {
-	var st redisStats
+	st := redisStats{byName: map[string]int64{}}
 	cpu, err := info(ctx, rdb, "cpu")
 	if err != nil {
 		return st, err
@@ -178,6 +179,7 @@ func snapshot(ctx context.Context, rdb redis.UniversalClient) (redisStats, error
 			if n, ok := strings.CutPrefix(f, "calls="); ok {
 				c, _ := strconv.ParseInt(n, 10, 64)
 				st.commands += c
+				st.byName[strings.TrimPrefix(k, "cmdstat_")] += c
 			}
 		}
 	}
@@ -206,4 +208,15 @@ func serverSettings(ctx context.Context, rdb redis.UniversalClient) (string, err
 		parts = append(parts, k+" "+v[k])
 	}
 	return strings.Join(parts, ", "), nil
+}
+
+// commandDeltas returns the commands run between two snapshots, by name.
+func commandDeltas(a, b redisStats) map[string]int64 {
+	d := map[string]int64{}
+	for k, v := range b.byName {
+		if n := v - a.byName[k]; n > 0 {
+			d[k] = n
+		}
+	}
+	return d
 }

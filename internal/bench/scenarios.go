@@ -40,6 +40,7 @@ type taskRun struct {
 	procCPU  time.Duration
 	redisCPU time.Duration
 	commands int64
+	byName   map[string]int64
 	trips    int64
 	peakRSS  uint64
 	idleRSS  uint64
@@ -131,6 +132,7 @@ func (e *env) measure(ctx context.Context, scenario string, n int, run func(cont
 		err = rerr
 	}
 	r.redisCPU, r.commands = s1.cpu-s0.cpu, s1.commands-s0.commands
+	r.byName = commandDeltas(s0, s1)
 	return r, err
 }
 
@@ -323,6 +325,12 @@ func meanRun(rs []taskRun) taskRun {
 		m.redisCPU += r.redisCPU
 		m.commands += r.commands
 		m.trips += r.trips
+		if m.byName == nil {
+			m.byName = map[string]int64{}
+		}
+		for k, v := range r.byName {
+			m.byName[k] += v
+		}
 		m.peakRSS = max(m.peakRSS, r.peakRSS)
 	}
 	return m
@@ -377,9 +385,14 @@ func (e *env) throughputRows(tp *throughput, noops []taskRun) {
 	}
 	if e.o.has(ScenarioValidate) {
 		add("first validation", tp.validate, 0.6, 0)
+		r.note("first validation, Redis commands per task: %s", perCommand(tp.validate, tp.noop, hasNoop))
 	}
 	if e.o.has(ScenarioRevalidate) {
 		add("periodic revalidation", tp.revalidate, 1.0, 25)
+		r.note("periodic revalidation, Redis commands per task: %s", perCommand(tp.revalidate, tp.noop, hasNoop))
+	}
+	if hasNoop {
+		r.note("no-op ceiling, Redis commands per task: %s", perCommand(tp.noop, taskRun{}, false))
 	}
 	if hasNoop {
 		r.note("process CPU is this whole process (asynq, worker, the httptest provider, the bench's polling), from getrusage; Redis CPU from INFO cpu; round trips are the bench's Redis client's requests (a pipeline or a Lua call is one); commands from INFO commandstats, those run inside Lua scripts included.")
@@ -682,10 +695,14 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 
 	e.logf("freshness: storing %d OAuth connections while a scheduler and a worker (c=%d) run", n, o.Concurrency)
 	start := time.Now()
-	// Tokens expire at random over one lifetime past the refresh window:
-	// their refreshes come due spread over one lifetime from now.
+	// Tokens expire at random over one lifetime: their refreshes come due
+	// spread over one lifetime. The store takes the token's issue time
+	// from its (shifted) clock and refreshes a token half its lifetime
+	// ahead at most, so each expiry leaves at least two refresh windows
+	// after the latest issue time the shifted clock can give.
+	earliest := max(0, o.CheckInterval-storeSafetyNet) + 2*o.RefreshWindow
 	err = seedOAuth(ctx, seedStore, "f", freshConn, n, false, func(i int) time.Time {
-		t := start.Add(o.RefreshWindow + rand.N(o.TokenLifetime))
+		t := time.Now().Add(earliest + rand.N(o.TokenLifetime))
 		f.setExpiry(i, t)
 		return t
 	})
@@ -769,4 +786,27 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	r.note("freshness: connections stored in %s while the fleet ran (not measured), then measured for %s: lag is provider arrival minus the due time the scheduler claimed, for checks due after measuring began; scheduler tick %s, worker poll 1s (the defaults).",
 		seedTime.Round(time.Millisecond), window.Round(time.Millisecond), scheduler.DefaultTick)
 	return nil
+}
+
+// perCommand lists the commands per task of run by name, most first, with
+// the difference to the baseline's where there is one.
+func perCommand(run, base taskRun, withBase bool) string {
+	names := make([]string, 0, len(run.byName))
+	for k := range run.byName {
+		names = append(names, k)
+	}
+	slices.SortFunc(names, func(a, b string) int { return int(run.byName[b] - run.byName[a]) })
+	parts := []string{}
+	for _, k := range names {
+		v := run.perCount(run.byName[k])
+		if v < 0.05 {
+			continue
+		}
+		s := fmt.Sprintf("%s %.2f", strings.ToLower(k), v)
+		if withBase && base.n > 0 {
+			s += fmt.Sprintf(" (no-op %.2f)", base.perCount(base.byName[k]))
+		}
+		parts = append(parts, s)
+	}
+	return strings.Join(parts, ", ")
 }
