@@ -203,7 +203,9 @@ func serverSettings(ctx context.Context, rdb redis.UniversalClient) (string, err
 		"hash-max-listpack-entries", "zset-max-listpack-entries", "zset-max-listpack-value"} {
 		v, err := rdb.ConfigGet(ctx, k).Result()
 		if err != nil {
-			return "", fmt.Errorf("CONFIG GET %s: %w", k, err)
+			// A managed Redis may refuse CONFIG: say so rather than fail.
+			parts = append(parts, k+" unknown (CONFIG GET refused)")
+			continue
 		}
 		parts = append(parts, k+" "+v[k])
 	}
