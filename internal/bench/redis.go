@@ -154,7 +154,7 @@ type redisStats struct {
 	cpu      time.Duration
 	commands int64 // every command executed, those run by Lua scripts included
 	byName   map[string]int64
-	memory   int64 // used_memory
+	memory   int64 // used_memory less client, AOF and replication buffers
 }
 
 func snapshot(ctx context.Context, rdb redis.UniversalClient) (redisStats, error) {
@@ -188,6 +188,13 @@ func snapshot(ctx context.Context, rdb redis.UniversalClient) (redisStats, error
 		return st, err
 	}
 	st.memory, _ = strconv.ParseInt(mem["used_memory"], 10, 64)
+	// Less what belongs to no key: client buffers (the bench holds
+	// hundreds of pooled connections whose buffers Redis shrinks while
+	// they idle), the AOF buffer and the replication backlog.
+	for _, k := range []string{"mem_clients_normal", "mem_clients_slaves", "mem_aof_buffer", "mem_replication_backlog"} {
+		v, _ := strconv.ParseInt(mem[k], 10, 64)
+		st.memory -= v
+	}
 	return st, nil
 }
 

@@ -466,7 +466,7 @@ func (e *env) memoryAndSweep(ctx context.Context) error {
 	if o.has(ScenarioMemory) {
 		e.report.add(Row{Scenario: fmt.Sprintf("memory, %s OAuth connections", thousands(int64(m))), What: "Redis bytes per connection",
 			Value: perConn, Unit: "B", BaselineWhat: "record, indexes, due entries", Goal: "≤ 768 B", Pass: perConn <= 768})
-		e.report.note("memory: used_memory growth while storing the connections (200-char access token, 100-char refresh token, expiry, instance_url; each marked valid), less the capped event stream (%.1f MiB); stored at %.0f puts+verdicts/s.",
+		e.report.note("memory: used_memory growth (less client, AOF and replication buffers) while storing the connections (200-char access token, 100-char refresh token, expiry, instance_url; each marked valid), less the capped event stream (%.1f MiB); stored at %.0f puts+verdicts/s.",
 			mib(uint64(stream)), float64(m)/seedTime.Seconds())
 	}
 	if o.has(ScenarioSweep) {
