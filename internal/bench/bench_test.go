@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
+	"github.com/vaultfleet/vaultfleet/state"
 )
 
 // TestSmallRun runs every scenario at a tiny size on a private redis-server
@@ -134,4 +135,25 @@ func TestOptionErrors(t *testing.T) {
 		_, err := Run(context.Background(), tc.o)
 		require.ErrorContains(t, err, tc.want)
 	}
+}
+
+// TestSafetyNetMirror: the freshness scenario spreads first checks by
+// setting the seeding store's clock back by storeSafetyNet; that only works
+// while the store makes a new connection due that long after it is stored.
+func TestSafetyNetMirror(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	p := newProvider(time.Minute)
+	defer p.Close()
+	cat, err := benchCatalog(p.host, time.Minute, 2*time.Minute, 30*time.Second)
+	require.NoError(t, err)
+	clock := time.Now().Add(-time.Hour).Truncate(time.Second)
+	st, err := newStore(rdb, cat, "vfs", func() time.Time { return clock })
+	require.NoError(t, err)
+	ctx := context.Background()
+	require.NoError(t, seedOAuth(ctx, st, "s", freshConn, 1, false, func(int) time.Time { return time.Now().Add(time.Hour) }))
+	due, ok, err := st.OldestDue(ctx, state.IndexCheck, clock.Add(time.Hour))
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.WithinDuration(t, clock.Add(storeSafetyNet), due, time.Second,
+		"a stored connection's first check is due storeSafetyNet later: update storeSafetyNet to state's safetyNet")
 }
