@@ -51,6 +51,7 @@ func startRedis() (*privateRedis, error) {
 		args := append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "",
 			"--dir", dir, "--protected-mode", "no", "--loglevel", "warning"}, ComposeRedisArgs...)
 		cmd := exec.Command(bin, args...)
+		dieWithParent(cmd)
 		logf, err := os.Create(filepath.Join(dir, "redis.log"))
 		if err != nil {
 			_ = os.RemoveAll(dir)

@@ -565,7 +565,7 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 // time and whether tokens expired before their refresh.
 type freshness struct {
 	mu       sync.Mutex
-	start    time.Time // zero until measuring starts
+	start    time.Time // when measuring started
 	expiry   []time.Time
 	gen      []int
 	due      map[int]time.Time
@@ -608,7 +608,7 @@ func (f *freshness) checked(i int, now time.Time) {
 	f.checks++
 	if !ok {
 		f.unclaim++
-	} else if !due.Before(f.start) {
+	} else {
 		f.lags = append(f.lags, now.Sub(due))
 	}
 	if now.After(f.expiry[i]) {
@@ -795,7 +795,7 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	}
 	r.note("freshness: the worker processed %v (by outcome); the provider answered %d checks and %d token requests in all.",
 		processedBy(reg), p.checks.Load(), p.tokens.Load())
-	r.note("freshness: connections stored in %s while the fleet ran (not measured), then measured for %s: lag is provider arrival minus the due time the scheduler claimed, for checks due after measuring began; scheduler tick %s, worker poll 1s (the defaults).",
+	r.note("freshness: connections stored in %s while the fleet ran (not measured), then measured for %s: lag is provider arrival minus the due time the scheduler claimed, for every scheduled check that arrived while measuring (a backlog left from the seeding counts); scheduler tick %s, worker poll 1s (the defaults).",
 		seedTime.Round(time.Millisecond), window.Round(time.Millisecond), scheduler.DefaultTick)
 	return nil
 }
