@@ -410,13 +410,10 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 
 func (e *env) runAll(ctx context.Context) error {
 	o := e.o
-	var tp *throughput
 	if o.has(ScenarioNoop) || o.has(ScenarioValidate) || o.has(ScenarioRevalidate) || o.has(ScenarioSlow) {
-		var err error
-		if tp, err = e.throughputScenarios(ctx); err != nil {
+		if err := e.throughputScenarios(ctx); err != nil {
 			return err
 		}
-		_ = tp
 	}
 	if o.has(ScenarioMemory) || o.has(ScenarioSweep) {
 		if err := e.memoryAndSweep(ctx); err != nil {

@@ -214,22 +214,22 @@ type throughput struct{ noop, validate, revalidate taskRun }
 
 // throughputScenarios: no-op ceiling, first validation, periodic
 // revalidation and the slow provider, on --tasks API-key connections.
-func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
+func (e *env) throughputScenarios(ctx context.Context) error {
 	o := e.o
 	p := newProvider(o.TokenLifetime)
 	defer p.Close()
 	cat, err := benchCatalog(p.host, o.CheckInterval, o.TokenLifetime, o.RefreshWindow)
 	if err != nil {
-		return nil, fmt.Errorf("bench catalog: %w", err)
+		return fmt.Errorf("bench catalog: %w", err)
 	}
 	st, err := newStore(e.rdb, cat, "vfb", nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	n, c := o.Tasks, o.Concurrency
 	e.logf("storing %d API-key connections", n)
 	if err := seedKeys(ctx, st, "k", n); err != nil {
-		return nil, fmt.Errorf("store connections: %w", err)
+		return fmt.Errorf("store connections: %w", err)
 	}
 	tp := &throughput{}
 	var noops []taskRun
@@ -247,7 +247,7 @@ func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
 	}
 	if o.has(ScenarioNoop) {
 		if err := noop("noop1"); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	callable := func() error {
@@ -267,29 +267,29 @@ func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
 	// first even when the validate scenario is not selected.
 	if o.has(ScenarioValidate) || o.has(ScenarioRevalidate) || o.has(ScenarioSlow) {
 		if err := e.enqueueValidations(ctx, "k", keyConn, n, tasks.ReasonOnDemand, "first"); err != nil {
-			return nil, err
+			return err
 		}
 		e.logf("first validation: %d tasks at concurrency %d", n, c)
 		r, err := e.runWorker(ctx, ScenarioValidate, st, cat, n, c)
 		if err != nil {
-			return nil, fmt.Errorf("first validation: %w", err)
+			return fmt.Errorf("first validation: %w", err)
 		}
 		if err := callable(); err != nil {
-			return nil, err
+			return err
 		}
 		tp.validate = r
 	}
 	if o.has(ScenarioRevalidate) {
 		if err := e.enqueueValidations(ctx, "k", keyConn, n, tasks.ReasonScheduled, "periodic"); err != nil {
-			return nil, err
+			return err
 		}
 		e.logf("periodic revalidation: %d tasks at concurrency %d", n, c)
 		r, err := e.runWorker(ctx, ScenarioRevalidate, st, cat, n, c)
 		if err != nil {
-			return nil, fmt.Errorf("periodic revalidation: %w", err)
+			return fmt.Errorf("periodic revalidation: %w", err)
 		}
 		if err := callable(); err != nil {
-			return nil, err
+			return err
 		}
 		tp.revalidate = r
 	}
@@ -297,7 +297,7 @@ func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
 	// moved meanwhile; the baseline is the mean of both.
 	if o.has(ScenarioNoop) && (o.has(ScenarioValidate) || o.has(ScenarioRevalidate)) {
 		if err := noop("noop2"); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if len(noops) > 0 {
@@ -307,13 +307,13 @@ func (e *env) throughputScenarios(ctx context.Context) (*throughput, error) {
 
 	if o.has(ScenarioSlow) {
 		if err := e.slowScenario(ctx, p, st, cat); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if e.owned {
-		return tp, e.rdb.FlushAll(ctx).Err()
+		return e.rdb.FlushAll(ctx).Err()
 	}
-	return tp, deletePrefix(ctx, e.rdb, "vfb:")
+	return deletePrefix(ctx, e.rdb, "vfb:")
 }
 
 func meanRun(rs []taskRun) taskRun {
@@ -793,8 +793,8 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 		r.add(Row{Scenario: name, What: "process CPU per check or refresh", Value: float64(cpu.Microseconds()) / float64(tasksDone), Unit: "µs"})
 		r.add(Row{Scenario: name, What: "Redis CPU per check or refresh", Value: float64((r1.cpu - r0.cpu).Microseconds()) / float64(tasksDone), Unit: "µs"})
 	}
-	r.note("freshness: the worker processed %v (by outcome); the provider answered %d checks and %d token requests in all.",
-		processedBy(reg), p.checks.Load(), p.tokens.Load())
+	r.note("freshness: the worker processed %v (by outcome); the provider answered %d checks and %d token requests in all; %d checks while measuring were not the scheduler's (no claim recorded).",
+		processedBy(reg), p.checks.Load(), p.tokens.Load(), f.unclaim)
 	r.note("freshness: connections stored in %s while the fleet ran (not measured), then measured for %s: lag is provider arrival minus the due time the scheduler claimed, for every scheduled check that arrived while measuring (a backlog left from the seeding counts); scheduler tick %s, worker poll 1s (the defaults).",
 		seedTime.Round(time.Millisecond), window.Round(time.Millisecond), scheduler.DefaultTick)
 	return nil
