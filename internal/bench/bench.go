@@ -382,7 +382,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, fmt.Errorf("the Redis database of REDIS_URL holds %d keys: the bench writes connections and asynq tasks there "+
 				"and its servers would run any task already queued; use an empty database (or --force-shared-db on a scratch one)", n)
 		}
-		e.report.note("Redis from REDIS_URL (not flushed; the bench's keys stay there after the run). Its CPU figures count every client of that server.")
+		e.report.note("Redis from REDIS_URL (not flushed; the bench's keys stay there after the run). Its CPU and memory figures count every client of that server.")
 	} else {
 		srv, err := startRedis()
 		if err != nil {
