@@ -26,6 +26,7 @@ var commands = []command{
 	{"serve", "the HTTP API and the embedded Asynq web monitor", runServe},
 	{"enqueue", "enqueue a validation or refresh: enqueue validate|refresh --consumer C --connection ID", runEnqueue},
 	{"reseal", "re-encrypt every connection's credentials under the first key, so old keys can be retired", runReseal},
+	{"bench", "measure checks/s, Redis round trips, CPU and bytes per connection against their baselines (BENCHMARKS.md)", runBench},
 }
 
 // Env is what a command reads from outside: environment and output.
