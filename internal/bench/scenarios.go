@@ -142,7 +142,7 @@ func (e *env) runNoop(ctx context.Context, n, c int) (taskRun, error) {
 	const scenario = ScenarioNoop
 	var mu sync.Mutex
 	count := 0
-	srv := asynq.NewServerFromRedisClient(e.rdb, asynq.Config{Concurrency: c, Queues: tasks.Queues,
+	srv := asynq.NewServerFromRedisClient(e.rdb, asynq.Config{Concurrency: c, Queues: tasks.Queues(),
 		TaskCheckInterval: pollInterval, DelayedTaskCheckInterval: pollInterval, LogLevel: asynq.ErrorLevel})
 	run := func(ctx context.Context) error {
 		if err := srv.Start(noopHandler(func() { mu.Lock(); count++; mu.Unlock() })); err != nil {
