@@ -50,6 +50,7 @@ var goRedisImporters = map[string]string{
 	"internal/monitor":   "asynqmon takes the go-redis client",
 	"internal/redistest": "test helper: starts Redis servers and hands out clients",
 	"internal/simtest":   "test helper: builds a store on a test Redis",
+	"internal/bench":     "the bench measures Redis itself (INFO cpu, commandstats, memory; a round-trip counting hook) and builds asynq clients",
 }
 
 func TestOnlyTheDoorAndAsynqsWiringImportGoRedis(t *testing.T) {
