@@ -137,10 +137,11 @@ func TestOptionErrors(t *testing.T) {
 	}
 }
 
-// TestSafetyNetMirror: the freshness scenario spreads first checks by
-// setting the seeding store's clock back by storeSafetyNet; that only works
-// while the store makes a new connection due that long after it is stored.
-func TestSafetyNetMirror(t *testing.T) {
+// TestSeededCheckDue: the freshness scenario spreads first checks by
+// setting the seeding store's clock back by one check interval; that only
+// works while a seeded (verdict written) connection's next check is due
+// when the scheduling policy says, one jittered interval after the verdict.
+func TestSeededCheckDue(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
 	p := newProvider(time.Minute)
 	defer p.Close()
@@ -154,6 +155,13 @@ func TestSafetyNetMirror(t *testing.T) {
 	due, ok, err := st.OldestDue(ctx, state.IndexCheck, clock.Add(time.Hour))
 	require.NoError(t, err)
 	require.True(t, ok)
-	require.WithinDuration(t, clock.Add(storeSafetyNet), due, time.Second,
-		"a stored connection's first check is due storeSafetyNet later: update storeSafetyNet to state's safetyNet")
+	l, _, err := st.List(ctx, state.Filter{}, "", 10)
+	require.NoError(t, err)
+	require.Len(t, l, 1)
+	c := l[0]
+	in, ok := cat.Get(c.ServiceID)
+	require.True(t, ok)
+	want := state.NextCheckAt(c.Ref(), in, c.State, clock, state.DefaultJitter)
+	require.WithinDuration(t, want, due, time.Second,
+		"a seeded connection's next check is due when state.NextCheckAt says; the freshness seeding relies on it")
 }

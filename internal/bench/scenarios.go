@@ -26,9 +26,6 @@ import (
 // no-op server and the worker alike.
 const pollInterval = 100 * time.Millisecond
 
-// storeSafetyNet mirrors state's safetyNet: a stored connection is due for
-// a check this long after it is written.
-const storeSafetyNet = 30 * time.Second
 
 // stallTimeout ends a run that makes no progress for this long.
 const stallTimeout = 2 * time.Minute
@@ -673,12 +670,13 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// A new connection's first check is due storeSafetyNet after it is
-	// stored. The seeding store's clock is set back by that, forward by a
-	// random part of the interval, so that checks come due spread over one
-	// interval from now rather than all at once.
+	// A seeded connection's next check is due one check interval (with its
+	// fixed jitter, state.NextCheckAt) after its verdict is written. The
+	// seeding store's clock is set back by that interval, forward by a
+	// random part of it, so that checks come due spread over one interval
+	// from now rather than all at once.
 	seedStore, err := newStore(e.rdb, cat, "vff", func() time.Time {
-		return time.Now().Add(-storeSafetyNet + rand.N(o.CheckInterval))
+		return time.Now().Add(-o.CheckInterval + rand.N(o.CheckInterval))
 	})
 	if err != nil {
 		return err
@@ -707,7 +705,8 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	// from its (shifted) clock and refreshes a token half its lifetime
 	// ahead at most, so each expiry leaves at least two refresh windows
 	// after the latest issue time the shifted clock can give.
-	earliest := max(0, o.CheckInterval-storeSafetyNet) + 2*o.RefreshWindow
+	// (The shifted clock is never ahead of the real one.)
+	earliest := 2 * o.RefreshWindow
 	err = seedOAuth(ctx, seedStore, "f", freshConn, n, false, func(i int) time.Time {
 		t := time.Now().Add(earliest + rand.N(o.TokenLifetime))
 		f.setExpiry(i, t)
