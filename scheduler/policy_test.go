@@ -76,7 +76,7 @@ func TestNoSecondCheckAfterReauthorization(t *testing.T) {
 	ref := state.Ref{ConsumerID: "c1", ConnectionID: hubspot}
 	ch, err := b.store.Put(ctx, ref, oauthInput(b.t0.Add(2*time.Hour)), 0)
 	require.NoError(t, err)
-	_, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+	_, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 	require.NoError(t, err)
 
 	b.t0 = b.t0.Add(10 * time.Minute)
@@ -87,7 +87,7 @@ func TestNoSecondCheckAfterReauthorization(t *testing.T) {
 	require.Equal(t, state.Callable, ch.After.State)
 	require.NoError(t, scheduler.NewNotifier(b.client, b.cat).Notify(ctx, ch))
 	// The worker runs the critical validation and writes its verdict.
-	_, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+	_, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 	require.NoError(t, err)
 
 	s, err := scheduler.New(b.config(fixed(b.t0.Add(31 * time.Second))))
@@ -120,9 +120,9 @@ func TestConfirmationCheckedOnce(t *testing.T) {
 		ch, err := b.store.Put(ctx, r, state.Input{Credentials: map[string]string{"api_key": "k"}}, 0)
 		require.NoError(t, err)
 		rev := ch.After.Revision
-		_, err = b.store.ApplyVerdict(ctx, r, rev, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+		_, err = b.store.ApplyVerdict(ctx, r, rev, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 		require.NoError(t, err)
-		ch, err = b.store.ApplyVerdict(ctx, r, rev, state.Verdict{Outcome: state.InvalidCred, Reason: state.ReasonCredentialsRejected, HTTPStatus: 401})
+		ch, err = b.store.ApplyVerdict(ctx, r, rev, state.Verdict{Outcome: state.OutcomeInvalid, Reason: state.ReasonCredentialsRejected, HTTPStatus: 401})
 		require.NoError(t, err)
 		require.Equal(t, state.HealthPendingConfirmation, ch.After.Health)
 		if r == lost {

@@ -272,7 +272,7 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 			m := c.Ref().String()
 			ks = append(ks, k.record(m), k.service(c.ServiceID), k.state(c.State))
 			args = append(args, m, strconv.FormatInt(c.Version, 10), string(c.State), c.ServiceID)
-			ev := s.deriveEvents(c, nil, hints{reason: ReasonDeleted, consumer: true}, now)
+			ev := s.deriveEvents(c, nil, hints{reason: EventReasonDeleted, consumer: true}, now)
 			events = append(events, ev...)
 			changes = append(changes, Change{Before: c, Events: ev})
 		}

@@ -73,7 +73,7 @@ func TestDeriveTable(t *testing.T) {
 		{"Row2BasicPasswordEmpty", 2, basicZendesk, with(basicConn(1), func(c *Connection) { c.Credentials.Password = "" }), Added, HealthNeedsAuth},
 		{"Row2BeatsInvalidVerdict", 2, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) {
 			c.Credentials.APIKey = ""
-			c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 1)
+			c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 1)
 		}), Added, HealthNeedsAuth},
 
 		// Row 3: OAuth, tokens, required setting missing.
@@ -84,34 +84,34 @@ func TestDeriveTable(t *testing.T) {
 		}), Authorized, HealthMissingSettings},
 		{"Row3BeatsInvalidVerdict", 3, oauthXero, with(oauthConn(1), func(c *Connection) {
 			c.Settings = nil
-			c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 1)
+			c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 1)
 		}), Authorized, HealthMissingSettings},
 		// The non-OAuth counterpart of a missing setting stays added.
 		{"Row3NonOAuthMissingSettingIsAdded", 3, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) { c.Settings = nil }), Added, HealthMissingSettings},
 
 		// Row 4: latest verdict for the current credentials is invalid.
-		{"Row4OAuthRejected", 4, oauthXero, with(oauthConn(2), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 2) }), Invalid, HealthNeedsAuth},
+		{"Row4OAuthRejected", 4, oauthXero, with(oauthConn(2), func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 2) }), Invalid, HealthNeedsAuth},
 		{"Row4OAuthRevoked", 4, oauthHubSpot, with(oauthConn(2), func(c *Connection) {
-			c.Verdict = verdict(InvalidCred, ReasonRefreshTokenRevoked, 2)
+			c.Verdict = verdict(OutcomeInvalid, ReasonRefreshTokenRevoked, 2)
 		}), Invalid, HealthRevoked},
-		{"Row4APIKeyRejected", 4, apiKeyBamboo, with(apiKeyConn(3), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 3) }), Invalid, HealthNeedsAuth},
-		{"Row4BasicAssertionFailed", 4, basicZendesk, with(basicConn(1), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonAssertionFailed, 1) }), Invalid, HealthNeedsAuth},
+		{"Row4APIKeyRejected", 4, apiKeyBamboo, with(apiKeyConn(3), func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 3) }), Invalid, HealthNeedsAuth},
+		{"Row4BasicAssertionFailed", 4, basicZendesk, with(basicConn(1), func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonAssertionFailed, 1) }), Invalid, HealthNeedsAuth},
 		{"Row4Misconfigured", 4, basicZendesk, with(basicConn(1), func(c *Connection) {
-			c.Verdict = verdict(InvalidCred, ReasonMisconfiguredAccount, 1)
+			c.Verdict = verdict(OutcomeInvalid, ReasonMisconfiguredAccount, 1)
 		}), Invalid, HealthMisconfigured},
 		{"Row4OldMisconfiguredIgnored", 5, basicZendesk, with(basicConn(2), func(c *Connection) {
-			c.Verdict = verdict(InvalidCred, ReasonMisconfiguredAccount, 1)
+			c.Verdict = verdict(OutcomeInvalid, ReasonMisconfiguredAccount, 1)
 		}), Added, HealthOK},
 		{"Row4DisabledKeepsState", 4, apiKeyBamboo, with(apiKeyConn(3), func(c *Connection) {
 			c.Enabled = false
-			c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 3)
+			c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 3)
 		}), Invalid, HealthNeedsAuth},
 
 		// Row 5: non-OAuth, credentials entered, no verdict for them yet.
 		{"Row5APIKeyPending", 5, apiKeyBamboo, apiKeyConn(1), Added, HealthOK},
 		{"Row5BasicPending", 5, basicZendesk, basicConn(1), Added, HealthOK},
-		{"Row5OldInvalidVerdictIgnored", 5, apiKeyBamboo, with(apiKeyConn(2), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 1) }), Added, HealthOK},
-		{"Row5OldValidVerdictIgnored", 5, basicZendesk, with(basicConn(2), func(c *Connection) { c.Verdict = verdict(Valid, ReasonCheckPassed, 1) }), Added, HealthOK},
+		{"Row5OldInvalidVerdictIgnored", 5, apiKeyBamboo, with(apiKeyConn(2), func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 1) }), Added, HealthOK},
+		{"Row5OldValidVerdictIgnored", 5, basicZendesk, with(basicConn(2), func(c *Connection) { c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 1) }), Added, HealthOK},
 		{"Row5PendingDegraded", 5, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) { c.Transient.Failures = 3 }), Added, HealthDegraded},
 		{"Row5PendingMisconfigured", 5, basicZendesk, with(basicConn(1), func(c *Connection) {
 			c.Transient = Transient{Failures: 2, Misconfigured: true}
@@ -121,24 +121,24 @@ func TestDeriveTable(t *testing.T) {
 		}), Added, HealthPendingConfirmation},
 
 		// Row 6: callable.
-		{"Row6APIKeyValid", 6, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) { c.Verdict = verdict(Valid, ReasonCheckPassed, 1) }), Callable, HealthOK},
-		{"Row6BasicValid", 6, basicZendesk, with(basicConn(4), func(c *Connection) { c.Verdict = verdict(Valid, ReasonCheckPassed, 4) }), Callable, HealthOK},
+		{"Row6APIKeyValid", 6, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) { c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 1) }), Callable, HealthOK},
+		{"Row6BasicValid", 6, basicZendesk, with(basicConn(4), func(c *Connection) { c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 4) }), Callable, HealthOK},
 		{"Row6OAuthNoVerdict", 6, oauthXero, oauthConn(1), Callable, HealthOK},
-		{"Row6OAuthValid", 6, oauthHubSpot, with(oauthConn(1), func(c *Connection) { c.Verdict = verdict(Valid, ReasonCheckPassed, 1) }), Callable, HealthOK},
-		{"Row6OAuthOldInvalidIgnored", 6, oauthHubSpot, with(oauthConn(2), func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 1) }), Callable, HealthOK},
+		{"Row6OAuthValid", 6, oauthHubSpot, with(oauthConn(1), func(c *Connection) { c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 1) }), Callable, HealthOK},
+		{"Row6OAuthOldInvalidIgnored", 6, oauthHubSpot, with(oauthConn(2), func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 1) }), Callable, HealthOK},
 		{"Row6OAuthTokenExpired", 6, oauthHubSpot, with(oauthConn(1), func(c *Connection) { c.Credentials.ExpiresAt = t0.Add(-time.Minute) }), Callable, HealthPendingRefresh},
 		{"Row6OAuthTokenNearExpiry", 6, oauthHubSpot, with(oauthConn(1), func(c *Connection) { c.Credentials.ExpiresAt = t0.Add(30 * time.Second) }), Callable, HealthPendingRefresh},
 		{"Row6OAuthRefreshFailing", 6, oauthHubSpot, with(oauthConn(1), func(c *Connection) { c.Refresh.Failures = 2 }), Callable, HealthPendingRefresh},
 		{"Row6Degraded", 6, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) {
-			c.Verdict = verdict(Valid, ReasonCheckPassed, 1)
+			c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 1)
 			c.Transient.Failures = 4
 		}), Callable, HealthDegraded},
 		{"Row6Misconfigured", 6, apiKeyBamboo, with(apiKeyConn(1), func(c *Connection) {
-			c.Verdict = verdict(Valid, ReasonCheckPassed, 1)
+			c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 1)
 			c.Transient = Transient{Failures: 1, Misconfigured: true}
 		}), Callable, HealthMisconfigured},
 		{"Row6PendingConfirmation", 6, oauthXero, with(oauthConn(1), func(c *Connection) {
-			c.Verdict = verdict(Valid, ReasonCheckPassed, 1)
+			c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 1)
 			c.Confirmation = Confirmation{Invalids: 1, Revision: 1}
 		}), Callable, HealthPendingConfirmation},
 		{"Row6OldConfirmationIgnored", 6, oauthXero, with(oauthConn(2), func(c *Connection) {
@@ -182,7 +182,7 @@ func genConnection(t *rapid.T) (*Connection, *catalog.Integration) {
 	}
 	if rapid.Bool().Draw(t, "hasVerdict") {
 		c.Verdict = &Verdict{
-			Outcome: rapid.SampledFrom([]Outcome{Valid, InvalidCred}).Draw(t, "outcome"),
+			Outcome: rapid.SampledFrom([]Outcome{OutcomeValid, OutcomeInvalid}).Draw(t, "outcome"),
 			Reason: rapid.SampledFrom([]string{ReasonCheckPassed, ReasonCredentialsRejected, ReasonRefreshTokenRevoked,
 				ReasonMisconfiguredAccount}).Draw(t, "reason"),
 			Revision: rapid.Int64Range(0, 5).Draw(t, "verdictRevision"),
@@ -259,12 +259,12 @@ func TestDeriveProperties(t *testing.T) {
 			}
 		}
 		// Only a current invalid verdict makes a connection invalid.
-		if s1 == Invalid && (c.Verdict == nil || c.Verdict.Revision != c.Revision || c.Verdict.Outcome != InvalidCred) {
+		if s1 == Invalid && (c.Verdict == nil || c.Verdict.Revision != c.Revision || c.Verdict.Outcome != OutcomeInvalid) {
 			t.Fatalf("invalid without a current invalid verdict")
 		}
 		// A non-OAuth connection is callable only on a current valid verdict.
 		if s1 == Callable && in.AuthType != catalog.AuthOAuth2 &&
-			(c.Verdict == nil || c.Verdict.Revision != c.Revision || c.Verdict.Outcome != Valid) {
+			(c.Verdict == nil || c.Verdict.Revision != c.Revision || c.Verdict.Outcome != OutcomeValid) {
 			t.Fatalf("non-OAuth callable without a current valid verdict")
 		}
 		// Misconfigured is the consumer's own doing: a current verdict

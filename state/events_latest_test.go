@@ -21,7 +21,7 @@ func TestLatestEvents(t *testing.T) {
 	c, err := b.store.Get(ctx, refBamboo)
 	require.NoError(t, err)
 	b.clock.Advance(time.Second)
-	_, err = b.store.ApplyVerdict(ctx, refBamboo, c.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, CheckedAt: b.clock.Now()})
+	_, err = b.store.ApplyVerdict(ctx, refBamboo, c.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, CheckedAt: b.clock.Now()})
 	require.NoError(t, err)
 
 	all, err := b.store.ReadEvents(ctx, "", 0)

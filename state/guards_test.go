@@ -17,7 +17,7 @@ func TestWouldInvalidate(t *testing.T) {
 	b := setupStore(t)
 	ctx := context.Background()
 	rejected := func(rev int64) Verdict {
-		return Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401, Revision: rev}
+		return Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401, Revision: rev}
 	}
 
 	t.Run("NoConfirmation", func(t *testing.T) {
@@ -25,9 +25,9 @@ func TestWouldInvalidate(t *testing.T) {
 		require.NoError(t, err)
 		c, in := ch.After, mustIntegration(t, b.store, refBamboo)
 		require.True(t, WouldInvalidate(c, in, rejected(c.Revision), storeT0), "added to invalid is a flip")
-		require.True(t, WouldInvalidate(c, in, Verdict{Outcome: InvalidCred}, storeT0), "revision 0 means the connection's")
+		require.True(t, WouldInvalidate(c, in, Verdict{Outcome: OutcomeInvalid}, storeT0), "revision 0 means the connection's")
 		require.False(t, WouldInvalidate(c, in, rejected(c.Revision-1), storeT0), "another revision decides nothing")
-		require.False(t, WouldInvalidate(c, in, Verdict{Outcome: Valid, Revision: c.Revision}, storeT0))
+		require.False(t, WouldInvalidate(c, in, Verdict{Outcome: OutcomeValid, Revision: c.Revision}, storeT0))
 		require.False(t, WouldInvalidate(nil, in, rejected(1), storeT0))
 
 		ch, err = b.store.ApplyVerdictFrom(ctx, c, rejected(c.Revision))
@@ -96,7 +96,7 @@ func TestRecordMisconfigured(t *testing.T) {
 	_, err = b.store.RecordMisconfigured(ctx, refZendesk, rev-1, "x")
 	require.ErrorIs(t, err, ErrStale)
 
-	ch, err = b.store.ApplyVerdict(ctx, refZendesk, rev, Verdict{Outcome: InvalidCred, Reason: ReasonMisconfiguredAccount})
+	ch, err = b.store.ApplyVerdict(ctx, refZendesk, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonMisconfiguredAccount})
 	require.NoError(t, err)
 	require.Equal(t, Invalid, ch.After.State)
 	require.Equal(t, HealthMisconfigured, ch.After.Health)
@@ -112,7 +112,7 @@ func TestNoDegradedEventWhileInvalid(t *testing.T) {
 	ch, err := b.store.Put(ctx, refBamboo, bambooInput("k"), 0)
 	require.NoError(t, err)
 	rev := ch.After.Revision
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
 	require.NoError(t, err)
 	require.Equal(t, Invalid, ch.After.State)
 	for range 3 {
@@ -121,7 +121,7 @@ func TestNoDegradedEventWhileInvalid(t *testing.T) {
 		require.Equal(t, HealthNeedsAuth, ch.After.Health)
 		require.Empty(t, ch.Events)
 	}
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	require.Equal(t, []string{EventCallable}, eventTypes(ch.Events))
 }

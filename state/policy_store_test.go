@@ -24,7 +24,7 @@ func TestReauthorizationSafetyNetEnds(t *testing.T) {
 	}
 	ch, err := b.store.Put(ctx, ref, in("at", "rt"), 0)
 	require.NoError(t, err)
-	_, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	_, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 
 	b.clock.Advance(10 * time.Minute)
@@ -38,7 +38,7 @@ func TestReauthorizationSafetyNetEnds(t *testing.T) {
 	require.Equal(t, b.clock.Now().Add(safetyNet), at, "the safety net of the notifier's task")
 
 	b.clock.Advance(2 * time.Second)
-	ch, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 	at, ok, err = b.store.DueAt(ctx, IndexCheck, ref)

@@ -133,8 +133,8 @@ func TestPolicyDueCheck(t *testing.T) {
 		c.State, c.Health = Derive(c, in, t0)
 		return c
 	}
-	valid := func(c *Connection) { c.Verdict = verdict(Valid, ReasonCheckPassed, c.Revision) }
-	invalid := func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, c.Revision) }
+	valid := func(c *Connection) { c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, c.Revision) }
+	invalid := func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, c.Revision) }
 	callableKey := mk(apiKeyConn(1), apiKeyBamboo, valid)
 	tests := map[string]struct {
 		in         *catalog.Integration
@@ -237,7 +237,7 @@ func TestPolicyTasks(t *testing.T) {
 	claim := Claim{Ref: ref, Due: due, ServiceID: "xero", State: Callable}
 	late := Claim{Ref: ref, Due: t0.Add(-11 * time.Minute), ServiceID: "xero", State: Callable}
 	confirming := conn(func(c *Connection) {
-		c.Verdict = verdict(Valid, ReasonCheckPassed, 7)
+		c.Verdict = verdict(OutcomeValid, ReasonCheckPassed, 7)
 		c.Confirmation = Confirmation{Revision: 7, Invalids: 1}
 	})
 	type want struct {
@@ -310,7 +310,7 @@ func TestPolicyTasks(t *testing.T) {
 		"ConfirmNone": {got: func() []Task {
 			for name, c := range map[string]*Connection{
 				"OtherRevision": confirming, "NoConfirmation": conn(nil),
-				"Invalid": conn(func(c *Connection) { c.Verdict = verdict(InvalidCred, ReasonCredentialsRejected, 7) }),
+				"Invalid": conn(func(c *Connection) { c.Verdict = verdict(OutcomeInvalid, ReasonCredentialsRejected, 7) }),
 			} {
 				rev := int64(7)
 				if name == "OtherRevision" {

@@ -176,7 +176,7 @@ func TestCheckVerdictCannotReplaceDeadRefreshToken(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, HealthRotationLost, ch.After.Health)
 
-	for _, v := range []Verdict{{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401}, {Outcome: Valid, Reason: ReasonCheckPassed}} {
+	for _, v := range []Verdict{{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401}, {Outcome: OutcomeValid, Reason: ReasonCheckPassed}} {
 		ch, err = b.store.ApplyVerdictFrom(ctx, seen, v)
 		require.NoError(t, err)
 		require.Equal(t, ReasonRotationLost, ch.After.Verdict.Reason, "a check does not replace %s", v.Reason)
@@ -185,7 +185,7 @@ func TestCheckVerdictCannotReplaceDeadRefreshToken(t *testing.T) {
 	// The consumer re-authorizes: a new revision, judged afresh.
 	ch, err = b.store.Put(ctx, refSF, sfInput("at2", "rt2", storeT0.Add(time.Hour)), 0)
 	require.NoError(t, err)
-	ch, err = b.store.ApplyVerdictFrom(ctx, ch.After, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err = b.store.ApplyVerdictFrom(ctx, ch.After, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 	require.Equal(t, HealthOK, ch.After.Health)

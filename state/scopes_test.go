@@ -24,7 +24,7 @@ func TestGrantedScopes(t *testing.T) {
 	require.Equal(t, HealthMissingScopes, ch.After.Health)
 
 	// A passing check does not make it callable.
-	ch, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, CheckedAt: storeT0})
+	ch, err = b.store.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, CheckedAt: storeT0})
 	require.NoError(t, err)
 	require.Equal(t, Invalid, ch.After.State)
 	require.Equal(t, HealthMissingScopes, ch.After.Health)

@@ -174,7 +174,7 @@ func TestEveryScriptDeclaresItsKeys(t *testing.T) {
 	require.NoError(t, err)
 	ch, err := st.Put(ctx, refBamboo, bambooInput("k"), 0)
 	require.NoError(t, err)
-	_, err = st.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+	_, err = st.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	_, err = st.RecordTransient(ctx, refBamboo, ch.After.Revision, "503")
 	require.NoError(t, err)

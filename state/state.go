@@ -75,8 +75,8 @@ type Outcome string
 
 // Verdict outcomes. Transient results are not verdicts.
 const (
-	Valid       Outcome = "valid"
-	InvalidCred Outcome = "invalid"
+	OutcomeValid   Outcome = "valid"
+	OutcomeInvalid Outcome = "invalid"
 )
 
 // Verdict reasons used by the fleet.
@@ -360,7 +360,7 @@ func Derive(c *Connection, in *catalog.Integration, now time.Time) (State, Healt
 	}
 	v := c.Verdict
 	current := v != nil && v.Revision == c.Revision
-	if current && v.Outcome == InvalidCred {
+	if current && v.Outcome == OutcomeInvalid {
 		switch v.Reason {
 		case ReasonRefreshTokenRevoked:
 			return Invalid, HealthRevoked

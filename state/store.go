@@ -305,7 +305,7 @@ func (s *Store) RevokeRefresh(ctx context.Context, lease *RefreshLease, seen *Co
 	if seen == nil || seen.Ref() != lease.ref {
 		return Change{}, &FieldError{Field: "seen", Msg: "not the lease's connection"}
 	}
-	v.Outcome, v.Lineage = InvalidCred, Lineage(seen.Credentials.RefreshToken)
+	v.Outcome, v.Lineage = OutcomeInvalid, Lineage(seen.Credentials.RefreshToken)
 	return s.applyVerdictFenced(ctx, lease.ref, seen, seen.Revision, v, &fence{lease: lease, needLock: true})
 }
 

@@ -61,7 +61,7 @@ func seedOAuth(tb testing.TB, s *Store, n int) {
 				if err != nil {
 					return err
 				}
-				if _, err := s.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: Valid,
+				if _, err := s.ApplyVerdict(ctx, ref, ch.After.Revision, Verdict{Outcome: OutcomeValid,
 					Reason: ReasonCheckPassed, HTTPStatus: 200}); err != nil {
 					return err
 				}
@@ -102,9 +102,9 @@ func BenchmarkApplyVerdict(b *testing.B) {
 	}
 	i := 0
 	for b.Loop() {
-		o := Valid
+		o := OutcomeValid
 		if i%2 == 1 {
-			o = InvalidCred // alternate, so that state, indexes and counts move
+			o = OutcomeInvalid // alternate, so that state, indexes and counts move
 		}
 		if _, err := s.ApplyVerdict(ctx, benchRef(i%benchConns), revs[i%benchConns], Verdict{Outcome: o}); err != nil {
 			b.Fatal(err)

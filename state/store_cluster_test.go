@@ -53,12 +53,12 @@ func TestStoreOnCluster(t *testing.T) {
 	got, err := st.Get(ctx, refs[7])
 	require.NoError(t, err)
 	require.Equal(t, "key-7", got.Credentials.APIKey)
-	ch, err := st.ApplyVerdict(ctx, refs[7], got.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+	ch, err := st.ApplyVerdict(ctx, refs[7], got.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 	got8, err := st.Get(ctx, refs[8])
 	require.NoError(t, err)
-	_, err = st.ApplyVerdict(ctx, refs[8], got8.Revision, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
+	_, err = st.ApplyVerdict(ctx, refs[8], got8.Revision, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
 	require.NoError(t, err)
 
 	// The refresh fence.

@@ -42,7 +42,7 @@ func (s *Store) deriveEvents(cur, next *Connection, h hints, now time.Time) []Ev
 		out = append(out, e)
 	}
 	if cur.Enabled && !next.Enabled {
-		add(EventDisabled, ReasonDisabled)
+		add(EventDisabled, EventReasonDisabled)
 	}
 	if cur.State != next.State {
 		switch {

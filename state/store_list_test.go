@@ -98,7 +98,7 @@ func TestListSelectiveFiltersReadWhatTheyReturn(t *testing.T) {
 		ref := Ref{ConsumerID: fmt.Sprintf("b%05d", i*700), ConnectionID: "hris+bamboohr"}
 		c, err := b.store.Get(ctx, ref)
 		require.NoError(t, err)
-		_, err = b.store.ApplyVerdict(ctx, ref, c.Revision, Verdict{Outcome: Valid})
+		_, err = b.store.ApplyVerdict(ctx, ref, c.Revision, Verdict{Outcome: OutcomeValid})
 		require.NoError(t, err)
 	}
 

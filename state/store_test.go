@@ -432,7 +432,7 @@ func TestPatchMerges(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, ch.After.Enabled)
 	require.Equal(t, []string{EventUpdated}, eventTypes(ch.Events))
-	require.Equal(t, ReasonEnabled, ch.Events[0].Reason)
+	require.Equal(t, EventReasonEnabled, ch.Events[0].Reason)
 
 	// A write that changes nothing writes nothing.
 	ch2, err := b.store.Patch(ctx, refZendesk, Input{Enabled: ptr(true)}, 0)
@@ -495,7 +495,7 @@ func TestDeleteRemovesEverything(t *testing.T) {
 	require.NoError(t, err)
 	ch, err := b.store.Put(ctx, refBamboo, bambooInput("k"), 0)
 	require.NoError(t, err)
-	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	other := Ref{ConsumerID: "c2", ConnectionID: "crm+salesforce"}
 	_, err = b.store.Put(ctx, other, sfInput("at2", "rt2", storeT0.Add(time.Hour)), 0)
@@ -577,7 +577,7 @@ func TestRevisionAndVersion(t *testing.T) {
 	})
 	step("Disable", false, func() (Change, error) { return b.store.SetEnabled(ctx, refSF, false, 0) })
 	step("Verdict", false, func() (Change, error) {
-		return b.store.ApplyVerdict(ctx, refSF, rev, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+		return b.store.ApplyVerdict(ctx, refSF, rev, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	})
 
 	// ifVersion
@@ -598,7 +598,7 @@ func TestRevisionAndVersion(t *testing.T) {
 	require.NoError(t, err)
 	require.Greater(t, ch.After.Revision, rev)
 	require.Greater(t, ch.After.Version, ver)
-	_, err = b.store.ApplyVerdict(ctx, refSF, rev, Verdict{Outcome: InvalidCred})
+	_, err = b.store.ApplyVerdict(ctx, refSF, rev, Verdict{Outcome: OutcomeInvalid})
 	require.ErrorIs(t, err, ErrStale)
 }
 
@@ -615,7 +615,7 @@ func TestApplyVerdictStale(t *testing.T) {
 	before, err := b.store.Get(ctx, refBamboo)
 	require.NoError(t, err)
 
-	for _, o := range []Outcome{Valid, InvalidCred} {
+	for _, o := range []Outcome{OutcomeValid, OutcomeInvalid} {
 		_, err = b.store.ApplyVerdict(ctx, refBamboo, oldRev, Verdict{Outcome: o, Reason: "x"})
 		require.ErrorIs(t, err, ErrStale)
 	}
@@ -625,13 +625,13 @@ func TestApplyVerdictStale(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, before, after, "a stale verdict changes nothing")
 
-	_, err = b.store.ApplyVerdict(ctx, Ref{ConsumerID: "c9", ConnectionID: "hris+bamboohr"}, 1, Verdict{Outcome: Valid})
+	_, err = b.store.ApplyVerdict(ctx, Ref{ConsumerID: "c9", ConnectionID: "hris+bamboohr"}, 1, Verdict{Outcome: OutcomeValid})
 	require.ErrorIs(t, err, ErrNotFound)
 	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: "maybe"})
 	var fe *FieldError
 	require.ErrorAs(t, err, &fe)
 
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 }
@@ -665,9 +665,9 @@ func TestStaleVerdictRace(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				o := Valid
+				o := OutcomeValid
 				if (w+i)%3 == 0 {
-					o = InvalidCred
+					o = OutcomeInvalid
 				}
 				ch, err := b.store.ApplyVerdict(ctx, refBamboo, c.Revision, Verdict{Outcome: o, Reason: "r"})
 				switch {
@@ -820,9 +820,9 @@ func TestCountsExact(t *testing.T) {
 				err = gerr
 				break
 			}
-			o := Valid
+			o := OutcomeValid
 			if op == 3 {
-				o = InvalidCred
+				o = OutcomeInvalid
 			}
 			_, err = b.store.ApplyVerdict(ctx, ref, c.Revision, Verdict{Outcome: o})
 		case 4:
@@ -853,15 +853,15 @@ func TestConfirmation(t *testing.T) {
 	require.Equal(t, Callable, ch.After.State)
 	rev := ch.After.Revision
 
-	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	require.Empty(t, ch.Events, "callable already")
 
-	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
+	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 	require.Equal(t, HealthPendingConfirmation, ch.After.Health)
-	require.Equal(t, Valid, ch.After.Verdict.Outcome, "the verdict is held")
+	require.Equal(t, OutcomeValid, ch.After.Verdict.Outcome, "the verdict is held")
 	require.Equal(t, Confirmation{Invalids: 1, Revision: rev, Reason: ReasonCredentialsRejected, Status: 401, FirstAt: storeT0},
 		ch.After.Confirmation)
 	require.Equal(t, []string{EventUpdated}, eventTypes(ch.Events))
@@ -872,7 +872,7 @@ func TestConfirmation(t *testing.T) {
 		"the confirming task checks after confirm_spacing; the index only catches a lost one")
 
 	b.clock.Advance(2 * time.Minute)
-	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
+	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
 	require.NoError(t, err)
 	require.Equal(t, Invalid, ch.After.State)
 	require.Equal(t, HealthNeedsAuth, ch.After.Health)
@@ -885,15 +885,15 @@ func TestConfirmation(t *testing.T) {
 	require.NoError(t, err)
 	rev = ch.After.Revision
 	require.Equal(t, Callable, ch.After.State)
-	_, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: InvalidCred, Reason: ReasonRefreshTokenRevoked})
+	_, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonRefreshTokenRevoked})
 	require.NoError(t, err)
-	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: Valid})
+	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeValid})
 	require.NoError(t, err)
 	require.Equal(t, HealthOK, ch.After.Health)
-	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: InvalidCred, Reason: ReasonRefreshTokenRevoked})
+	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonRefreshTokenRevoked})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
-	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: InvalidCred, Reason: ReasonRefreshTokenRevoked})
+	ch, err = b.store.ApplyVerdict(ctx, refXero, rev, Verdict{Outcome: OutcomeInvalid, Reason: ReasonRefreshTokenRevoked})
 	require.NoError(t, err)
 	require.Equal(t, Invalid, ch.After.State)
 	require.Equal(t, HealthRevoked, ch.After.Health)
@@ -914,7 +914,7 @@ func TestEvents(t *testing.T) {
 	want = append(want, EventCreated)
 	rev := ch.After.Revision
 
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: Valid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	require.Equal(t, []string{EventCallable}, eventTypes(ch.Events))
 	e := ch.Events[0]
@@ -925,7 +925,7 @@ func TestEvents(t *testing.T) {
 		Time: storeT0}, e)
 	want = append(want, EventCallable)
 
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	require.Empty(t, ch.Events, "a repeat valid verdict is no event")
 
@@ -943,7 +943,7 @@ func TestEvents(t *testing.T) {
 		}
 	}
 	want = append(want, EventDownstreamDegraded)
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, rev, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	require.Equal(t, []string{EventDownstreamRecovered}, eventTypes(ch.Events))
 	want = append(want, EventDownstreamRecovered)
@@ -957,10 +957,10 @@ func TestEvents(t *testing.T) {
 	ch, err = b.store.Patch(ctx, refBamboo, Input{Credentials: map[string]string{"api_key": "k2"}}, 0)
 	require.NoError(t, err)
 	require.Equal(t, []string{EventUpdated}, eventTypes(ch.Events))
-	require.Equal(t, ReasonCredentialsChanged, ch.Events[0].Reason)
+	require.Equal(t, EventReasonCredentialsChanged, ch.Events[0].Reason)
 	want = append(want, EventUpdated)
 
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401})
 	require.NoError(t, err)
 	require.Equal(t, []string{EventInvalid, EventDownstreamRecovered}, eventTypes(ch.Events))
 	want = append(want, EventInvalid, EventDownstreamRecovered)
@@ -1007,7 +1007,7 @@ func TestDueCheck(t *testing.T) {
 
 	// A verdict that changes the state: the interval of the new state.
 	b.clock.Advance(time.Minute)
-	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: Valid})
+	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid})
 	require.NoError(t, err)
 	at, ok = dueAt(refBamboo)
 	require.True(t, ok)
@@ -1066,7 +1066,7 @@ func TestListFilters(t *testing.T) {
 		ch, err := b.store.Put(ctx, Ref{ConsumerID: consumer, ConnectionID: "hris+bamboohr"}, bambooInput("k"), 0)
 		require.NoError(t, err)
 		if i%2 == 0 {
-			_, err = b.store.ApplyVerdict(ctx, ch.After.Ref(), ch.After.Revision, Verdict{Outcome: Valid})
+			_, err = b.store.ApplyVerdict(ctx, ch.After.Ref(), ch.After.Revision, Verdict{Outcome: OutcomeValid})
 			require.NoError(t, err)
 		}
 	}
@@ -1176,7 +1176,7 @@ func TestListUnderConcurrentWrites(t *testing.T) {
 			case 2:
 				var c *Connection
 				if c, err = b.store.Get(ctx, ref); err == nil {
-					_, err = b.store.ApplyVerdict(ctx, ref, c.Revision, Verdict{Outcome: Valid})
+					_, err = b.store.ApplyVerdict(ctx, ref, c.Revision, Verdict{Outcome: OutcomeValid})
 				}
 			}
 			if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrStale) {
@@ -1242,7 +1242,7 @@ func TestNoPlaintextSecret(t *testing.T) {
 	require.NoError(t, err)
 	ch, err := b.store.Put(ctx, refBamboo, bambooInput(secretsIn["apikey"]), 0)
 	require.NoError(t, err)
-	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected})
+	_, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected})
 	require.NoError(t, err)
 	_, err = b.store.Put(ctx, refZendesk, Input{Credentials: map[string]string{"username": "agent@acme.com/token",
 		"password": secretsIn["password"]}, Settings: map[string]string{"subdomain": "acme"}}, 0)
@@ -1464,12 +1464,12 @@ func TestRecordCodecRoundTrip(t *testing.T) {
 		"Empty": {Enabled: true, Revision: 7, Health: HealthNeedsAuth, CreatedAt: at, UpdatedAt: at},
 		"Full": {Enabled: false, Revision: 9, Health: HealthDegraded, CreatedAt: storeT0, UpdatedAt: at,
 			Settings:     map[string]string{"tenant_id": "t", "label": "x"},
-			Verdict:      &Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401, CheckedAt: at, Revision: 8},
+			Verdict:      &Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401, CheckedAt: at, Revision: 8},
 			Transient:    Transient{Failures: 3, LastError: "503", LastAt: at},
 			Confirmation: Confirmation{Invalids: 1, Revision: 9, Reason: "r", Status: 403, FirstAt: at},
 			Refresh:      RefreshStatus{Failures: 2, LastError: "timeout", LastAt: at, RefreshedAt: storeT0}},
 		"CurrentVerdict": {Enabled: true, Revision: 9, Health: HealthOK, CreatedAt: at, UpdatedAt: at,
-			Verdict: &Verdict{Outcome: Valid, Reason: ReasonCheckPassed, CheckedAt: at, Revision: 9}},
+			Verdict: &Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, CheckedAt: at, Revision: 9}},
 	}
 	for name, c := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -1503,7 +1503,7 @@ func TestEventsAfterWrite(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, ch.Events, 1)
 	require.NotEmpty(t, ch.Events[0].ID)
-	ch, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err = b.store.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	evs, err := b.store.ReadEvents(ctx, "0", 10)
 	require.NoError(t, err)

@@ -81,7 +81,7 @@ func TestUnreadableRecordDegradesToThatRecord(t *testing.T) {
 	require.NoError(t, err)
 	c, err := r.store.Get(ctx, old[0])
 	require.NoError(t, err)
-	ch, err := r.store.ApplyVerdict(ctx, old[0], c.Revision, Verdict{Outcome: Valid, Reason: ReasonCheckPassed})
+	ch, err := r.store.ApplyVerdict(ctx, old[0], c.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed})
 	require.NoError(t, err)
 	require.Equal(t, Callable, ch.After.State)
 	_, err = r.store.Put(ctx, old[1], Input{Credentials: map[string]string{"username": "u", "password": secret}}, 0)
@@ -164,7 +164,7 @@ func TestUnreadableRecordDegradesToThatRecord(t *testing.T) {
 			return err
 		},
 		"Verdict": func() error {
-			_, err := s.ApplyVerdict(ctx, old[0], c.Revision, Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected})
+			_, err := s.ApplyVerdict(ctx, old[0], c.Revision, Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected})
 			return err
 		},
 		"Transient": func() error { _, err := s.RecordTransient(ctx, old[0], c.Revision, "HTTP 503"); return err },

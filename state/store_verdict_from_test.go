@@ -18,7 +18,7 @@ func TestApplyVerdictFrom(t *testing.T) {
 	ctx := context.Background()
 	_, err := b.store.Put(ctx, refBamboo, bambooInput("key-one"), 0)
 	require.NoError(t, err)
-	valid := Verdict{Outcome: Valid, Reason: ReasonCheckPassed, CheckedAt: b.clock.Now()}
+	valid := Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, CheckedAt: b.clock.Now()}
 
 	seen, err := b.store.Get(ctx, refBamboo)
 	require.NoError(t, err)
@@ -35,7 +35,7 @@ func TestApplyVerdictFrom(t *testing.T) {
 	b.clock.Advance(time.Second)
 	_, err = b.store.RecordTransient(ctx, refBamboo, seen.Revision, "status 503")
 	require.NoError(t, err)
-	invalid := Verdict{Outcome: InvalidCred, Reason: ReasonCredentialsRejected, HTTPStatus: 401, CheckedAt: b.clock.Now()}
+	invalid := Verdict{Outcome: OutcomeInvalid, Reason: ReasonCredentialsRejected, HTTPStatus: 401, CheckedAt: b.clock.Now()}
 	ch, err = b.store.ApplyVerdictFrom(ctx, seen, invalid)
 	require.NoError(t, err)
 	require.Equal(t, Invalid, ch.After.State)

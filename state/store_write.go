@@ -23,14 +23,14 @@ var writeScript = redis.NewScript(writeLua)
 // Reasons the store puts on events it derives from consumer-side and
 // token writes (verdict events carry the verdict's reason).
 const (
-	ReasonCreated            = "created"
-	ReasonDeleted            = "deleted"
-	ReasonCredentialsChanged = "credentials_changed"
-	ReasonSettingsChanged    = "settings_changed"
-	ReasonEnabled            = "enabled"
-	ReasonDisabled           = "disabled"
-	ReasonMetadataChanged    = "metadata_changed"
-	ReasonTokenRefreshed     = "token_refreshed"
+	EventReasonCreated            = "created"
+	EventReasonDeleted            = "deleted"
+	EventReasonCredentialsChanged = "credentials_changed"
+	EventReasonSettingsChanged    = "settings_changed"
+	EventReasonEnabled            = "enabled"
+	EventReasonDisabled           = "disabled"
+	EventReasonMetadataChanged    = "metadata_changed"
+	EventReasonTokenRefreshed     = "token_refreshed"
 )
 
 // hints tell the write machinery what kind of change a mutation made, for

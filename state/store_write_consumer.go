@@ -118,7 +118,7 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		}
 		h := hints{consumer: true, replaceCreds: in.Credentials != nil && mode != modePatch}
 		if cur == nil {
-			h.reason = ReasonCreated
+			h.reason = EventReasonCreated
 			return next, h, nil
 		}
 		// Credentials replaced over unreadable ones count as changed: the
@@ -141,15 +141,15 @@ func (s *Store) consumerWrite(ctx context.Context, ref Ref, in Input, ifVersion 
 		}
 		switch {
 		case credsChanged:
-			h.reason = ReasonCredentialsChanged
+			h.reason = EventReasonCredentialsChanged
 		case settingsChanged:
-			h.reason = ReasonSettingsChanged
+			h.reason = EventReasonSettingsChanged
 		case cur.Enabled != next.Enabled && next.Enabled:
-			h.reason = ReasonEnabled
+			h.reason = EventReasonEnabled
 		case cur.Enabled != next.Enabled:
-			h.reason = ReasonDisabled
+			h.reason = EventReasonDisabled
 		case !bytes.Equal(cur.Metadata, next.Metadata):
-			h.reason = ReasonMetadataChanged
+			h.reason = EventReasonMetadataChanged
 		default:
 			h.noop = true
 			return next, h, nil
@@ -183,6 +183,6 @@ func (s *Store) delete(ctx context.Context, ref Ref, ifVersion int64) (Change, e
 		case ifVersion > 0 && cur.Version != ifVersion:
 			return nil, hints{}, ErrVersionConflict
 		}
-		return nil, hints{reason: ReasonDeleted, consumer: true}, nil
+		return nil, hints{reason: EventReasonDeleted, consumer: true}, nil
 	})
 }

@@ -14,7 +14,7 @@ import (
 // that its refresh token is dead (refresh_token_revoked, rotation_lost).
 func refreshTokenDead(c *Connection) bool {
 	v := c.Verdict
-	return v != nil && v.Revision == c.Revision && v.Outcome == InvalidCred &&
+	return v != nil && v.Revision == c.Revision && v.Outcome == OutcomeInvalid &&
 		(v.Reason == ReasonRefreshTokenRevoked || v.Reason == ReasonRotationLost)
 }
 
@@ -48,7 +48,7 @@ func (s *Store) applyVerdict(ctx context.Context, ref Ref, seen *Connection, rev
 }
 
 func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connection, rev int64, v Verdict, f *fence) (Change, error) {
-	if v.Outcome != Valid && v.Outcome != InvalidCred {
+	if v.Outcome != OutcomeValid && v.Outcome != OutcomeInvalid {
 		return Change{}, &FieldError{Field: "verdict.outcome", Msg: `must be "valid" or "invalid"`}
 	}
 	return s.fleetWriteFenced(ctx, ref, seen, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
@@ -80,11 +80,11 @@ func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connectio
 func foldVerdict(c *Connection, in *catalog.Integration, v Verdict, now time.Time) (confirm bool) {
 	rev := v.Revision
 	c.Transient = Transient{}
-	if v.Outcome == Valid {
+	if v.Outcome == OutcomeValid {
 		c.Verdict, c.Confirmation = &v, Confirmation{}
 		return false
 	}
-	alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == InvalidCred
+	alreadyInvalid := c.Verdict != nil && c.Verdict.Revision == rev && c.Verdict.Outcome == OutcomeInvalid
 	invalids := 0
 	if c.Confirmation.Revision == rev {
 		invalids = c.Confirmation.Invalids
@@ -109,7 +109,7 @@ func foldVerdict(c *Connection, in *catalog.Integration, v Verdict, now time.Tim
 // c's) all report false. It is pure: c is not modified. The invalid-wave
 // guard counts only verdicts for which it is true.
 func WouldInvalidate(c *Connection, in *catalog.Integration, v Verdict, now time.Time) bool {
-	if c == nil || in == nil || v.Outcome != InvalidCred {
+	if c == nil || in == nil || v.Outcome != OutcomeInvalid {
 		return false
 	}
 	if v.Revision == 0 {
@@ -157,7 +157,7 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens,
 		// Tokens obtained with this lineage prove it was alive: a
 		// revocation verdict about the same lineage (a race that the
 		// fence now prevents, or a lost rotation that recovered) is void.
-		if v := c.Verdict; v != nil && v.Outcome == InvalidCred && v.Lineage != "" && v.Lineage == Lineage(used) {
+		if v := c.Verdict; v != nil && v.Outcome == OutcomeInvalid && v.Lineage != "" && v.Lineage == Lineage(used) {
 			c.Verdict = nil
 		}
 		c.Credentials.AccessToken = t.AccessToken
@@ -174,7 +174,7 @@ func (s *Store) storeTokens(ctx context.Context, ref Ref, used string, t Tokens,
 		}
 		defaultExpiry(&c.Credentials, in)
 		c.Refresh = RefreshStatus{RefreshedAt: now}
-		return hints{reason: ReasonTokenRefreshed}, nil
+		return hints{reason: EventReasonTokenRefreshed}, nil
 	})
 }
 

@@ -216,7 +216,7 @@ func TestRetryDelay(t *testing.T) {
 	})
 	t.Run("ExtraTaskTypes", func(t *testing.T) {
 		w := &Worker{cfg: w.cfg}
-		w.cfg.ExtraRetryDelay = map[string]asynq.RetryDelayFunc{
+		w.cfg.RetryDelays = map[string]asynq.RetryDelayFunc{
 			"webhook:deliver": func(n int, _ error, _ *asynq.Task) time.Duration { return time.Duration(n) * time.Hour },
 		}
 		require.Equal(t, 3*time.Hour, w.RetryDelay(3, errors.New("x"), asynq.NewTask("webhook:deliver", nil)))
@@ -291,7 +291,7 @@ func TestConfigValidation(t *testing.T) {
 		"BadRatio":         func(c *Config) { c.BreakerFailureRatio = 1.5 },
 		"MaxBelowBase":     func(c *Config) { c.RetryBaseDelay, c.RetryMaxDelay = time.Minute, time.Second },
 		"HeadroomTooBig":   func(c *Config) { c.RateLimitHeadroom = 1 },
-		"ReplaceBuiltin":   func(c *Config) { c.Extra = map[string]asynqHandler{"connection:validate": nopHandler{}} },
+		"ReplaceBuiltin":   func(c *Config) { c.Handlers = map[string]asynqHandler{"connection:validate": nopHandler{}} },
 	}
 	for name, mod := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -125,7 +125,7 @@ func TestClientCredentialsGrantRunsAgainOnRefresh(t *testing.T) {
 	c = b.get(ccID)
 	require.Equal(t, state.Callable, c.State)
 	require.NotNil(t, c.Verdict)
-	require.Equal(t, state.Valid, c.Verdict.Outcome)
+	require.Equal(t, state.OutcomeValid, c.Verdict.Outcome)
 	requireNoSecrets(t, b.logs.String())
 }
 

@@ -435,7 +435,7 @@ func (w *Worker) revoke(ctx context.Context, in *catalog.Integration, lease *sta
 		return out
 	}
 	out.msg, out.reason = safeErr(cause), reason
-	v := state.Verdict{Outcome: state.InvalidCred, Reason: reason, HTTPStatus: out.status, CheckedAt: now, Revision: c.Revision}
+	v := state.Verdict{Outcome: state.OutcomeInvalid, Reason: reason, HTTPStatus: out.status, CheckedAt: now, Revision: c.Revision}
 	if reason == state.ReasonRotationLost {
 		w.metrics.rotationsLost.WithLabelValues(in.ID).Inc()
 		w.log.ErrorContext(ctx, "token rotation lost: invalid_grant for a refresh token whose earlier exchange had an unknown outcome",
@@ -586,7 +586,7 @@ func retryAfterOf(err error, now time.Time) time.Duration {
 // re-authorizes (which starts a new credentials revision).
 func revokedNow(c *state.Connection) bool {
 	v := c.Verdict
-	return v != nil && v.Revision == c.Revision && v.Outcome == state.InvalidCred &&
+	return v != nil && v.Revision == c.Revision && v.Outcome == state.OutcomeInvalid &&
 		(v.Reason == state.ReasonRefreshTokenRevoked || v.Reason == state.ReasonRotationLost)
 }
 

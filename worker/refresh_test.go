@@ -316,7 +316,7 @@ func TestRefreshExactlyOnce(t *testing.T) {
 	require.Equal(t, at, c.Credentials.AccessToken)
 	require.Equal(t, rt, c.Credentials.RefreshToken)
 	require.NotNil(t, c.Verdict)
-	require.Equal(t, state.Valid, c.Verdict.Outcome)
+	require.Equal(t, state.OutcomeValid, c.Verdict.Outcome)
 
 	sum := func(f func(*Worker) float64) float64 { return f(w1) + f(w2) }
 	require.Equal(t, 15.0, sum(func(w *Worker) float64 {
@@ -353,7 +353,7 @@ func TestValidateRefreshesExpiredTokenFirst(t *testing.T) {
 	require.Equal(t, 1, b.p.count("/oco/me"), "checked once, with the new token")
 	c := b.get(ocoID)
 	require.Equal(t, state.Callable, c.State)
-	require.Equal(t, state.Valid, c.Verdict.Outcome)
+	require.Equal(t, state.OutcomeValid, c.Verdict.Outcome)
 	at, _ := o.current()
 	require.Equal(t, at, c.Credentials.AccessToken)
 }

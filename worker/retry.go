@@ -50,14 +50,14 @@ func isFailure(err error) bool {
 const storeRetryCeiling = 5 * time.Second
 
 // RetryDelay is the worker's asynq RetryDelayFunc: the task type's own
-// function from Config.ExtraRetryDelay if it has one; else a
+// function from Config.RetryDelays if it has one; else a
 // RetryAfterError's delay (capped by MaxRetryAfter); else, when Redis was
 // unreachable, a delay of at most 5s; else exponential
 // backoff with full jitter: uniform in [0, min(RetryMaxDelay,
 // RetryBaseDelay*2^n)), at least one second.
 func (w *Worker) RetryDelay(n int, err error, t *asynq.Task) time.Duration {
 	if t != nil {
-		if f := w.cfg.ExtraRetryDelay[t.Type()]; f != nil {
+		if f := w.cfg.RetryDelays[t.Type()]; f != nil {
 			return f(n, err, t)
 		}
 	}

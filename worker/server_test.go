@@ -268,7 +268,7 @@ func TestServerFailureDuringRedisOutageRetriedSoon(t *testing.T) {
 	runs := make(chan time.Time, 4)
 	var n atomic.Int32
 	w := b.worker(func(c *Config) {
-		c.Extra = map[string]asynq.Handler{"test:blink": asynq.HandlerFunc(func(ctx context.Context, _ *asynq.Task) error {
+		c.Handlers = map[string]asynq.Handler{"test:blink": asynq.HandlerFunc(func(ctx context.Context, _ *asynq.Task) error {
 			runs <- time.Now()
 			if n.Add(1) == 1 {
 				srv.Pause(t) // Redis stops answering as this task fails

@@ -277,7 +277,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 	// the check still counts as invalid above, so the InvalidationWave
 	// alert sees the wave.
 	if res.kind == kindInvalid && res.sent {
-		flip := state.Verdict{Outcome: state.InvalidCred, Reason: res.reason, HTTPStatus: res.status, CheckedAt: now, Revision: v.rev}
+		flip := state.Verdict{Outcome: state.OutcomeInvalid, Reason: res.reason, HTTPStatus: res.status, CheckedAt: now, Revision: v.rev}
 		if held, after := w.guardFlip(sctx, in, v.c, flip, now); held {
 			res.kind, res.msg, res.retryAfter = kindTransient, heldMessage(in), after
 			r.res.Outcome = outcomeHeld
@@ -326,9 +326,9 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 		return terr
 	}
 
-	verdict := state.Verdict{Outcome: state.Valid, Reason: res.reason, HTTPStatus: res.status, CheckedAt: now, Revision: v.rev}
+	verdict := state.Verdict{Outcome: state.OutcomeValid, Reason: res.reason, HTTPStatus: res.status, CheckedAt: now, Revision: v.rev}
 	if res.kind == kindInvalid {
-		verdict.Outcome = state.InvalidCred
+		verdict.Outcome = state.OutcomeInvalid
 		if res.msg != "" {
 			r.res.Error = res.msg
 		}
@@ -343,7 +343,7 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 	}
 	w.metrics.transition(in.ID, ch)
 	r.after(ch.After)
-	if verdict.Outcome == state.InvalidCred {
+	if verdict.Outcome == state.OutcomeInvalid {
 		v.confirmLater(ctx, ch.After)
 	}
 	return nil

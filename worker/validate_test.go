@@ -384,7 +384,7 @@ func TestExtraHandlers(t *testing.T) {
 	b := setup(t)
 	got := make(chan string, 1)
 	w := b.worker(func(c *Config) {
-		c.Extra = map[string]asynq.Handler{tasks.TypeWebhookDeliver: asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
+		c.Handlers = map[string]asynq.Handler{tasks.TypeWebhookDeliver: asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
 			q, _ := asynq.GetQueueName(ctx)
 			got <- q
 			return nil

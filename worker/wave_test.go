@@ -93,7 +93,7 @@ func TestInvalidWaveStandingPopulation(t *testing.T) {
 	const standing = 30
 	for i := range standing {
 		c := b.putRef(waveRef("old", i, "waveco"))
-		_, err := b.store.ApplyVerdictFrom(ctx, c, state.Verdict{Outcome: state.InvalidCred,
+		_, err := b.store.ApplyVerdictFrom(ctx, c, state.Verdict{Outcome: state.OutcomeInvalid,
 			Reason: state.ReasonCredentialsRejected, HTTPStatus: 401, Revision: c.Revision})
 		require.NoError(t, err)
 	}
@@ -137,7 +137,7 @@ func TestInvalidWaveHeldBack(t *testing.T) {
 	}
 	already := waveRef("invalid", 0, "waveco")
 	c := b.putRef(already)
-	_, err := b.store.ApplyVerdictFrom(ctx, c, state.Verdict{Outcome: state.InvalidCred,
+	_, err := b.store.ApplyVerdictFrom(ctx, c, state.Verdict{Outcome: state.OutcomeInvalid,
 		Reason: state.ReasonCredentialsRejected, HTTPStatus: 401, Revision: c.Revision})
 	require.NoError(t, err)
 
@@ -243,7 +243,7 @@ func TestGuardFlipContract(t *testing.T) {
 	ctx := context.Background()
 	in := integ(t, b.cat, "waveco")
 	verdict := func(c *state.Connection, status int) state.Verdict {
-		return state.Verdict{Outcome: state.InvalidCred, Reason: state.ReasonCredentialsRejected, HTTPStatus: status, Revision: c.Revision}
+		return state.Verdict{Outcome: state.OutcomeInvalid, Reason: state.ReasonCredentialsRejected, HTTPStatus: status, Revision: c.Revision}
 	}
 	var conns []*state.Connection
 	for i := range 4 {
@@ -260,7 +260,7 @@ func TestGuardFlipContract(t *testing.T) {
 	require.False(t, held, "a flip already counted (a retry after a failed write) is not counted twice")
 	held, _ = w.guardFlip(ctx, in, conns[3], verdict(conns[3], 0), clock.Now())
 	require.False(t, held, "no provider answer: never held")
-	held, _ = w.guardFlip(ctx, in, conns[3], state.Verdict{Outcome: state.Valid, HTTPStatus: 200, Revision: conns[3].Revision}, clock.Now())
+	held, _ = w.guardFlip(ctx, in, conns[3], state.Verdict{Outcome: state.OutcomeValid, HTTPStatus: 200, Revision: conns[3].Revision}, clock.Now())
 	require.False(t, held, "a valid verdict is no flip")
 	held, _ = w.guardFlip(ctx, integ(t, b.cat, "only401"), conns[3], verdict(conns[3], 401), clock.Now())
 	require.False(t, held, "no guard in the catalog")

@@ -174,12 +174,12 @@ type Config struct {
 	// NowFunc is the clock of verdicts and expiry decisions. If nil,
 	// time.Now.
 	NowFunc func() time.Time
-	// Extra registers more handlers by task type on the same server (e.g.
+	// Handlers registers more handlers by task type on the same server (e.g.
 	// tasks.TypeWebhookDeliver). They get the same middleware.
-	Extra map[string]asynq.Handler
-	// ExtraRetryDelay gives the retry delay of some task types (e.g.
+	Handlers map[string]asynq.Handler
+	// RetryDelays gives the retry delay of some task types (e.g.
 	// events.RetryDelay for webhook deliveries); others get RetryDelay's.
-	ExtraRetryDelay map[string]asynq.RetryDelayFunc
+	RetryDelays map[string]asynq.RetryDelayFunc
 }
 
 func (c Config) withDefaults() Config {
@@ -289,19 +289,19 @@ func (c Config) validate() error {
 	case c.BreakerProbes < 1:
 		return fmt.Errorf("worker: breaker probes must be positive, got %d", c.BreakerProbes)
 	}
-	for typ, f := range c.ExtraRetryDelay {
+	for typ, f := range c.RetryDelays {
 		if f == nil {
 			return fmt.Errorf("worker: extra retry delay for %q is nil", typ)
 		}
 	}
-	for typ, h := range c.Extra {
+	for typ, h := range c.Handlers {
 		switch {
 		case h == nil:
-			return fmt.Errorf("worker: extra handler for %q is nil", typ)
+			return fmt.Errorf("worker: handler for %q is nil", typ)
 		case typ == tasks.TypeValidate || typ == tasks.TypeRefreshToken:
-			return fmt.Errorf("worker: extra handler for %q would replace a built-in one", typ)
+			return fmt.Errorf("worker: handler for %q would replace a built-in one", typ)
 		case typ == "":
-			return errors.New("worker: extra handler with an empty task type")
+			return errors.New("worker: handler with an empty task type")
 		}
 	}
 	return nil
@@ -394,7 +394,7 @@ func New(cfg Config) (*Worker, error) {
 	}
 	w.handlers[tasks.TypeValidate] = asynq.HandlerFunc(w.handleValidate)
 	w.handlers[tasks.TypeRefreshToken] = asynq.HandlerFunc(w.handleRefresh)
-	for typ, h := range cfg.Extra {
+	for typ, h := range cfg.Handlers {
 		w.handlers[typ] = h
 	}
 	return w, nil
@@ -419,7 +419,7 @@ func newTransport(connectTimeout time.Duration, concurrency int, cat *catalog.Ca
 	}
 }
 
-// Handle registers another handler by task type before Run or Start, as Config.Extra
+// Handle registers another handler by task type before Run or Start, as Config.Handlers
 // does.
 func (w *Worker) Handle(taskType string, h asynq.Handler) error {
 	w.mu.Lock()

@@ -155,8 +155,8 @@ func runDev(ctx context.Context, args []string, env Env) error {
 	wk, err := worker.New(worker.Config{
 		Store: store, Catalog: cat, Redis: rdb, Concurrency: o.concurrency,
 		ShutdownTimeout: 3 * time.Second, Getenv: getenv, Logger: logger, Registerer: reg,
-		Extra:           map[string]asynq.Handler{tasks.TypeWebhookDeliver: delivery},
-		ExtraRetryDelay: map[string]asynq.RetryDelayFunc{tasks.TypeWebhookDeliver: events.RetryDelay},
+		Handlers:    map[string]asynq.Handler{tasks.TypeWebhookDeliver: delivery},
+		RetryDelays: map[string]asynq.RetryDelayFunc{tasks.TypeWebhookDeliver: events.RetryDelay},
 	})
 	if err != nil {
 		return err

@@ -56,8 +56,8 @@ func runWorker(ctx context.Context, args []string, env Env) error {
 		Getenv:          env.Getenv,
 		Logger:          a.Logger,
 		Registerer:      a.Registry,
-		Extra:           map[string]asynq.Handler{tasks.TypeWebhookDeliver: delivery},
-		ExtraRetryDelay: map[string]asynq.RetryDelayFunc{tasks.TypeWebhookDeliver: events.RetryDelay},
+		Handlers:        map[string]asynq.Handler{tasks.TypeWebhookDeliver: delivery},
+		RetryDelays:     map[string]asynq.RetryDelayFunc{tasks.TypeWebhookDeliver: events.RetryDelay},
 	})
 	if err != nil {
 		return err

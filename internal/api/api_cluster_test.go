@@ -69,7 +69,7 @@ func TestAPIOnCluster(t *testing.T) {
 	// A verdict (as the worker writes it) shows in the read.
 	c, err := st.Get(ctx, state.Ref{ConsumerID: "c-cluster-03", ConnectionID: "crm+pipedrive"})
 	require.NoError(t, err)
-	_, err = st.ApplyVerdict(ctx, c.Ref(), c.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed, HTTPStatus: 200})
+	_, err = st.ApplyVerdict(ctx, c.Ref(), c.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	r = b.req(t, "GET", p, "")
 	require.Equal(t, http.StatusOK, r.status, "%s", r.body)

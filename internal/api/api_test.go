@@ -383,7 +383,7 @@ func TestConnectionLifecycle(t *testing.T) {
 	// A valid verdict flips it to callable; the read derives health now.
 	c, err := b.store.Get(ctx, state.Ref{ConsumerID: "c-life", ConnectionID: "crm+pipedrive"})
 	require.NoError(t, err)
-	_, err = b.store.ApplyVerdict(ctx, c.Ref(), c.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed, HTTPStatus: 200})
+	_, err = b.store.ApplyVerdict(ctx, c.Ref(), c.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
 	r = b.req(t, "GET", p, "")
 	require.Equal(t, http.StatusOK, r.status)
@@ -786,7 +786,7 @@ func TestListFilters(t *testing.T) {
 	require.Equal(t, http.StatusCreated, b.req(t, "PUT", connPath("f3", "ticketing", "zendesk"), `{}`).status)
 	c, err := b.store.Get(context.Background(), state.Ref{ConsumerID: "f1", ConnectionID: "crm+pipedrive"})
 	require.NoError(t, err)
-	_, err = b.store.ApplyVerdict(context.Background(), c.Ref(), c.Revision, state.Verdict{Outcome: state.Valid})
+	_, err = b.store.ApplyVerdict(context.Background(), c.Ref(), c.Revision, state.Verdict{Outcome: state.OutcomeValid})
 	require.NoError(t, err)
 
 	ids := func(q string) []string {

@@ -273,7 +273,7 @@ func seedOAuth(ctx context.Context, st *state.Store, pop, connID string, n int, 
 		if err != nil {
 			return fmt.Errorf("put %s: %w", ref, err)
 		}
-		if _, err := st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.Valid,
+		if _, err := st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.OutcomeValid,
 			Reason: state.ReasonCheckPassed, HTTPStatus: 200}); err != nil {
 			return fmt.Errorf("verdict %s: %w", ref, err)
 		}

@@ -59,7 +59,7 @@ func TestStateFlipIsOneStreamEntry(t *testing.T) {
 	require.Equal(t, state.EventCreated, evs[0].Type)
 	last := evs[0].ID
 
-	_, err = st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+	_, err = st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 	require.NoError(t, err)
 	evs, err = st.ReadEvents(ctx, last, 0)
 	require.NoError(t, err)
@@ -75,7 +75,7 @@ func TestStateFlipIsOneStreamEntry(t *testing.T) {
 	last = e.ID
 
 	// The same verdict again changes nothing visible: no entry.
-	_, err = st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+	_, err = st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 	require.NoError(t, err)
 	evs, err = st.ReadEvents(ctx, last, 0)
 	require.NoError(t, err)
@@ -214,15 +214,15 @@ func TestWebhooksEndToEnd(t *testing.T) {
 	ch, err := st.Put(ctx, ref, state.Input{Credentials: map[string]string{"api_key": "k"}}, 0)
 	require.NoError(t, err)
 	rev := ch.After.Revision
-	_, err = st.ApplyVerdict(ctx, ref, rev, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+	_, err = st.ApplyVerdict(ctx, ref, rev, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 	require.NoError(t, err)
 	for i := range 5 {
 		_, err = st.RecordTransient(ctx, ref, rev, fmt.Sprintf("HTTP 503 (attempt %d)", i+1))
 		require.NoError(t, err)
 	}
-	_, err = st.ApplyVerdict(ctx, ref, rev, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+	_, err = st.ApplyVerdict(ctx, ref, rev, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 	require.NoError(t, err)
-	_, err = st.ApplyVerdict(ctx, ref, rev, state.Verdict{Outcome: state.InvalidCred, Reason: state.ReasonCredentialsRejected, HTTPStatus: 401})
+	_, err = st.ApplyVerdict(ctx, ref, rev, state.Verdict{Outcome: state.OutcomeInvalid, Reason: state.ReasonCredentialsRejected, HTTPStatus: 401})
 	require.NoError(t, err)
 	off := false
 	_, err = st.Patch(ctx, ref, state.Input{Enabled: &off}, 0)

@@ -81,7 +81,7 @@ func TestEventsSurviveTrimmingDuringAnOutage(t *testing.T) {
 		ref := state.Ref{ConsumerID: fmt.Sprintf("trim-%d", i), ConnectionID: "crm+pipedrive"}
 		ch, err := st.Put(ctx, ref, state.Input{Credentials: map[string]string{"api_key": "k"}}, 0)
 		require.NoError(t, err)
-		ch, err = st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed})
+		ch, err = st.ApplyVerdict(ctx, ref, ch.After.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed})
 		require.NoError(t, err)
 		require.Len(t, ch.Events, 1)
 		e := ch.Events[0]

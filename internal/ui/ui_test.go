@@ -79,7 +79,7 @@ func TestStatusPage(t *testing.T) {
 	ref := state.Ref{ConsumerID: "c1", ConnectionID: "hris+bamboohr"}
 	c, err := st.Get(ctx, ref)
 	require.NoError(t, err)
-	_, err = st.ApplyVerdict(ctx, ref, c.Revision, state.Verdict{Outcome: state.Valid, Reason: state.ReasonCheckPassed, CheckedAt: time.Now()})
+	_, err = st.ApplyVerdict(ctx, ref, c.Revision, state.Verdict{Outcome: state.OutcomeValid, Reason: state.ReasonCheckPassed, CheckedAt: time.Now()})
 	require.NoError(t, err)
 
 	req, _ := http.NewRequest("GET", srv.URL+"/", nil)
