@@ -26,7 +26,6 @@ import (
 // no-op server and the worker alike.
 const pollInterval = 100 * time.Millisecond
 
-
 // stallTimeout ends a run that makes no progress for this long.
 const stallTimeout = 2 * time.Minute
 
