@@ -237,20 +237,7 @@ func (r *Report) Print(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight|tabwriter.Debug)
 	fmt.Fprintln(tw, "scenario\tfigure\tvalue\tbaseline (same run)\tratio\tgoal\t\t")
 	for _, row := range r.Rows {
-		base, ratio := "-", "-"
-		if row.Baseline != 0 {
-			base = formatValue(row.Baseline, row.Unit) + " " + row.BaselineWhat
-			ratio = fmt.Sprintf("%.2f", row.Ratio)
-		} else if row.BaselineWhat != "" {
-			base = row.BaselineWhat
-		}
-		goal, verdict := "-", ""
-		if row.Goal != "" {
-			goal, verdict = row.Goal, "FAIL"
-			if row.Pass {
-				verdict = "pass"
-			}
-		}
+		base, ratio, goal, verdict := row.cells("FAIL")
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", row.Scenario, row.What,
 			formatValue(row.Value, row.Unit), base, ratio, goal, verdict)
 	}
@@ -265,23 +252,30 @@ func (r *Report) Markdown(w io.Writer) {
 	fmt.Fprintln(w, "| scenario | figure | value | baseline (same run) | ratio | goal | |")
 	fmt.Fprintln(w, "|---|---|---:|---:|---:|---|---|")
 	for _, row := range r.Rows {
-		base, ratio := "-", "-"
-		if row.Baseline != 0 {
-			base = formatValue(row.Baseline, row.Unit) + " " + row.BaselineWhat
-			ratio = fmt.Sprintf("%.2f", row.Ratio)
-		} else if row.BaselineWhat != "" {
-			base = row.BaselineWhat
-		}
-		goal, verdict := "-", ""
-		if row.Goal != "" {
-			goal, verdict = row.Goal, "**FAIL**"
-			if row.Pass {
-				verdict = "pass"
-			}
-		}
+		base, ratio, goal, verdict := row.cells("**FAIL**")
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", row.Scenario, row.What,
 			formatValue(row.Value, row.Unit), base, ratio, goal, verdict)
 	}
+}
+
+// cells are a row's baseline, ratio, goal and verdict columns as both
+// tables print them; fail is how the table marks a missed goal.
+func (row Row) cells(fail string) (base, ratio, goal, verdict string) {
+	base, ratio = "-", "-"
+	if row.Baseline != 0 {
+		base = formatValue(row.Baseline, row.Unit) + " " + row.BaselineWhat
+		ratio = fmt.Sprintf("%.2f", row.Ratio)
+	} else if row.BaselineWhat != "" {
+		base = row.BaselineWhat
+	}
+	goal = "-"
+	if row.Goal != "" {
+		goal, verdict = row.Goal, fail
+		if row.Pass {
+			verdict = "pass"
+		}
+	}
+	return base, ratio, goal, verdict
 }
 
 func formatValue(v float64, unit string) string {

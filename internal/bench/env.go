@@ -79,10 +79,10 @@ integrations:
     status: live
     settings:
       - {name: instance_url, type: url}
-    check:
+    check: &check # ofresh shares these (a YAML alias)
       url: http://HOST/check
       timeout: 5s
-    oauth:
+    oauth: &oauth
       token_url: http://HOST/token
       client_id_env: BENCH_CLIENT_ID
       client_secret_env: BENCH_CLIENT_SECRET
@@ -95,14 +95,8 @@ integrations:
     unified_api: accounting
     auth_type: oauth2
     status: live
-    check:
-      url: http://HOST/check
-      timeout: 5s
-    oauth:
-      token_url: http://HOST/token
-      client_id_env: BENCH_CLIENT_ID
-      client_secret_env: BENCH_CLIENT_SECRET
-      auth_style: header
+    check: *check
+    oauth: *oauth
     intervals: {callable: INTERVAL, added: INTERVAL, invalid: INTERVAL}
     token_lifetime: LIFETIME
     refresh_window: WINDOW
