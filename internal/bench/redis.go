@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/internal/freeport"
 )
 
 // ComposeRedisArgs are the redis-server settings of docker-compose.yml's
@@ -43,7 +45,7 @@ func startRedis() (*privateRedis, error) {
 	}
 	var lastErr error
 	for range 5 {
-		port, err := freePort()
+		port, err := freeport.Loopback()
 		if err != nil {
 			_ = os.RemoveAll(dir)
 			return nil, err
@@ -99,15 +101,6 @@ func waitPing(addr string, d time.Duration) error {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return fmt.Errorf("redis-server on %s did not answer PING: %w", addr, err)
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // roundTrips counts the requests the bench's Redis client sends: one per

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/internal/freeport"
 )
 
 // maxClusterPort keeps every node's cluster bus port (port+10000) a valid
@@ -257,7 +259,7 @@ func waitPing(addr string) error {
 // port (port+10000) is free too.
 func clusterPort() (int, error) {
 	for range 200 {
-		p, err := freePort()
+		p, err := freeport.Loopback()
 		if err != nil {
 			return 0, err
 		}

@@ -20,6 +20,8 @@ import (
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/internal/freeport"
 )
 
 // Server is a Redis server private to one test binary.
@@ -212,7 +214,7 @@ func start() (*Server, error) {
 	s := &Server{Real: true, dir: dir}
 	var lastErr error
 	for range 5 {
-		port, err := freePort()
+		port, err := freeport.Loopback()
 		if err != nil {
 			return nil, err
 		}
@@ -266,13 +268,4 @@ func ping(addr string) error {
 		return fmt.Errorf("unexpected reply %q", line)
 	}
 	return nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
