@@ -277,16 +277,7 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 			changes = append(changes, Change{Before: c, Events: ev})
 		}
 		args = append(args, s.cfg.EventMaxLen, len(events))
-		if !s.cluster && len(events) > 0 {
-			ks = append(ks, s.cfg.EventStream)
-		}
-		for _, e := range events {
-			f := eventFields(e)
-			args = append(args, len(f))
-			for _, v := range f {
-				args = append(args, v)
-			}
-		}
+		ks, args = s.eventScriptArgs(ks, args, events)
 		res, err := consumerDeleteScript.Run(ctx, s.cfg.Client, ks, args...).Slice()
 		if err != nil {
 			return nil, fmt.Errorf("state: delete consumer: %w", err)

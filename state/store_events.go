@@ -110,6 +110,24 @@ func eventFields(e Event) []string {
 	return f
 }
 
+// eventScriptArgs adds a write's events to the keys and arguments of a
+// script that appends them in its own step (write.lua, consumer_delete.lua):
+// the stream key unless on Redis Cluster (where they are appended after
+// the write, see appendEvents), then per event its field count and fields.
+func (s *Store) eventScriptArgs(ks []string, args []any, events []Event) ([]string, []any) {
+	if !s.cluster && len(events) > 0 {
+		ks = append(ks, s.cfg.EventStream)
+	}
+	for _, e := range events {
+		f := eventFields(e)
+		args = append(args, len(f))
+		for _, v := range f {
+			args = append(args, v)
+		}
+	}
+	return ks, args
+}
+
 // Event appends after the write (Redis Cluster).
 const (
 	// appendTimeout bounds all attempts to append one write's events.

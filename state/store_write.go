@@ -250,16 +250,7 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 	default:
 		args = append(args, "I", f.lease.token, "1")
 	}
-	if !s.cluster && len(events) > 0 {
-		ks = append(ks, s.cfg.EventStream)
-	}
-	for _, e := range events {
-		f := eventFields(e)
-		args = append(args, len(f))
-		for _, v := range f {
-			args = append(args, v)
-		}
-	}
+	ks, args = s.eventScriptArgs(ks, args, events)
 	return ks, args, nil
 }
 

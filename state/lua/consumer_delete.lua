@@ -15,13 +15,19 @@
 -- exactly the ones given at the given versions (the caller reads again).
 local cid = ARGV[1]
 local n = tonumber(ARGV[2])
+-- at(i) is where connection i's arguments (member, version, state,
+-- service) and keys (record, service index, state index) begin.
+local function at(i)
+  return 3 + (i - 1) * 4, 7 + (i - 1) * 3
+end
 local present = redis.call('ZRANGEBYLEX', KEYS[3], '[' .. cid .. '|', '(' .. cid .. '}')
 if #present ~= n then
   return {0}
 end
 local given = {}
 for i = 1, n do
-  given[ARGV[3 + (i - 1) * 4]] = true
+  local a = at(i)
+  given[ARGV[a]] = true
 end
 for _, m in ipairs(present) do
   if not given[m] then
@@ -29,15 +35,13 @@ for _, m in ipairs(present) do
   end
 end
 for i = 1, n do
-  local a = 3 + (i - 1) * 4
-  local k = 7 + (i - 1) * 3
+  local a, k = at(i)
   if redis.call('HGET', KEYS[k], 'v') ~= ARGV[a + 1] then
     return {0}
   end
 end
 for i = 1, n do
-  local a = 3 + (i - 1) * 4
-  local k = 7 + (i - 1) * 3
+  local a, k = at(i)
   local member, st, svc = ARGV[a], ARGV[a + 2], ARGV[a + 3]
   redis.call('DEL', KEYS[k])
   redis.call('ZREM', KEYS[3], member)
