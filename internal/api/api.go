@@ -220,12 +220,12 @@ func (s *server) routes() []route {
 	return []route{
 		{http.MethodGet, pathConsumerConnections, true, s.listConsumer},
 		{http.MethodGet, pathConnections, true, s.listAll},
-		{http.MethodGet, pathConnection, true, s.getConnection},
+		{http.MethodGet, pathConnection, true, s.onConnection(s.getConnection)},
 		{http.MethodPut, pathConnection, true, s.putConnection},
 		{http.MethodPatch, pathConnection, true, s.patchConnection},
 		{http.MethodDelete, pathConnection, true, s.deleteConnection},
-		{http.MethodPost, pathValidate, true, s.validateNow},
-		{http.MethodPost, pathRefresh, true, s.refreshNow},
+		{http.MethodPost, pathValidate, true, s.onConnection(s.validateNow)},
+		{http.MethodPost, pathRefresh, true, s.onConnection(s.refreshNow)},
 		{http.MethodGet, pathOpenAPI, false, s.openAPI},
 	}
 }

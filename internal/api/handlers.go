@@ -199,12 +199,7 @@ func (s *server) listAll(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (s *server) getConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.target(r)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
+func (s *server) getConnection(w http.ResponseWriter, r *http.Request, t target) {
 	c, err := s.cfg.Store.Get(r.Context(), t.ref)
 	var ue *state.UnreadableError
 	if errors.As(err, &ue) && ue.Connection != nil {
@@ -283,6 +278,27 @@ func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request) {
 	s.writeConnection(w, http.StatusOK, t, nil)
 }
 
+// onConnection adapts a native handler of one connection (see resolved).
+func (s *server) onConnection(h func(http.ResponseWriter, *http.Request, target)) http.HandlerFunc {
+	return resolved(s.target, s.fail, h)
+}
+
+// resolved adapts a handler of one connection: it resolves the connection
+// the request addresses before h runs, and answers a bad address with
+// fail. Each dialect passes its own resolve and fail (s.target and s.fail,
+// s.vaultTarget and s.vaultFail), so each keeps its own error shape.
+func resolved(resolve func(*http.Request) (target, error), fail func(http.ResponseWriter, *http.Request, error),
+	h func(http.ResponseWriter, *http.Request, target)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		t, err := resolve(r)
+		if err != nil {
+			fail(w, r, err)
+			return
+		}
+		h(w, r, t)
+	}
+}
+
 // versionedTarget resolves the connection a write addresses (resolve is
 // the native or the Vault dialect's) and the version its If-Match names.
 func versionedTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, int64, error) {
@@ -328,24 +344,19 @@ func (s *server) notify(r *http.Request, ch state.Change) {
 	}
 }
 
-func (s *server) validateNow(w http.ResponseWriter, r *http.Request) {
-	s.enqueueNow(w, r, tasks.TypeValidate)
+func (s *server) validateNow(w http.ResponseWriter, r *http.Request, t target) {
+	s.enqueueNow(w, r, t, tasks.TypeValidate)
 }
 
-func (s *server) refreshNow(w http.ResponseWriter, r *http.Request) {
-	s.enqueueNow(w, r, tasks.TypeRefreshToken)
+func (s *server) refreshNow(w http.ResponseWriter, r *http.Request, t target) {
+	s.enqueueNow(w, r, t, tasks.TypeRefreshToken)
 }
 
 // enqueueNow serves POST .../validate and .../refresh: an on-demand task on
 // the critical queue. A validation is deduped per connection version, a
 // refresh per access token (its expiry, as the scheduler does), so that
 // repeated clicks queue one task.
-func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, typ string) {
-	t, err := s.target(r)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
+func (s *server) enqueueNow(w http.ResponseWriter, r *http.Request, t target, typ string) {
 	out, _, err := s.enqueueFor(r, t, typ)
 	if err != nil {
 		s.fail(w, r, err)

@@ -185,12 +185,12 @@ const (
 func (s *server) vaultRoutes() []vaultRoute {
 	return []vaultRoute{
 		{http.MethodGet, pathVaultConnections, true, s.vaultListConnections},
-		{http.MethodGet, pathVaultConnection, true, s.vaultGetConnection},
+		{http.MethodGet, pathVaultConnection, true, s.onVaultConnection(s.vaultGetConnection)},
 		{http.MethodPatch, pathVaultConnection, true, s.vaultUpdateConnection},
 		{http.MethodDelete, pathVaultConnection, true, s.vaultDeleteConnection},
-		{http.MethodPost, pathVaultImport, true, s.vaultImport},
-		{http.MethodPost, pathVaultValidate, true, s.vaultValidate},
-		{http.MethodPost, pathVaultToken, true, s.vaultToken},
+		{http.MethodPost, pathVaultImport, true, s.onVaultConnection(s.vaultImport)},
+		{http.MethodPost, pathVaultValidate, true, s.onVaultConnection(s.vaultValidate)},
+		{http.MethodPost, pathVaultToken, true, s.onVaultConnection(s.vaultToken)},
 		{http.MethodGet, pathVaultAuthorize, true, s.vaultAuthorize},
 		{http.MethodPost, pathVaultSessions, true, s.vaultCreateSession},
 		{http.MethodPost, pathVaultConsumers, false, s.vaultCreateConsumer},
@@ -288,6 +288,12 @@ func (s *server) vaultTarget(r *http.Request) (target, error) {
 	return target{ref: state.Ref{ConsumerID: cid, ConnectionID: state.ConnectionID(u, sid)}, in: in}, nil
 }
 
+// onVaultConnection adapts a Vault handler of one connection (see
+// resolved).
+func (s *server) onVaultConnection(h func(http.ResponseWriter, *http.Request, target)) http.HandlerFunc {
+	return resolved(s.vaultTarget, s.vaultFail, h)
+}
+
 func (s *server) vaultListConnections(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	api := q.Get("api")
@@ -338,12 +344,7 @@ func (s *server) vaultListConnections(w http.ResponseWriter, r *http.Request) {
 
 // vaultGetConnection answers 200 with state "available" for a connection
 // the consumer has not added, as Apideck does.
-func (s *server) vaultGetConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.vaultTarget(r)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
+func (s *server) vaultGetConnection(w http.ResponseWriter, r *http.Request, t target) {
 	c, err := s.cfg.Store.Get(r.Context(), t.ref)
 	if err != nil && !errors.Is(err, state.ErrNotFound) {
 		s.vaultFail(w, r, err)
@@ -535,12 +536,7 @@ type vaultImportBody struct {
 // vaultImport writes the tokens of an OAuth connection authorized
 // elsewhere. A token without issued_at and expires_in has an unknown age:
 // it is stored as expired, so that the write enqueues a refresh at once.
-func (s *server) vaultImport(w http.ResponseWriter, r *http.Request) {
-	t, err := s.vaultTarget(r)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
+func (s *server) vaultImport(w http.ResponseWriter, r *http.Request, t target) {
 	if t.in.AuthType != catalog.AuthOAuth2 {
 		s.vaultFail(w, r, errf(http.StatusUnprocessableEntity, codeNotOAuth,
 			t.in.ID+" authenticates with "+string(t.in.AuthType)+": import takes OAuth tokens; use PATCH with settings"))
@@ -612,12 +608,7 @@ type vaultValidateData struct {
 
 // vaultValidate enqueues a validation as POST /v1/.../validate does and
 // answers at once with the connection's current state.
-func (s *server) vaultValidate(w http.ResponseWriter, r *http.Request) {
-	t, err := s.vaultTarget(r)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
+func (s *server) vaultValidate(w http.ResponseWriter, r *http.Request, t target) {
 	_, c, err := s.enqueueFor(r, t, tasks.TypeValidate)
 	if err != nil {
 		s.vaultFail(w, r, err)

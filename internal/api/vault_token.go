@@ -26,12 +26,7 @@ const (
 // integration's own client when the catalog declares no such fields), and
 // stores the token like a refresh does. Other integrations get 422. The
 // answer is the connection; the token itself is never echoed.
-func (s *server) vaultToken(w http.ResponseWriter, r *http.Request) {
-	t, err := s.vaultTarget(r)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
+func (s *server) vaultToken(w http.ResponseWriter, r *http.Request, t target) {
 	if t.in.GrantType() != catalog.GrantClientCredentials {
 		grant := t.in.GrantType()
 		if grant == "" {
