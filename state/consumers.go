@@ -285,15 +285,7 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 		if ok, _ := res[0].(int64); ok != 1 {
 			continue // a connection was written meanwhile: read again
 		}
-		if s.cluster {
-			s.appendEvents(ctx, events)
-		} else {
-			for i := range events {
-				if i+1 < len(res) {
-					events[i].ID, _ = res[i+1].(string)
-				}
-			}
-		}
+		s.eventsWritten(ctx, events, res)
 		// Change.Events share events' backing array: give them their ids.
 		i := 0
 		for j := range changes {

@@ -128,6 +128,21 @@ func (s *Store) eventScriptArgs(ks []string, args []any, events []Event) ([]stri
 	return ks, args
 }
 
+// eventsWritten completes the events of a script's committed write: on one
+// Redis the script appended them and res holds {1, stream ids...}, which
+// become their IDs; on Redis Cluster they are appended now (appendEvents).
+func (s *Store) eventsWritten(ctx context.Context, events []Event, res []any) {
+	if s.cluster {
+		s.appendEvents(ctx, events)
+		return
+	}
+	for i := range events {
+		if i+1 < len(res) {
+			events[i].ID, _ = res[i+1].(string)
+		}
+	}
+}
+
 // Event appends after the write (Redis Cluster).
 const (
 	// appendTimeout bounds all attempts to append one write's events.

@@ -139,15 +139,7 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 				slog.String("connection", ref.String()), slog.Int("attempt", attempt+1))
 			continue
 		}
-		if s.cluster {
-			s.appendEvents(ctx, events)
-		} else {
-			for i := range events {
-				if i+1 < len(res) {
-					events[i].ID, _ = res[i+1].(string)
-				}
-			}
-		}
+		s.eventsWritten(ctx, events, res)
 		return Change{Before: cur, After: next, Events: events}, nil
 	}
 	return Change{}, fmt.Errorf("%w: %s after %d attempts", ErrContention, ref, maxAttempts)
