@@ -107,28 +107,41 @@ func (s *server) listConsumer(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	conns, err := s.cfg.Store.ListConsumer(r.Context(), cid)
+	now := s.cfg.NowFunc()
+	out := make([]connectionView, 0, len(s.cfg.Catalog.Integrations))
+	err = s.eachConnection(r.Context(), cid, func(in *catalog.Integration, c *state.Connection) {
+		out = append(out, view(cid, c, in, now))
+	})
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	now := s.cfg.NowFunc()
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	writeJSON(w, http.StatusOK, dataBody{Data: out})
+}
+
+// eachConnection calls f for every integration of the catalog with the
+// consumer's connection to it (nil when the consumer has not added it),
+// then for each connection whose integration left the catalog (in nil: it
+// is still shown). The connection lists of both dialects are built on it.
+func (s *server) eachConnection(ctx context.Context, cid string, f func(in *catalog.Integration, c *state.Connection)) error {
+	conns, err := s.cfg.Store.ListConsumer(ctx, cid)
+	if err != nil {
+		return err
+	}
 	stored := make(map[string]*state.Connection, len(conns))
 	for _, c := range conns {
 		stored[c.ID] = c
 	}
-	out := make([]connectionView, 0, len(s.cfg.Catalog.Integrations)+len(conns))
 	for _, in := range s.cfg.Catalog.Integrations {
 		id := state.ConnectionID(in.UnifiedAPI, in.ID)
-		out = append(out, view(cid, stored[id], in, now))
+		f(in, stored[id])
 		delete(stored, id)
 	}
-	// Connections whose integration left the catalog are still shown.
 	for _, c := range stored {
-		out = append(out, view(cid, c, nil, now))
+		f(nil, c)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	writeJSON(w, http.StatusOK, dataBody{Data: out})
+	return nil
 }
 
 var listParams = []string{"state", "service_id", "unified_api", "limit", "cursor"}

@@ -311,32 +311,22 @@ func (s *server) vaultListConnections(w http.ResponseWriter, r *http.Request) {
 		configured = &b
 	}
 	cid := r.Header.Get(headerConsumerID)
-	conns, err := s.cfg.Store.ListConsumer(r.Context(), cid)
+	now := s.cfg.NowFunc()
+	out := make([]vaultConnection, 0, len(s.cfg.Catalog.Integrations))
+	err := s.eachConnection(r.Context(), cid, func(in *catalog.Integration, c *state.Connection) {
+		var unifiedAPI string
+		if in != nil {
+			unifiedAPI = in.UnifiedAPI
+		} else { // its integration left the catalog
+			unifiedAPI = c.UnifiedAPI
+		}
+		if (api == "" || unifiedAPI == api) && (configured == nil || *configured == (c != nil)) && sessionAllowsAPI(r, unifiedAPI) {
+			out = append(out, s.vaultViewLinks(vaultView(c, in, now), c))
+		}
+	})
 	if err != nil {
 		s.vaultFail(w, r, err)
 		return
-	}
-	now := s.cfg.NowFunc()
-	stored := make(map[string]*state.Connection, len(conns))
-	for _, c := range conns {
-		stored[c.ID] = c
-	}
-	out := make([]vaultConnection, 0, len(s.cfg.Catalog.Integrations))
-	keep := func(unifiedAPI string, c *state.Connection) bool {
-		return (api == "" || unifiedAPI == api) && (configured == nil || *configured == (c != nil)) && sessionAllowsAPI(r, unifiedAPI)
-	}
-	for _, in := range s.cfg.Catalog.Integrations {
-		id := state.ConnectionID(in.UnifiedAPI, in.ID)
-		c := stored[id]
-		delete(stored, id)
-		if keep(in.UnifiedAPI, c) {
-			out = append(out, s.vaultViewLinks(vaultView(c, in, now), c))
-		}
-	}
-	for _, c := range stored { // integrations that left the catalog
-		if keep(c.UnifiedAPI, c) {
-			out = append(out, s.vaultViewLinks(vaultView(c, nil, now), c))
-		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	writeVault(w, http.StatusOK, out)
@@ -389,6 +379,13 @@ func (s *server) vaultUpdateConnection(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in.Enabled, in.Metadata = body.Enabled, body.Metadata
+	s.vaultSave(w, r, t, in, ifVersion)
+}
+
+// vaultSave is the write of PATCH and import: it checks the input, patches
+// or creates the connection (under ifVersion when not 0), notifies the
+// change, records the consumer and answers the connection.
+func (s *server) vaultSave(w http.ResponseWriter, r *http.Request, t target, in state.Input, ifVersion int64) {
 	if err := checkInput(t.in, writeBody{Credentials: in.Credentials, Settings: in.Settings}); err != nil {
 		s.vaultFail(w, r, err)
 		return
@@ -587,18 +584,7 @@ func (s *server) vaultImport(w http.ResponseWriter, r *http.Request, t target) {
 		creds[k] = v
 	}
 	in.Credentials, in.Metadata = creds, body.Metadata
-	if err := checkInput(t.in, writeBody{Credentials: in.Credentials, Settings: in.Settings}); err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
-	ch, err := s.patchOrCreate(r.Context(), t.ref, in, 0)
-	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
-	s.notify(r, ch)
-	s.ensureConsumer(r, t.ref.ConsumerID)
-	s.writeVaultConnection(w, t, ch.After)
+	s.vaultSave(w, r, t, in, 0)
 }
 
 type vaultValidateData struct {
