@@ -236,19 +236,19 @@ func (s *server) writeConnection(w http.ResponseWriter, status int, t target, c 
 
 func etag(version int64) string { return `"` + strconv.FormatInt(version, 10) + `"` }
 
-func (s *server) putConnection(w http.ResponseWriter, r *http.Request) {
-	s.write(w, r, false)
+func (s *server) putConnection(w http.ResponseWriter, r *http.Request, t target) {
+	s.write(w, r, t, false)
 }
 
-func (s *server) patchConnection(w http.ResponseWriter, r *http.Request) {
-	s.write(w, r, true)
+func (s *server) patchConnection(w http.ResponseWriter, r *http.Request, t target) {
+	s.write(w, r, t, true)
 }
 
 // write serves PUT (patch false) and PATCH. Everything is checked before
 // the store is called, and the store writes in one atomic step, so an
 // error leaves nothing half-written.
-func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
-	t, ifVersion, err := versionedTarget(r, s.target)
+func (s *server) write(w http.ResponseWriter, r *http.Request, t target, patch bool) {
+	ifVersion, err := ifMatch(r)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -282,9 +282,8 @@ func (s *server) write(w http.ResponseWriter, r *http.Request, patch bool) {
 	s.writeConnection(w, status, t, ch.After)
 }
 
-func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request) {
-	t, err := s.deleteTarget(r, s.target)
-	if err != nil {
+func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request, t target) {
+	if err := s.deleteTarget(r, t); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -312,30 +311,19 @@ func resolved(resolve func(*http.Request) (target, error), fail func(http.Respon
 	}
 }
 
-// versionedTarget resolves the connection a write addresses (resolve is
-// the native or the Vault dialect's) and the version its If-Match names.
-func versionedTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, int64, error) {
-	t, err := resolve(r)
-	if err != nil {
-		return target{}, 0, err
-	}
-	ifVersion, err := ifMatch(r)
-	return t, ifVersion, err
-}
-
-// deleteTarget deletes the connection the request addresses, under its
+// deleteTarget deletes the connection t, under the request's
 // If-Match, and notifies the change: the DELETE of both dialects.
-func (s *server) deleteTarget(r *http.Request, resolve func(*http.Request) (target, error)) (target, error) {
-	t, ifVersion, err := versionedTarget(r, resolve)
+func (s *server) deleteTarget(r *http.Request, t target) error {
+	ifVersion, err := ifMatch(r)
 	if err != nil {
-		return t, err
+		return err
 	}
 	ch, err := s.cfg.Store.Delete(r.Context(), t.ref, ifVersion)
 	if err != nil {
-		return t, err
+		return err
 	}
 	s.notify(r, ch)
-	return t, nil
+	return nil
 }
 
 // notify hands a successful write to the Notifier. The write is done: a

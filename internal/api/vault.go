@@ -186,8 +186,8 @@ func (s *server) vaultRoutes() []vaultRoute {
 	return []vaultRoute{
 		{http.MethodGet, pathVaultConnections, true, s.vaultListConnections},
 		{http.MethodGet, pathVaultConnection, true, s.onVaultConnection(s.vaultGetConnection)},
-		{http.MethodPatch, pathVaultConnection, true, s.vaultUpdateConnection},
-		{http.MethodDelete, pathVaultConnection, true, s.vaultDeleteConnection},
+		{http.MethodPatch, pathVaultConnection, true, s.onVaultConnection(s.vaultUpdateConnection)},
+		{http.MethodDelete, pathVaultConnection, true, s.onVaultConnection(s.vaultDeleteConnection)},
 		{http.MethodPost, pathVaultImport, true, s.onVaultConnection(s.vaultImport)},
 		{http.MethodPost, pathVaultValidate, true, s.onVaultConnection(s.vaultValidate)},
 		{http.MethodPost, pathVaultToken, true, s.onVaultConnection(s.vaultToken)},
@@ -362,8 +362,8 @@ type vaultUpdateBody struct {
 // vaultUpdateConnection adds the connection when the consumer has not yet
 // (Apideck: updating an available connection adds it) and otherwise
 // patches it.
-func (s *server) vaultUpdateConnection(w http.ResponseWriter, r *http.Request) {
-	t, ifVersion, err := versionedTarget(r, s.vaultTarget)
+func (s *server) vaultUpdateConnection(w http.ResponseWriter, r *http.Request, t target) {
+	ifVersion, err := ifMatch(r)
 	if err != nil {
 		s.vaultFail(w, r, err)
 		return
@@ -510,8 +510,8 @@ func (s *server) decodeLenient(w http.ResponseWriter, r *http.Request, dst any) 
 	return nil
 }
 
-func (s *server) vaultDeleteConnection(w http.ResponseWriter, r *http.Request) {
-	if _, err := s.deleteTarget(r, s.vaultTarget); err != nil {
+func (s *server) vaultDeleteConnection(w http.ResponseWriter, r *http.Request, t target) {
+	if err := s.deleteTarget(r, t); err != nil {
 		s.vaultFail(w, r, err)
 		return
 	}
