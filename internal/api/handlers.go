@@ -248,13 +248,8 @@ func (s *server) patchConnection(w http.ResponseWriter, r *http.Request, t targe
 // the store is called, and the store writes in one atomic step, so an
 // error leaves nothing half-written.
 func (s *server) write(w http.ResponseWriter, r *http.Request, t target, patch bool) {
-	ifVersion, err := ifMatch(r)
+	ifVersion, body, err := writeRequest[writeBody](w, r, s.decode)
 	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	var body writeBody
-	if err := s.decode(w, r, &body); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -280,6 +275,20 @@ func (s *server) write(w http.ResponseWriter, r *http.Request, t target, patch b
 		w.Header().Set("Location", r.URL.EscapedPath())
 	}
 	s.writeConnection(w, status, t, ch.After)
+}
+
+// writeRequest reads what a write needs besides its connection, in this
+// order: the version its If-Match names, then its JSON body (decode is the
+// dialect's: strict s.decode or s.decodeLenient).
+func writeRequest[B any](w http.ResponseWriter, r *http.Request,
+	decode func(http.ResponseWriter, *http.Request, any) error) (ifVersion int64, body B, err error) {
+	if ifVersion, err = ifMatch(r); err != nil {
+		return 0, body, err
+	}
+	if err = decode(w, r, &body); err != nil {
+		return 0, body, err
+	}
+	return ifVersion, body, nil
 }
 
 func (s *server) deleteConnection(w http.ResponseWriter, r *http.Request, t target) {

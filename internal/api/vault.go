@@ -363,13 +363,8 @@ type vaultUpdateBody struct {
 // (Apideck: updating an available connection adds it) and otherwise
 // patches it.
 func (s *server) vaultUpdateConnection(w http.ResponseWriter, r *http.Request, t target) {
-	ifVersion, err := ifMatch(r)
+	ifVersion, body, err := writeRequest[vaultUpdateBody](w, r, s.decodeLenient)
 	if err != nil {
-		s.vaultFail(w, r, err)
-		return
-	}
-	var body vaultUpdateBody
-	if err := s.decodeLenient(w, r, &body); err != nil {
 		s.vaultFail(w, r, err)
 		return
 	}
