@@ -88,6 +88,12 @@ func (s *server) target(r *http.Request) (target, error) {
 	if err != nil {
 		return target{}, err
 	}
+	return s.pathTarget(r, cid)
+}
+
+// pathTarget checks the unified API and service a connection route's path
+// names (both dialects) and returns consumer cid's connection to it.
+func (s *server) pathTarget(r *http.Request, cid string) (target, error) {
 	u, sid := r.PathValue("unified_api"), r.PathValue("service_id")
 	if !idRE.MatchString(u) || !idRE.MatchString(sid) {
 		return target{}, errf(http.StatusBadRequest, codeInvalidID,

@@ -275,17 +275,7 @@ func (s *server) vaultGuard(consumer bool, next http.HandlerFunc) http.Handler {
 // vaultTarget reads the connection a /vault route names: the consumer from
 // the header, the integration from the path.
 func (s *server) vaultTarget(r *http.Request) (target, error) {
-	cid := r.Header.Get(headerConsumerID)
-	u, sid := r.PathValue("unified_api"), r.PathValue("service_id")
-	if !idRE.MatchString(u) || !idRE.MatchString(sid) {
-		return target{}, errf(http.StatusBadRequest, codeInvalidID,
-			"unified_api and service_id must be lower-case letters, digits, _ or -")
-	}
-	in, ok := s.lookup(u, sid)
-	if !ok {
-		return target{}, errf(http.StatusNotFound, codeUnknownIntegration, "no integration "+sid+" in unified API "+u)
-	}
-	return target{ref: state.Ref{ConsumerID: cid, ConnectionID: state.ConnectionID(u, sid)}, in: in}, nil
+	return s.pathTarget(r, r.Header.Get(headerConsumerID))
 }
 
 // onVaultConnection adapts a Vault handler of one connection (see
