@@ -205,6 +205,10 @@ func (h *handler) open(w http.ResponseWriter, r *http.Request) {
 
 type pageView struct {
 	Base, CSRF, ConsumerID, Expires, ReturnURL string
+	// EventsAfter is the event stream's position just before the page read
+	// the connections: the page's event stream starts there, so a change
+	// made between the render and the stream's start is not missed.
+	EventsAfter string
 	Notice                                     *notice
 	Items                                      []itemView
 }
@@ -258,6 +262,15 @@ func (h *handler) page(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
+	// The stream's position first, then the connections: any change the
+	// page does not show has an event after that position.
+	after := ""
+	if last, err := h.cfg.Store.LatestEvents(ctx, 1); err == nil {
+		after = "0-0"
+		if len(last) == 1 {
+			after = last[0].ID
+		}
+	}
 	conns, err := h.cfg.Store.ListConsumer(ctx, cl.ConsumerID())
 	if err != nil {
 		h.log.ErrorContext(ctx, "vaultpage: list connections", slog.String("error", err.Error()))
@@ -269,7 +282,7 @@ func (h *handler) page(w http.ResponseWriter, r *http.Request) {
 		byID[c.ID] = c
 	}
 	csrf := h.cfg.Sessions.MAC("csrf", cl.SessionID())
-	v := pageView{Base: PagePath, CSRF: csrf, ConsumerID: cl.ConsumerID(),
+	v := pageView{Base: PagePath, CSRF: csrf, ConsumerID: cl.ConsumerID(), EventsAfter: after,
 		Expires: cl.ExpiresAt.UTC().Format("2006-01-02 15:04 UTC"), Notice: noticeFor(r.URL.Query())}
 	if cl.RedirectURI != "" && h.redirectOK(cl.RedirectURI) {
 		v.ReturnURL = cl.RedirectURI
@@ -543,9 +556,13 @@ func (h *handler) events(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	// A reconnecting EventSource says where it stopped; otherwise start at
-	// the stream's end.
+	// A reconnecting EventSource says where it stopped; a first connection
+	// starts where the page was rendered (?after=); otherwise at the
+	// stream's end.
 	after := r.Header.Get("Last-Event-ID")
+	if !streamIDRE.MatchString(after) {
+		after = r.URL.Query().Get("after")
+	}
 	if !streamIDRE.MatchString(after) {
 		after = "0-0"
 		if last, err := h.cfg.Store.LatestEvents(ctx, 1); err == nil && len(last) == 1 {

@@ -302,3 +302,41 @@ func TestChoicesAreChecked(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, state.Callable, got.State)
 }
+
+var eventsAttrRE = regexp.MustCompile(`data-events="([^"]+)"`)
+
+// A change made after the page was rendered but before its event stream
+// connected (a busy browser, a slow machine) still reaches the page: the
+// stream starts where the page read the connections, not at its own start.
+func TestEventsStartWhereThePageWasRendered(t *testing.T) {
+	b := setup(t)
+	c, _ := b.session(t, session.Options{})
+	_, err := b.store.Put(context.Background(), state.Ref{ConsumerID: "c1", ConnectionID: "crm+salesforce"},
+		state.Input{Settings: map[string]string{}}, 0)
+	require.NoError(t, err) // an event before the page: not to be replayed
+	body, _, _ := b.page(t, c)
+	m := eventsAttrRE.FindStringSubmatch(body)
+	require.NotNil(t, m, "the page names its event stream")
+	src := strings.ReplaceAll(m[1], "&amp;", "&")
+	require.Contains(t, src, "?after=", "the stream starts where the page was rendered")
+
+	// The change lands before the stream connects.
+	_, err = b.store.Put(context.Background(), bamboo, state.Input{Settings: map[string]string{"subdomain": "mine"}}, 0)
+	require.NoError(t, err)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.srv.URL+src, nil)
+	require.NoError(t, err)
+	resp, err := c.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var got strings.Builder
+	buf := make([]byte, 4096)
+	for !strings.Contains(got.String(), `"connection_id":"hris+bamboohr"`) {
+		n, err := resp.Body.Read(buf)
+		require.NoError(t, err, "the change made before the stream connected was not sent: %s", got.String())
+		got.Write(buf[:n])
+	}
+	require.NotContains(t, got.String(), "crm+salesforce", "events before the page are not replayed")
+}
