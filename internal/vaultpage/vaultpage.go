@@ -209,8 +209,8 @@ type pageView struct {
 	// the connections: the page's event stream starts there, so a change
 	// made between the render and the stream's start is not missed.
 	EventsAfter string
-	Notice                                     *notice
-	Items                                      []itemView
+	Notice      *notice
+	Items       []itemView
 }
 
 type notice struct {
