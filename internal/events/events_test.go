@@ -310,8 +310,12 @@ func TestWebhooksEndToEnd(t *testing.T) {
 	require.Equal(t, 1, perType[state.EventDownstreamDegraded])
 	require.Equal(t, 1, perType[state.EventDownstreamRecovered])
 
-	require.Equal(t, float64(len(expected)), counter(t, reg, "vaultfleet_webhook_deliveries_total", events.OutcomeDelivered))
-	require.Equal(t, float64(recv.failures()), counter(t, reg, "vaultfleet_webhook_deliveries_total", events.OutcomeFailed))
+	// The receiver answers before the delivery handler counts the answer:
+	// the counters catch up a moment later.
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		assert.Equal(c, float64(len(expected)), counter(c, reg, "vaultfleet_webhook_deliveries_total", events.OutcomeDelivered))
+		assert.Equal(c, float64(recv.failures()), counter(c, reg, "vaultfleet_webhook_deliveries_total", events.OutcomeFailed))
+	}, 10*time.Second, 20*time.Millisecond, "every delivery and failure counted")
 
 	// The stream is fully acknowledged.
 	pend, err := rdb.XPending(ctx, state.DefaultEventStream, events.DefaultGroup).Result()
@@ -329,8 +333,10 @@ func TestWebhooksEndToEnd(t *testing.T) {
 }
 
 // counter reads a counter of reg by its outcome label.
-func counter(t testing.TB, reg *prometheus.Registry, name, outcome string) float64 {
-	t.Helper()
+func counter(t require.TestingT, reg *prometheus.Registry, name, outcome string) float64 {
+	if h, ok := t.(interface{ Helper() }); ok {
+		h.Helper()
+	}
 	mfs, err := reg.Gather()
 	require.NoError(t, err)
 	for _, mf := range mfs {
