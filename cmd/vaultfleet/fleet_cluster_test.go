@@ -1,15 +1,9 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
-	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +11,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
-	"github.com/vaultfleet/vaultfleet/internal/secrets"
 )
 
 // TestFleetOnCluster runs serve, worker and scheduler with
@@ -31,69 +24,13 @@ func TestFleetOnCluster(t *testing.T) {
 	}
 	cl := redistest.NewCluster(t) // this package has no redistest.Main
 
-	const goodKey = "good-key-5f0c1d2e3a4b"
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("X-API-Key") != goodKey {
-			http.Error(w, `{"error":"invalid api key"}`, http.StatusUnauthorized)
-			return
-		}
-		_, _ = io.WriteString(w, `{"ok":true}`)
-	}))
-	t.Cleanup(provider.Close)
-	pu, _ := url.Parse(provider.URL)
-	catPath := filepath.Join(t.TempDir(), "catalog.yaml")
-	require.NoError(t, os.WriteFile(catPath, []byte(fmt.Sprintf(`integrations:
-  - id: pipedrive
-    name: Pipedrive
-    unified_api: crm
-    auth_type: api_key
-    status: live
-    credential_fields: [api_key]
-    check:
-      url: %s/v1/users/me
-    allowed_hosts: ["%s"]
-    allow_http: true
-`, provider.URL, pu.Host)), 0o600))
-
-	token := "fleet-test-token-0123456789"
 	require.True(t, strings.HasPrefix(cl.URL(), "redis-cluster://") && strings.Count(cl.URL(), ",") == 2, cl.URL())
-	vars := map[string]string{
-		envRedisURL: cl.URL(), secrets.EnvKeys: testKeys, envCatalog: catPath, envAPITokens: token,
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	serve := startProcess(t, ctx, vars, "serve")
-	wk := startProcess(t, ctx, vars, "worker")
-	sch := startProcess(t, ctx, vars, "scheduler", "--tick", "200ms")
-	procs := []*fleetProcess{serve, wk, sch}
-	t.Cleanup(func() {
-		cancel()
-		for _, p := range procs {
-			select {
-			case c := <-p.code:
-				if c != 0 {
-					t.Errorf("%s exited %d: %s", p.name, c, tail(p.stderr.String(), 2000))
-				}
-			case <-time.After(20 * time.Second):
-				t.Errorf("%s did not stop", p.name)
-			}
-		}
-	})
-
-	api := func(method, path, body string) (int, string) {
-		req, err := http.NewRequest(method, "http://"+serve.addr+path, strings.NewReader(body))
-		require.NoError(t, err)
-		req.Header.Set("Authorization", "Bearer "+token)
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	f := startAPIFleet(t, cl.URL())
+	serve, wk, sch, procs, api := f.serve, f.worker, f.scheduler, f.procs, f.api(t)
 	const n = 24
 	want := map[string]string{}
 	for i := range n {
-		consumer, key, state := fmt.Sprintf("cluster-%02d", i), goodKey, "callable"
+		consumer, key, state := fmt.Sprintf("cluster-%02d", i), fleetGoodKey, "callable"
 		if i%3 == 0 {
 			key, state = fmt.Sprintf("bad-key-%02d", i), "invalid"
 		}

@@ -100,67 +100,11 @@ func TestFleetObservability(t *testing.T) {
 	t.Parallel()
 	promtool, prometheus := toolPath(t, "promtool"), toolPath(t, "prometheus")
 
-	const goodKey, badKey = "good-key-5f0c1d2e3a4b", "bad-key-9a8b7c6d5e4f"
-	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("X-API-Key") != goodKey {
-			http.Error(w, `{"error":"invalid api key"}`, http.StatusUnauthorized)
-			return
-		}
-		_, _ = io.WriteString(w, `{"ok":true}`)
-	}))
-	t.Cleanup(provider.Close)
-	pu, _ := url.Parse(provider.URL)
+	const goodKey, badKey = fleetGoodKey, "bad-key-9a8b7c6d5e4f"
 	dir := t.TempDir()
-	catPath := filepath.Join(dir, "catalog.yaml")
-	require.NoError(t, os.WriteFile(catPath, []byte(fmt.Sprintf(`integrations:
-  - id: pipedrive
-    name: Pipedrive
-    unified_api: crm
-    auth_type: api_key
-    status: live
-    credential_fields: [api_key]
-    check:
-      url: %s/v1/users/me
-    allowed_hosts: ["%s"]
-    allow_http: true
-`, provider.URL, pu.Host)), 0o600))
-
 	srv := redistest.New(t)
-	token := "fleet-test-token-0123456789"
-	vars := map[string]string{
-		envRedisURL: "redis://" + srv.Addr + "/0", secrets.EnvKeys: testKeys,
-		envCatalog: catPath, envAPITokens: token,
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	serve := startProcess(t, ctx, vars, "serve")
-	wk := startProcess(t, ctx, vars, "worker")
-	sch := startProcess(t, ctx, vars, "scheduler", "--tick", "200ms")
-	procs := []*fleetProcess{serve, wk, sch}
-	t.Cleanup(func() {
-		cancel()
-		for _, p := range procs {
-			select {
-			case c := <-p.code:
-				if c != 0 {
-					t.Errorf("%s exited %d: %s", p.name, c, tail(p.stderr.String(), 2000))
-				}
-			case <-time.After(20 * time.Second):
-				t.Errorf("%s did not stop", p.name)
-			}
-		}
-	})
-
-	api := func(method, path, body string) (int, string) {
-		req, err := http.NewRequest(method, "http://"+serve.addr+path, strings.NewReader(body))
-		require.NoError(t, err)
-		req.Header.Set("Authorization", "Bearer "+token)
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	f := startAPIFleet(t, "redis://"+srv.Addr+"/0")
+	serve, wk, sch, procs, token, api := f.serve, f.worker, f.scheduler, f.procs, f.token, f.api(t)
 	for consumer, key := range map[string]string{"good": goodKey, "bad": badKey} {
 		code, body := api("PUT", "/v1/consumers/"+consumer+"/connections/crm/pipedrive", `{"credentials":{"api_key":"`+key+`"}}`)
 		require.Contains(t, []int{200, 201}, code, body)
@@ -319,4 +263,84 @@ func toolPath(t *testing.T, name string) string {
 		t.Fatalf("%s not installed: scripts/test.sh and .ci/run install it (apt-get install prometheus)", name)
 	}
 	return p
+}
+
+// fleetGoodKey is the one API key the provider of startAPIFleet accepts.
+const fleetGoodKey = "good-key-5f0c1d2e3a4b"
+
+// apiFleet is serve, worker and scheduler as processes over one Redis,
+// with a catalog of one Pipedrive-like integration whose httptest
+// provider accepts fleetGoodKey only.
+type apiFleet struct {
+	serve, worker, scheduler *fleetProcess
+	procs                    []*fleetProcess
+	token                    string
+}
+
+// startAPIFleet starts an apiFleet on redisURL; the test's cleanup stops
+// it and fails the test if a process exits non-zero or does not stop.
+func startAPIFleet(t *testing.T, redisURL string) *apiFleet {
+	t.Helper()
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-API-Key") != fleetGoodKey {
+			http.Error(w, `{"error":"invalid api key"}`, http.StatusUnauthorized)
+			return
+		}
+		_, _ = io.WriteString(w, `{"ok":true}`)
+	}))
+	t.Cleanup(provider.Close)
+	pu, _ := url.Parse(provider.URL)
+	catPath := filepath.Join(t.TempDir(), "catalog.yaml")
+	require.NoError(t, os.WriteFile(catPath, []byte(fmt.Sprintf(`integrations:
+  - id: pipedrive
+    name: Pipedrive
+    unified_api: crm
+    auth_type: api_key
+    status: live
+    credential_fields: [api_key]
+    check:
+      url: %s/v1/users/me
+    allowed_hosts: ["%s"]
+    allow_http: true
+`, provider.URL, pu.Host)), 0o600))
+
+	f := &apiFleet{token: "fleet-test-token-0123456789"}
+	vars := map[string]string{
+		envRedisURL: redisURL, secrets.EnvKeys: testKeys, envCatalog: catPath, envAPITokens: f.token,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	f.serve = startProcess(t, ctx, vars, "serve")
+	f.worker = startProcess(t, ctx, vars, "worker")
+	f.scheduler = startProcess(t, ctx, vars, "scheduler", "--tick", "200ms")
+	f.procs = []*fleetProcess{f.serve, f.worker, f.scheduler}
+	t.Cleanup(func() {
+		cancel()
+		for _, p := range f.procs {
+			select {
+			case c := <-p.code:
+				if c != 0 {
+					t.Errorf("%s exited %d: %s", p.name, c, tail(p.stderr.String(), 2000))
+				}
+			case <-time.After(20 * time.Second):
+				t.Errorf("%s did not stop", p.name)
+			}
+		}
+	})
+	return f
+}
+
+// api sends an authenticated JSON request to serve; it returns the status
+// and the body.
+func (f *apiFleet) api(t *testing.T) func(method, path, body string) (int, string) {
+	return func(method, path, body string) (int, string) {
+		req, err := http.NewRequest(method, "http://"+f.serve.addr+path, strings.NewReader(body))
+		require.NoError(t, err)
+		req.Header.Set("Authorization", "Bearer "+f.token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
 }
