@@ -316,7 +316,7 @@ func TasksAfterWrite(before, after *Connection, in *catalog.Integration, now tim
 	if after == nil || !after.Enabled || in == nil || !in.Checkable() {
 		return nil
 	}
-	ref := Ref{ConsumerID: after.ConsumerID, ConnectionID: after.ID}
+	ref := after.Ref()
 	hasCreds := len(after.Credentials.Fields()) > 0
 	var out []Task
 	switch {
@@ -339,7 +339,7 @@ func TasksAfterWrite(before, after *Connection, in *catalog.Integration, now tim
 // critical, reason credentials_changed, key "rev<revision>", one per
 // revision however many writers ask for it.
 func CredentialsTask(c *Connection) Task {
-	return Task{Type: tasks.TypeValidate, Ref: Ref{ConsumerID: c.ConsumerID, ConnectionID: c.ID},
+	return Task{Type: tasks.TypeValidate, Ref: c.Ref(),
 		Reason: tasks.ReasonCredentialsChanged, Key: "rev" + strconv.FormatInt(c.Revision, 10)}
 }
 
@@ -347,7 +347,7 @@ func CredentialsTask(c *Connection) Task {
 // and "refresh now") of type typ: a validation keyed by the connection's
 // version (one per version however often it is asked), or a refresh.
 func OnDemandTask(c *Connection, typ string) Task {
-	t := Task{Type: typ, Ref: Ref{ConsumerID: c.ConsumerID, ConnectionID: c.ID}, Reason: tasks.ReasonOnDemand}
+	t := Task{Type: typ, Ref: c.Ref(), Reason: tasks.ReasonOnDemand}
 	if typ == tasks.TypeRefreshToken {
 		t.Key = refreshKey(c.Credentials)
 	} else {
@@ -367,7 +367,7 @@ func ConfirmTask(c *Connection, in *catalog.Integration, rev int64) (t Task, ok 
 		c.Confirmation.Invalids == 0 || c.Confirmation.Revision != rev {
 		return Task{}, false
 	}
-	return Task{Type: tasks.TypeValidate, Ref: Ref{ConsumerID: c.ConsumerID, ConnectionID: c.ID},
+	return Task{Type: tasks.TypeValidate, Ref: c.Ref(),
 		Reason: tasks.ReasonConfirm, Delay: in.ConfirmSpacingOrDefault(),
 		Key: "confirm-" + strconv.FormatInt(rev, 10) + "-" + strconv.Itoa(c.Confirmation.Invalids)}, true
 }

@@ -34,7 +34,7 @@ empty database (the bench never flushes a Redis it did not start).`
 func runBench(ctx context.Context, args []string, env Env) error {
 	fs := flag.NewFlagSet("vaultfleet bench", flag.ContinueOnError)
 	fs.SetOutput(env.Stderr)
-	d := bench.Defaults
+	d := bench.Defaults()
 	var (
 		o         bench.Options
 		scenarios string
@@ -77,7 +77,7 @@ func runBench(ctx context.Context, args []string, env Env) error {
 	if small {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		s := bench.Small
+		s := bench.Small()
 		if !set["connections"] {
 			o.Connections = s.Connections
 		}

@@ -75,34 +75,38 @@ type Options struct {
 	ProfileScenario string
 }
 
-// Defaults are the options of a full run.
-var Defaults = Options{
-	Connections:     100_000,
-	Tasks:           20_000,
-	Concurrency:     50,
-	SlowConcurrency: 200,
-	SlowLatency:     100 * time.Millisecond,
-	Duration:        5 * time.Minute,
-	CheckInterval:   60 * time.Second,
-	TokenLifetime:   2 * time.Minute,
-	RefreshWindow:   30 * time.Second,
+// Defaults returns the options of a full run.
+func Defaults() Options {
+	return Options{
+		Connections:     100_000,
+		Tasks:           20_000,
+		Concurrency:     50,
+		SlowConcurrency: 200,
+		SlowLatency:     100 * time.Millisecond,
+		Duration:        5 * time.Minute,
+		CheckInterval:   60 * time.Second,
+		TokenLifetime:   2 * time.Minute,
+		RefreshWindow:   30 * time.Second,
+	}
 }
 
-// Small are the options of the CI run (--small): a few seconds each.
-var Small = Options{
-	Connections:     500,
-	Tasks:           1_000,
-	Concurrency:     50,
-	SlowConcurrency: 200,
-	SlowLatency:     100 * time.Millisecond,
-	Duration:        6 * time.Second,
-	CheckInterval:   2 * time.Second,
-	TokenLifetime:   8 * time.Second,
-	RefreshWindow:   3 * time.Second,
+// Small returns the options of the CI run (--small): a few seconds each.
+func Small() Options {
+	return Options{
+		Connections:     500,
+		Tasks:           1_000,
+		Concurrency:     50,
+		SlowConcurrency: 200,
+		SlowLatency:     100 * time.Millisecond,
+		Duration:        6 * time.Second,
+		CheckInterval:   2 * time.Second,
+		TokenLifetime:   8 * time.Second,
+		RefreshWindow:   3 * time.Second,
+	}
 }
 
 func (o Options) withDefaults() Options {
-	d := Defaults
+	d := Defaults()
 	set := func(v *int, def int) {
 		if *v == 0 {
 			*v = def

@@ -26,7 +26,7 @@ func TestSmallRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a run of about 15 seconds")
 	}
-	o := Small
+	o := Small()
 	o.Tasks, o.Connections, o.Duration = 400, 300, 4*time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

@@ -144,9 +144,6 @@ func NewKey(id string) string {
 	return id + ":" + base64.StdEncoding.EncodeToString(b)
 }
 
-// PrimaryID is the id of the signing key.
-func (k *Keys) PrimaryID() string { return k.primary }
-
 // Options describe a new session.
 type Options struct {
 	ConsumerID   string
