@@ -165,8 +165,11 @@ func (s *Store) ReleaseRefresh(ctx context.Context, l *RefreshLease) error {
 // lease is no longer ours. maxAge must exceed the longest time a holder
 // spends exchanging and persisting (token timeout plus persist timeout).
 func (s *Store) BeginExchange(ctx context.Context, l *RefreshLease, lineage string, maxAge time.Duration) (Prior, error) {
-	res, err := fenceBeginScript.Run(ctx, s.cfg.Client, []string{l.lock, l.intent}, l.token, lineage,
-		maxAge.Milliseconds(), intentRetention.Milliseconds()).Slice()
+	ks := []string{l.lock, l.intent}
+	args := []any{l.token, lineage, maxAge.Milliseconds(), intentRetention.Milliseconds()}
+	res, acked, err := s.evalAcked(ctx, fenceBeginScript, ks, args, func(p redis.Pipeliner) *redis.Cmd {
+		return p.Eval(ctx, fenceBeginLua, ks, args...)
+	})
 	if err != nil {
 		return Prior{}, fmt.Errorf("state: record exchange intent %s: %w", l.ref, err)
 	}
@@ -182,6 +185,15 @@ func (s *Store) BeginExchange(ctx context.Context, l *RefreshLease, lineage stri
 		p.Lineage, _ = res[1].(string)
 		st, _ := res[2].(string)
 		p.Unknown = st == "unknown" && p.Lineage != ""
+	}
+	if !acked {
+		// An intent only the master holds is forgotten by a failover now,
+		// and another worker could then exchange the same refresh token:
+		// the provider is not called, and the caller retries. The intent
+		// is settled as what it replaced: cleared (nothing was sent), or
+		// still unknown if an earlier exchange of this lineage was.
+		_ = s.SettleExchange(ctx, l, !(p.Unknown && p.Lineage == lineage))
+		return Prior{}, fmt.Errorf("%w: exchange intent of %s", ErrNotReplicated, l.ref)
 	}
 	return p, nil
 }

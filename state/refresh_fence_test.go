@@ -194,8 +194,9 @@ func TestCheckVerdictCannotReplaceDeadRefreshToken(t *testing.T) {
 // TestRefreshedTokensWaitForReplicas: with AckReplicas, tokens count as
 // stored only once a replica has them (a failover drops what the old
 // master acknowledged alone, and with it a rotated refresh token). Without
-// a replica the write is applied but reported ErrNotReplicated (retried:
-// the retry finds it stored and still waits for the acknowledgement).
+// a replica the attempt is reported ErrNotReplicated (already at its
+// exchange intent, TestExchangeIntentWaitsForReplicas) and retried until a
+// replica acknowledges.
 func TestRefreshedTokensWaitForReplicas(t *testing.T) {
 	t.Parallel()
 	master := redistest.New(t)
@@ -241,4 +242,55 @@ func TestRefreshedTokensWaitForReplicas(t *testing.T) {
 	c, err := st.Get(ctx, refSF)
 	require.NoError(t, err)
 	require.Equal(t, "rt2", c.Credentials.RefreshToken)
+}
+
+// TestExchangeIntentWaitsForReplicas: with AckReplicas, the exchange
+// intent must be on a replica before the provider is called; otherwise a
+// failover forgets it and another worker exchanges the same refresh token
+// (the provider answers invalid_grant to one of them). Without a replica
+// BeginExchange refuses with ErrNotReplicated and leaves no intent.
+func TestExchangeIntentWaitsForReplicas(t *testing.T) {
+	t.Parallel()
+	master := redistest.New(t)
+	if !master.Real {
+		t.Skip("needs redis-server: miniredis has no replication")
+	}
+	rdb := master.Client(t)
+	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
+	require.NoError(t, err)
+	st, err := New(Config{Client: rdb, Catalog: storeCatalog(t), Keys: keys, AckReplicas: 1, AckTimeout: 300 * time.Millisecond})
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, err = st.Put(ctx, refSF, sfInput("at", "rt", time.Now().Add(time.Hour)), 0)
+	require.NoError(t, err)
+
+	l, err := st.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = st.BeginExchange(ctx, l, Lineage("rt"), time.Minute)
+	require.ErrorIs(t, err, ErrNotReplicated, "no replica: the exchange must not start")
+	require.True(t, Unavailable(err), "retried like Redis being away")
+	owner, _, _, _, err := st.Intent(ctx, refSF)
+	require.NoError(t, err)
+	require.Empty(t, owner, "no intent left behind: nothing was sent")
+
+	replica := redistest.New(t)
+	host, port, _ := strings.Cut(master.Addr, ":")
+	rc := redis.NewClient(&redis.Options{Addr: replica.Addr})
+	t.Cleanup(func() { _ = rc.Close() })
+	require.NoError(t, rc.Do(ctx, "replicaof", host, port).Err())
+	require.Eventually(t, func() bool {
+		info, err := rc.Info(ctx, "replication").Result()
+		return err == nil && strings.Contains(info, "master_link_status:up")
+	}, 20*time.Second, 50*time.Millisecond)
+	require.Eventually(t, func() bool {
+		_, err := st.BeginExchange(ctx, l, Lineage("rt"), time.Minute)
+		return err == nil
+	}, 20*time.Second, 100*time.Millisecond, "with a replica the intent is acknowledged")
+	// The replica holds the intent the provider call is fenced by.
+	onReplica, err := New(Config{Client: rc, Catalog: storeCatalog(t), Keys: keys})
+	require.NoError(t, err)
+	owner, lineage, _, _, err := onReplica.Intent(ctx, refSF)
+	require.NoError(t, err)
+	require.NotEmpty(t, owner)
+	require.Equal(t, Lineage("rt"), lineage)
 }

@@ -149,8 +149,23 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 // revocation) with Config.AckReplicas > 0 is followed by WAIT on the same
 // connection; acked reports whether enough replicas confirmed it.
 func (s *Store) runWrite(ctx context.Context, f *fence, ks []string, args []any) (res []any, acked bool, err error) {
-	if f == nil || s.cfg.AckReplicas <= 0 || s.cluster {
+	if f == nil {
 		res, err = writeScript.Run(ctx, s.cfg.Client, ks, args...).Slice()
+		return res, true, err
+	}
+	return s.evalAcked(ctx, writeScript, ks, args, func(p redis.Pipeliner) *redis.Cmd {
+		return p.Eval(ctx, writeLua, ks, args...)
+	})
+}
+
+// evalAcked runs script with keys ks and args and, with
+// Config.AckReplicas > 0 (not on a cluster), WAIT on the same connection
+// (WAIT counts the replicas that have this connection's writes): eval
+// queues the script's EVAL (its source) on that pipeline. acked reports
+// whether enough replicas confirmed it.
+func (s *Store) evalAcked(ctx context.Context, script *redis.Script, ks []string, args []any, eval func(redis.Pipeliner) *redis.Cmd) (res []any, acked bool, err error) {
+	if s.cfg.AckReplicas <= 0 || s.cluster {
+		res, err = script.Run(ctx, s.cfg.Client, ks, args...).Slice()
 		return res, true, err
 	}
 	timeout := s.cfg.AckTimeout
@@ -158,7 +173,7 @@ func (s *Store) runWrite(ctx context.Context, f *fence, ks []string, args []any)
 		timeout = 2 * time.Second
 	}
 	pipe := s.cfg.Client.Pipeline()
-	ev := pipe.Eval(ctx, writeLua, ks, args...)
+	ev := eval(pipe)
 	wait := pipe.Do(ctx, "wait", s.cfg.AckReplicas, timeout.Milliseconds())
 	if _, err := pipe.Exec(ctx); err != nil && ev.Err() != nil {
 		return nil, false, ev.Err()
