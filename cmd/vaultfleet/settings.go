@@ -86,7 +86,7 @@ var settings = []setting{
 		def: strconv.Itoa(state.DefaultShards), min: "1", max: strconv.Itoa(state.MaxShards),
 		help: "index shards: the same across the fleet (recorded in Redis at the first start; a process with another count refuses to start)"},
 	{env: envAckReps, kind: kindInt, cmds: storageCmds, min: "0", max: "16", defNote: "1 with redis-sentinel://, else 0",
-		help: "replicas that must acknowledge (Redis WAIT) a write of refreshed tokens before it counts as stored; an unacknowledged write is retried"},
+		help: "replicas that must acknowledge (Redis WAIT) a write of refreshed tokens before it counts as stored, and an exchange intent before the provider is called; an unacknowledged write is retried"},
 
 	// worker (dev runs one too)
 	{env: envWorkerConcurrency, flag: "concurrency", kind: kindInt, cmds: []string{cmdWorker, cmdDev},
