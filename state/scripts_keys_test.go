@@ -176,6 +176,9 @@ func TestEveryScriptDeclaresItsKeys(t *testing.T) {
 	require.NoError(t, err)
 	_, err = st.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
 	require.NoError(t, err)
+	clock.now = clock.now.Add(time.Hour)
+	_, err = st.ApplyVerdict(ctx, refBamboo, ch.After.Revision, Verdict{Outcome: OutcomeValid, Reason: ReasonCheckPassed, HTTPStatus: 200})
+	require.NoError(t, err) // unchanged: touch.lua
 	_, err = st.RecordTransient(ctx, refBamboo, ch.After.Revision, "503")
 	require.NoError(t, err)
 	_, err = st.Patch(ctx, refBamboo, Input{Credentials: map[string]string{"api_key": "k2"}}, 0)

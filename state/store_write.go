@@ -20,6 +20,11 @@ var writeLua string
 
 var writeScript = redis.NewScript(writeLua)
 
+//go:embed lua/touch.lua
+var touchLua string
+
+var touchScript = redis.NewScript(touchLua)
+
 // Reasons the store puts on events it derives from consumer-side and
 // token writes (verdict events carry the verdict's reason).
 const (
@@ -119,11 +124,17 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 		}
 		events := s.deriveEvents(cur, next, h, now)
 
-		ks, args, err := s.scriptArgs(k, ref, in, cur, next, h, events, now, f)
+		ks, args, lean, err := s.scriptArgs(k, ref, in, cur, next, h, events, now, f)
 		if err != nil {
 			return Change{}, err
 		}
-		res, acked, err := s.runWrite(ctx, f, ks, args)
+		var res []any
+		acked := true
+		if lean {
+			res, err = touchScript.Run(ctx, s.cfg.Client, ks, args...).Slice()
+		} else {
+			res, acked, err = s.runWrite(ctx, f, ks, args)
+		}
 		if err != nil {
 			return Change{}, fmt.Errorf("state: write connection %s: %w", ref, err)
 		}
@@ -200,14 +211,17 @@ func (s *Store) acked(ctx context.Context) bool {
 }
 
 // scriptArgs lays out the keys and arguments of write.lua (documented
-// there) for the change from cur to next (nil: delete).
+// there) for the change from cur to next (nil: delete); or, when lean, of
+// touch.lua: a change of the data field alone (same state, service and
+// credentials, no event, no fence), which needs no index, count or stream
+// work, like most check results.
 func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *Connection, h hints,
-	events []Event, now time.Time, f *fence) ([]string, []any, error) {
+	events []Event, now time.Time, f *fence) (ks []string, args []any, lean bool, err error) {
 	member := ref.String()
 	recKey := k.record(member)
 	lock, intent := s.fenceKeys(ref)
-	ks := []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
-	args := make([]any, 0, 16+len(events)*25)
+	ks = []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
+	args = make([]any, 0, 16+len(events)*25)
 	expected := "0"
 	if cur != nil {
 		expected = strconv.FormatInt(cur.Version, 10)
@@ -225,7 +239,7 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 		}
 		data, err := encodeData(next)
 		if err != nil {
-			return nil, nil, fmt.Errorf("state: connection %s: encode: %v", ref, err)
+			return nil, nil, false, fmt.Errorf("state: connection %s: encode: %v", ref, err)
 		}
 		credMode, sealed := "k", []byte(nil)
 		if cur == nil || h.reseal || cur.Unreadable || !sameCredentials(cur.Credentials, next.Credentials) {
@@ -235,7 +249,7 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 			switch {
 			case next.Credentials.hasAny():
 				if sealed, err = sealCreds(s.cfg.Keys, recKey, next.Credentials); err != nil {
-					return nil, nil, fmt.Errorf("state: connection %s: encode credentials", ref)
+					return nil, nil, false, fmt.Errorf("state: connection %s: encode credentials", ref)
 				}
 				credMode, next.CredentialsKeyID = "s", s.cfg.Keys.PrimaryID()
 			case cur != nil:
@@ -244,6 +258,12 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 		}
 		checkMode, checkAt := dueCheck(cur, next, in, h, now)
 		refreshMode, refreshAt := dueRefresh(cur, next, in)
+		if f == nil && cur != nil && len(events) == 0 && credMode == "k" &&
+			cur.State == next.State && cur.ServiceID == next.ServiceID {
+			return []string{recKey, k.due(IndexCheck), k.due(IndexRefresh)},
+				[]any{expected, strconv.FormatInt(next.Version, 10), data, member,
+					checkMode, ms(checkAt), refreshMode, ms(refreshAt)}, true, nil
+		}
 		args = append(args, expected, "s", member, strconv.FormatInt(next.Version, 10), string(next.State),
 			oldState, next.ServiceID, data, credMode, sealed,
 			checkMode, ms(checkAt), refreshMode, ms(refreshAt))
@@ -258,7 +278,7 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 		args = append(args, "I", f.lease.token, "1")
 	}
 	ks, args = s.eventScriptArgs(ks, args, events)
-	return ks, args, nil
+	return ks, args, false, nil
 }
 
 // backoff sleeps a random time that grows with the attempt (at most 10ms).
