@@ -400,3 +400,47 @@ func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
 	}
 	return out, nil
 }
+
+// Got is one connection of GetMany: C, or Err exactly as Get would return
+// it (ErrNotFound, an *UnreadableError, a bad ref).
+type Got struct {
+	C   *Connection
+	Err error
+}
+
+// GetMany reads the connections of refs, of any shards, in one pipeline:
+// what a batch of checks reads in one round trip instead of one per
+// connection. out[i] is refs[i]'s; err is set only when Redis could not
+// be read.
+func (s *Store) GetMany(ctx context.Context, refs []Ref) ([]Got, error) {
+	out := make([]Got, len(refs))
+	pipe := s.cfg.Client.Pipeline()
+	cmds := make([]*redis.SliceCmd, len(refs))
+	for i, ref := range refs {
+		if err := validateRef(ref); err != nil {
+			out[i].Err = err
+			continue
+		}
+		cmds[i] = pipe.HMGet(ctx, s.keysOf(ref).record(ref.String()), recordFields...)
+	}
+	if pipe.Len() > 0 {
+		if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("state: read connections: %w", err)
+		}
+	}
+	for i, ref := range refs {
+		if cmds[i] == nil {
+			continue
+		}
+		c, err := s.decodeFields(ref, s.keysOf(ref).record(ref.String()), cmds[i].Val())
+		switch {
+		case err != nil:
+			out[i].Err = err
+		case c == nil:
+			out[i].Err = ErrNotFound
+		default:
+			out[i].C = c
+		}
+	}
+	return out, nil
+}

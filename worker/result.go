@@ -60,8 +60,10 @@ type Result struct {
 	// Error describes a transient failure.
 	Error string `json:"error,omitempty"`
 	// RetryAfterMS is the delay the task asked for before its retry.
-	RetryAfterMS int64     `json:"retry_after_ms,omitempty"`
-	At           time.Time `json:"at"`
+	RetryAfterMS int64 `json:"retry_after_ms,omitempty"`
+	// Batch sums up a connection:validate_batch, member by member.
+	Batch *BatchResult `json:"batch,omitempty"`
+	At    time.Time    `json:"at"`
 }
 
 // Skip reasons.
@@ -147,18 +149,29 @@ func (r *taskRun) finish(ctx context.Context, err error) error {
 			_, _ = rw.Write(b)
 		}
 	}
-	// Info for what a task found out; debug for no-ops and tasks put back
-	// by the fleet itself. Transient failures are info too: a provider
-	// outage makes thousands of them (the metrics and the breaker say it).
+	r.log(ctx, err, false)
+	return err
+}
+
+// log writes the task line: info for what a task found out; debug for
+// no-ops and tasks put back by the fleet itself, and, when quiet, for a
+// check that changed nothing (a batch member). Transient failures are
+// info too: a provider outage makes thousands of them (the metrics and
+// the breaker say it).
+func (r *taskRun) log(ctx context.Context, err error, quiet bool) {
 	level := slog.LevelInfo
 	if r.res.Outcome == outcomeSkipped || r.res.Outcome == refreshLostRace || (err != nil && !isFailure(err)) {
+		level = slog.LevelDebug
+	}
+	if quiet && err == nil && r.res.StateBefore == r.res.StateAfter && r.res.HealthBefore == r.res.HealthAfter &&
+		r.res.Outcome == outcomeValid {
 		level = slog.LevelDebug
 	}
 	if r.res.Skipped == skipUnreadable {
 		level = slog.LevelWarn // an operator must act: the key is gone
 	}
 	if !r.w.log.Enabled(ctx, level) {
-		return err
+		return
 	}
 	attrs := make([]slog.Attr, 0, 16)
 	attrs = append(attrs,
@@ -179,8 +192,11 @@ func (r *taskRun) finish(ctx context.Context, err error) error {
 			attrs = append(attrs, slog.String(kv[0], kv[1]))
 		}
 	}
-	r.w.log.LogAttrs(context.WithoutCancel(ctx), level, "task done", attrs...)
-	return err
+	msg := "task done"
+	if r.t.Type() != r.res.Task {
+		msg = "batch member done"
+	}
+	r.w.log.LogAttrs(context.WithoutCancel(ctx), level, msg, attrs...)
 }
 
 // asynqLogger adapts a *slog.Logger to asynq's Logger interface.

@@ -38,6 +38,9 @@ type validation struct {
 	// refreshed is set once the token was refreshed (or found refreshed)
 	// during this task: a second rejection is then a verdict.
 	refreshed bool
+	// pre is the connection as a batch read it (GetMany), used by the
+	// first load instead of a read of its own.
+	pre *state.Got
 }
 
 func (v *validation) integration() string {
@@ -56,7 +59,13 @@ func (v *validation) skip(why string) error {
 // load reads the connection and decides whether there is anything to
 // check; "" means there is.
 func (v *validation) load(ctx context.Context) (skip string, err error) {
-	c, err := v.w.store.Get(ctx, v.ref)
+	var c *state.Connection
+	if v.pre != nil {
+		c, err = v.pre.C, v.pre.Err
+		v.pre = nil
+	} else {
+		c, err = v.w.store.Get(ctx, v.ref)
+	}
 	if errors.Is(err, state.ErrNotFound) {
 		return skipNotFound, nil
 	}

@@ -52,6 +52,9 @@ const (
 type Store interface {
 	// Get returns one connection, or state.ErrNotFound.
 	Get(ctx context.Context, ref state.Ref) (*state.Connection, error)
+	// GetMany reads many connections in one round trip, each as Get
+	// would return it.
+	GetMany(ctx context.Context, refs []state.Ref) ([]state.Got, error)
 	// ApplyVerdictFrom records a valid or invalid verdict computed for the
 	// credentials revision of seen, the copy the handler read (state.ErrStale
 	// if the revision moved since).
@@ -298,7 +301,7 @@ func (c Config) validate() error {
 		switch {
 		case h == nil:
 			return fmt.Errorf("worker: handler for %q is nil", typ)
-		case typ == tasks.TypeValidate || typ == tasks.TypeRefreshToken:
+		case typ == tasks.TypeValidate || typ == tasks.TypeRefreshToken || typ == tasks.TypeValidateBatch:
 			return fmt.Errorf("worker: handler for %q would replace a built-in one", typ)
 		case typ == "":
 			return errors.New("worker: handler with an empty task type")
@@ -393,6 +396,7 @@ func New(cfg Config) (*Worker, error) {
 		warnProxyIgnored(cfg.Getenv, cfg.Logger)
 	}
 	w.handlers[tasks.TypeValidate] = asynq.HandlerFunc(w.handleValidate)
+	w.handlers[tasks.TypeValidateBatch] = asynq.HandlerFunc(w.handleValidateBatch)
 	w.handlers[tasks.TypeRefreshToken] = asynq.HandlerFunc(w.handleRefresh)
 	for typ, h := range cfg.Handlers {
 		w.handlers[typ] = h
