@@ -101,7 +101,7 @@ func benchSweep(b *testing.B, batched bool) {
 			st = newBatchStore(b, store, rdb)
 		}
 		s, err := scheduler.New(scheduler.Config{Store: st, Catalog: cat, Client: client,
-			EnqueueConcurrency: benchParallel, MaxLowPending: -1, NowFunc: clk.Now, Batch: benchBatch(b)})
+			EnqueueConcurrency: benchParallel, MaxLowPending: -1, NowFunc: clk.Now, Batch: benchBatch(b), CheckBatch: 1})
 		require.NoError(b, err)
 		var sweepTime, rawTime time.Duration
 		peak := sampleMemory()

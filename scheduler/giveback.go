@@ -43,6 +43,10 @@ func (s *Scheduler) giveBack(ctx context.Context, js []job) {
 	defer cancel()
 	byIdx := map[state.Index][]state.Claim{}
 	for _, j := range js {
+		if j.batch != nil {
+			byIdx[j.idx] = append(byIdx[j.idx], j.batch...)
+			continue
+		}
 		byIdx[j.idx] = append(byIdx[j.idx], j.claim)
 	}
 	for idx, claims := range byIdx {

@@ -146,10 +146,12 @@ func setupOn(t *testing.T, rdb redis.UniversalClient, queue redis.UniversalClien
 	return b
 }
 
-// config returns a scheduler config on the bundle with a fast tick.
+// config returns a scheduler config on the bundle with a fast tick and
+// one task per periodic check (CheckBatch 1), which most tests count and
+// look up by task id; batch_test.go tests the batches.
 func (b *bundle) config(now func() time.Time) scheduler.Config {
 	return scheduler.Config{Store: b.store, Catalog: b.cat, Client: b.client, Inspector: b.insp,
-		Tick: 20 * time.Millisecond, NowFunc: now, Registerer: prometheus.NewRegistry()}
+		Tick: 20 * time.Millisecond, NowFunc: now, Registerer: prometheus.NewRegistry(), CheckBatch: 1}
 }
 
 func ptr[T any](v T) *T { return &v }

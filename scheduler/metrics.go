@@ -13,6 +13,7 @@ import (
 // refresh).
 type metrics struct {
 	enqueued     *prometheus.CounterVec
+	batched      prometheus.Counter
 	sweep        *prometheus.HistogramVec
 	lag          *prometheus.GaugeVec
 	claims       *prometheus.CounterVec
@@ -24,8 +25,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		enqueued: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vaultfleet_scheduler_enqueued_total",
-			Help: "Tasks the scheduler enqueued, by task (validate, refresh_token); task id conflicts (already queued) are not counted.",
+			Help: "Tasks the scheduler enqueued, by task (validate, validate_batch, refresh_token); task id conflicts (already queued) are not counted.",
 		}, []string{"task"}),
+		batched: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vaultfleet_scheduler_batched_checks_total",
+			Help: "Periodic checks the scheduler enqueued inside connection:validate_batch tasks.",
+		}),
 		sweep: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "vaultfleet_scheduler_sweep_duration_seconds",
 			Help:    "Time from the start of a sweep until every claim of the index was enqueued.",
@@ -48,7 +53,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "1 while periodic check sweeps are paused because the low queue is full.",
 		}),
 	}
-	for _, t := range []string{"validate", "refresh_token"} {
+	for _, t := range []string{"validate", "validate_batch", "refresh_token"} {
 		m.enqueued.WithLabelValues(t)
 	}
 	for _, idx := range []state.Index{state.IndexCheck, state.IndexRefresh} {
@@ -76,6 +81,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	if err == nil {
 		m.backpressure, err = register(reg, m.backpressure)
+	}
+	if err == nil {
+		m.batched, err = register(reg, m.batched)
 	}
 	if err != nil {
 		return nil, err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -30,6 +31,7 @@ const (
 	DefaultJitter             = state.DefaultJitter
 	DefaultMaxLowPending      = 50_000
 	DefaultEnqueueConcurrency = 16
+	DefaultCheckBatch         = 50
 )
 
 const (
@@ -137,6 +139,13 @@ type Config struct {
 	// EnqueueConcurrency bounds parallel enqueues. If zero,
 	// DefaultEnqueueConcurrency.
 	EnqueueConcurrency int
+	// CheckBatch is how many periodic checks of one integration, claimed
+	// together, go into one connection:validate_batch task (the worker
+	// checks each member on its own): asynq's cost per task is paid once
+	// per batch. A claim of one shard is grouped by integration, so a
+	// batch may be smaller. 1 enqueues one connection:validate per
+	// check. If zero, DefaultCheckBatch; at most tasks.MaxBatch.
+	CheckBatch int
 	// Logger, if nil, discards.
 	Logger *slog.Logger
 	// Registerer receives the scheduler's metrics. If nil, they are kept
@@ -174,6 +183,9 @@ func (c Config) withDefaults() Config {
 	if c.EnqueueConcurrency == 0 {
 		c.EnqueueConcurrency = DefaultEnqueueConcurrency
 	}
+	if c.CheckBatch == 0 {
+		c.CheckBatch = DefaultCheckBatch
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -202,6 +214,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("scheduler: lease must be at least 1s, got %v", c.Lease)
 	case c.Jitter > maxJitter || math.IsNaN(c.Jitter):
 		return fmt.Errorf("scheduler: jitter must be between 0 and %v, got %v", maxJitter, c.Jitter)
+	case c.CheckBatch < 0 || c.CheckBatch > tasks.MaxBatch:
+		return fmt.Errorf("scheduler: check batch must be between 1 and %d, got %d", tasks.MaxBatch, c.CheckBatch)
 	case c.EnqueueConcurrency < 0:
 		return fmt.Errorf("scheduler: enqueue concurrency must be positive, got %d", c.EnqueueConcurrency)
 	case c.Store.Shards() < 1:
@@ -321,9 +335,36 @@ type rescheduled struct {
 	next  time.Time
 }
 
+// job is one claim to enqueue, or (batch set) the claims of one
+// integration's periodic checks to enqueue as one batch.
 type job struct {
 	idx   state.Index
 	claim state.Claim
+	batch []state.Claim
+}
+
+// checkBatcher groups the periodic checks a sweep claims, across shards,
+// by integration: a batch goes out when it holds CheckBatch members, and
+// whatever a pass over the shards left is flushed at the end of the pass.
+type checkBatcher struct {
+	size int
+	jobs chan<- job
+	open map[string][]state.Claim
+}
+
+func (b *checkBatcher) add(c state.Claim) {
+	b.open[c.ServiceID] = append(b.open[c.ServiceID], c)
+	if len(b.open[c.ServiceID]) >= b.size {
+		b.jobs <- job{idx: state.IndexCheck, batch: b.open[c.ServiceID]}
+		delete(b.open, c.ServiceID)
+	}
+}
+
+func (b *checkBatcher) flush() {
+	for _, svc := range slices.Sorted(maps.Keys(b.open)) {
+		b.jobs <- job{idx: state.IndexCheck, batch: b.open[svc]}
+	}
+	clear(b.open)
 }
 
 func indexNo(idx state.Index) int {
@@ -405,6 +446,10 @@ func (s *Scheduler) Sweep(ctx context.Context) error {
 			active = append(active, cursor{idx, sh})
 		}
 	}
+	var batcher *checkBatcher
+	if s.cfg.CheckBatch > 1 {
+		batcher = &checkBatcher{size: s.cfg.CheckBatch, jobs: jobs, open: map[string][]state.Claim{}}
+	}
 	var claimDone [2]time.Time
 	claimErrs, failures := 0, 0
 claiming:
@@ -430,6 +475,10 @@ claiming:
 			failures = 0
 			s.m.claims.WithLabelValues(string(c.idx)).Add(float64(len(claims)))
 			for _, cl := range claims {
+				if c.idx == state.IndexCheck && batcher != nil {
+					batcher.add(cl)
+					continue
+				}
 				jobs <- job{idx: c.idx, claim: cl}
 			}
 			if len(claims) >= s.cfg.Batch {
@@ -437,6 +486,9 @@ claiming:
 			}
 		}
 		active = next
+		if batcher != nil {
+			batcher.flush()
+		}
 		// A long sweep looks at the low queue again once per Tick.
 		if time.Since(lastProbe) >= s.cfg.Tick && slices.ContainsFunc(active, func(c cursor) bool { return c.idx == state.IndexCheck }) {
 			lastProbe = time.Now()
@@ -449,6 +501,9 @@ claiming:
 				claimDone[indexNo(idx)] = time.Now()
 			}
 		}
+	}
+	if batcher != nil {
+		batcher.flush() // what a broken-off pass claimed
 	}
 	close(jobs)
 	wg.Wait()
@@ -491,6 +546,10 @@ claiming:
 // handle enqueues the task of one claim and, for a check, sets its next
 // due time.
 func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
+	if j.batch != nil {
+		s.handleBatch(ctx, ss, j)
+		return
+	}
 	c := j.claim
 	now := s.cfg.NowFunc()
 	in, _ := s.cfg.Catalog.Get(c.ServiceID)
@@ -524,6 +583,18 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 	if errors.Is(err, asynq.ErrTaskIDConflict) && j.idx == state.IndexRefresh && s.unblockRefresh(spec) {
 		_, err = s.cfg.Client.EnqueueContext(ctx, task)
 	}
+	if !s.enqueued(ctx, ss, j.idx, task.Type(), label, err) {
+		return
+	}
+	if j.idx == state.IndexCheck {
+		s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, s.cfg.NowFunc(), s.cfg.Jitter))
+	}
+}
+
+// enqueued accounts for an enqueue's err and reports whether the task is
+// queued (now, or already: a task id conflict), so its claims may be
+// rescheduled.
+func (s *Scheduler) enqueued(ctx context.Context, ss *sweepState, idx state.Index, typ, label string, err error) bool {
 	switch {
 	case err == nil:
 		s.m.enqueued.WithLabelValues(label).Inc()
@@ -531,21 +602,59 @@ func (s *Scheduler) handle(ctx context.Context, ss *sweepState, j job) {
 		// Already queued (by another replica, or before a lost
 		// reschedule): nothing to do but move on.
 	default:
-		s.m.errors.WithLabelValues(string(j.idx)).Inc()
+		s.m.errors.WithLabelValues(string(idx)).Inc()
 		ss.firstErr.CompareAndSwap(nil, &err)
 		if ss.consecutive.Add(1) >= failAfter {
 			ss.failing.Store(true)
 		}
 		if s.enqueueLog.Allow() {
 			s.cfg.Logger.WarnContext(ctx, "scheduler: enqueue failed; the claim comes back after its lease",
-				slog.String("index", string(j.idx)), slog.String("task_type", task.Type()),
+				slog.String("index", string(idx)), slog.String("task_type", typ),
 				slog.Duration("lease", s.cfg.Lease), slog.String("error", err.Error()))
+		}
+		return false
+	}
+	ss.consecutive.Store(0)
+	return true
+}
+
+// handleBatch enqueues the periodic checks of one integration's claims as
+// one connection:validate_batch and sets each member's next due time. A
+// claim of an integration that is not checked is pushed back, as handle
+// does; a lone member, or members whose ids cannot make a batch, go one
+// by one through handle.
+func (s *Scheduler) handleBatch(ctx context.Context, ss *sweepState, j job) {
+	now := s.cfg.NowFunc()
+	svc := j.batch[0].ServiceID
+	in, _ := s.cfg.Catalog.Get(svc)
+	members := make([]tasks.BatchMember, 0, len(j.batch))
+	claims := make([]state.Claim, 0, len(j.batch))
+	for _, c := range j.batch {
+		if _, ok := state.SweepTask(j.idx, c, in, now); !ok {
+			s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, now, s.cfg.Jitter))
+			continue
+		}
+		members = append(members, tasks.BatchMember{ConsumerID: c.Ref.ConsumerID, ConnectionID: c.Ref.ConnectionID, Due: c.Due.Unix()})
+		claims = append(claims, c)
+	}
+	if len(claims) == 0 {
+		return
+	}
+	task, err := tasks.NewValidateBatchTask(svc, members)
+	if len(claims) == 1 || err != nil {
+		for _, c := range claims {
+			s.handle(ctx, ss, job{idx: j.idx, claim: c})
 		}
 		return
 	}
-	ss.consecutive.Store(0)
-	if j.idx == state.IndexCheck {
-		s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, s.cfg.NowFunc(), s.cfg.Jitter))
+	_, err = s.cfg.Client.EnqueueContext(ctx, task)
+	if !s.enqueued(ctx, ss, j.idx, task.Type(), "validate_batch", err) {
+		return
+	}
+	s.m.batched.Add(float64(len(claims)))
+	now = s.cfg.NowFunc()
+	for _, c := range claims {
+		s.reschedule(ctx, ss, j.idx, c, state.SweepNextCheck(c, in, now, s.cfg.Jitter))
 	}
 }
 

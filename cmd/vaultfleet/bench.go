@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vaultfleet/vaultfleet/internal/bench"
+	"github.com/vaultfleet/vaultfleet/scheduler"
 )
 
 const benchSynopsis = `Measures what a fleet costs, in one process run, and prints one table:
@@ -46,6 +47,7 @@ func runBench(ctx context.Context, args []string, env Env) error {
 	fs.IntVar(&o.MemoryConnections, "memory-connections", 0, "connections of the memory scenario, which the sweep claims (default: --connections)")
 	fs.IntVar(&o.Tasks, "tasks", d.Tasks, "tasks of each throughput scenario")
 	fs.IntVar(&o.Concurrency, "concurrency", d.Concurrency, "worker concurrency of the throughput and freshness scenarios")
+	fs.IntVar(&o.CheckBatch, "check-batch", scheduler.DefaultCheckBatch, "periodic checks per connection:validate_batch task (the scheduler's --check-batch)")
 	fs.IntVar(&o.SlowConcurrency, "slow-concurrency", d.SlowConcurrency, "worker concurrency of the slow provider scenario")
 	fs.DurationVar(&o.SlowLatency, "slow-latency", d.SlowLatency, "provider latency of the slow provider scenario")
 	fs.DurationVar(&o.Duration, "duration", d.Duration, "how long the freshness scenario runs once its connections are stored")

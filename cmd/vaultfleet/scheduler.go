@@ -25,6 +25,7 @@ type schedulerFlags struct {
 	jitter        float64
 	maxLowPending int
 	concurrency   int
+	checkBatch    int
 }
 
 func runScheduler(ctx context.Context, args []string, env Env) error {
@@ -34,7 +35,8 @@ func runScheduler(ctx context.Context, args []string, env Env) error {
 	}
 	c := commonFrom(conf)
 	f := schedulerFlags{tick: conf.duration("tick"), lease: conf.duration("lease"), batch: conf.int("batch"),
-		jitter: conf.float("jitter"), maxLowPending: conf.int("max-low-pending"), concurrency: conf.int("enqueue-concurrency")}
+		jitter: conf.float("jitter"), maxLowPending: conf.int("max-low-pending"), concurrency: conf.int("enqueue-concurrency"),
+		checkBatch: conf.int("check-batch")}
 	cfg := f.config()
 	a, err := c.setup(env.Stderr)
 	if err != nil {
@@ -60,7 +62,8 @@ func runScheduler(ctx context.Context, args []string, env Env) error {
 	a.Logger.Info("scheduler: started", slog.String("addr", addr.String()),
 		slog.Duration("tick", f.tick), slog.Int("batch", f.batch), slog.Duration("lease", f.lease),
 		slog.Float64("jitter", f.jitter), slog.Int("max_low_pending", f.maxLowPending),
-		slog.Int("enqueue_concurrency", f.concurrency), slog.Int("shards", a.Store.Shards()))
+		slog.Int("enqueue_concurrency", f.concurrency), slog.Int("check_batch", f.checkBatch),
+		slog.Int("shards", a.Store.Shards()))
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -92,7 +95,7 @@ func runScheduler(ctx context.Context, args []string, env Env) error {
 // scheduler.Config, where a zero value means "default": here 0 means off.
 func (f schedulerFlags) config() scheduler.Config {
 	cfg := scheduler.Config{Tick: f.tick, Batch: f.batch, Lease: f.lease, Jitter: f.jitter,
-		MaxLowPending: f.maxLowPending, EnqueueConcurrency: f.concurrency}
+		MaxLowPending: f.maxLowPending, EnqueueConcurrency: f.concurrency, CheckBatch: f.checkBatch}
 	if f.jitter == 0 {
 		cfg.Jitter = -1
 	}

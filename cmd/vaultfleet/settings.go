@@ -13,6 +13,7 @@ import (
 	"github.com/vaultfleet/vaultfleet/internal/sim"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
+	"github.com/vaultfleet/vaultfleet/tasks"
 	"github.com/vaultfleet/vaultfleet/worker"
 )
 
@@ -34,6 +35,7 @@ const (
 	envSchedJitter             = "VAULTFLEET_JITTER"
 	envSchedMaxLowPending      = "VAULTFLEET_MAX_LOW_PENDING"
 	envSchedEnqueueConcurrency = "VAULTFLEET_ENQUEUE_CONCURRENCY"
+	envSchedCheckBatch         = "VAULTFLEET_CHECK_BATCH"
 	envAPITokens               = auth.EnvTokens
 	envWebhooks                = events.EnvWebhooks
 	envPrometheusURL           = "VAULTFLEET_PROMETHEUS_URL"
@@ -120,6 +122,9 @@ var settings = []setting{
 		help: "pause periodic checks while the low queue holds this many pending tasks; 0 means no limit"},
 	{env: envSchedEnqueueConcurrency, flag: "enqueue-concurrency", kind: kindInt, cmds: []string{cmdScheduler},
 		def: strconv.Itoa(scheduler.DefaultEnqueueConcurrency), min: "1", max: "1024", help: "parallel enqueues"},
+	{env: envSchedCheckBatch, flag: "check-batch", kind: kindInt, cmds: []string{cmdScheduler},
+		def: strconv.Itoa(scheduler.DefaultCheckBatch), min: "1", max: strconv.Itoa(tasks.MaxBatch),
+		help: "periodic checks of one integration per connection:validate_batch task; 1 means one connection:validate per check"},
 
 	// serve (and dev)
 	{env: envAPITokens, kind: kindSecret, cmds: []string{cmdServe, cmdDev},

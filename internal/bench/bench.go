@@ -21,6 +21,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/scheduler"
+	"github.com/vaultfleet/vaultfleet/tasks"
 )
 
 // Scenarios, in the order they run.
@@ -49,6 +52,9 @@ type Options struct {
 	Tasks int
 	// Concurrency of the no-op, first validation and revalidation runs.
 	Concurrency int
+	// CheckBatch is the periodic checks per connection:validate_batch, as
+	// the scheduler's --check-batch. If zero, scheduler.DefaultCheckBatch.
+	CheckBatch int
 	// SlowConcurrency and SlowLatency: the worker memory scenario.
 	SlowConcurrency int
 	SlowLatency     time.Duration
@@ -122,6 +128,7 @@ func (o Options) withDefaults() Options {
 	set(&o.Tasks, d.Tasks)
 	set(&o.Concurrency, d.Concurrency)
 	set(&o.SlowConcurrency, d.SlowConcurrency)
+	set(&o.CheckBatch, scheduler.DefaultCheckBatch)
 	setD(&o.SlowLatency, d.SlowLatency)
 	setD(&o.Duration, d.Duration)
 	setD(&o.CheckInterval, d.CheckInterval)
@@ -150,6 +157,8 @@ func (o Options) validate() error {
 		return errors.New("connections, memory connections and tasks must be positive")
 	case o.Concurrency < 1 || o.SlowConcurrency < 1:
 		return errors.New("concurrency must be positive")
+	case o.CheckBatch < 1 || o.CheckBatch > tasks.MaxBatch:
+		return fmt.Errorf("check batch must be between 1 and %d, got %d", tasks.MaxBatch, o.CheckBatch)
 	case o.SlowLatency < 0 || o.Duration < 0:
 		return errors.New("durations must not be negative")
 	case o.RefreshWindow >= o.TokenLifetime:
@@ -162,9 +171,9 @@ func (o Options) validate() error {
 
 // Command is the vaultfleet bench command line of these options.
 func (o Options) Command() string {
-	return fmt.Sprintf("vaultfleet bench --connections %d --memory-connections %d --tasks %d --concurrency %d "+
+	return fmt.Sprintf("vaultfleet bench --connections %d --memory-connections %d --tasks %d --concurrency %d --check-batch %d "+
 		"--slow-concurrency %d --slow-latency %s --duration %s --check-interval %s --token-lifetime %s --refresh-window %s --scenarios %s",
-		o.Connections, o.MemoryConnections, o.Tasks, o.Concurrency, o.SlowConcurrency, o.SlowLatency, o.Duration,
+		o.Connections, o.MemoryConnections, o.Tasks, o.Concurrency, o.CheckBatch, o.SlowConcurrency, o.SlowLatency, o.Duration,
 		o.CheckInterval, o.TokenLifetime, o.RefreshWindow, strings.Join(o.Scenarios, ","))
 }
 
