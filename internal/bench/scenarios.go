@@ -14,6 +14,7 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/scheduler"
@@ -510,7 +511,7 @@ func (e *env) memoryAndSweep(ctx context.Context) error {
 		return err
 	}
 	e.logf("storing %d OAuth connections", m)
-	s0, err := snapshot(ctx, e.rdb)
+	s0, err := stableMemory(ctx, e.rdb)
 	if err != nil {
 		return err
 	}
@@ -932,4 +933,27 @@ func perCommand(run, base taskRun, withBase bool) string {
 		parts = append(parts, s)
 	}
 	return strings.Join(parts, ", ")
+}
+
+// stableMemory takes a snapshot once used_memory holds still (within 4 KiB
+// over 300 ms, for at most 10 s): what the previous scenario left behind
+// (asynq's server and worker state expiring, a lazy free) must not count
+// against the connections stored next.
+func stableMemory(ctx context.Context, rdb redis.UniversalClient) (redisStats, error) {
+	prev, err := snapshot(ctx, rdb)
+	if err != nil {
+		return prev, err
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(300 * time.Millisecond)
+		cur, err := snapshot(ctx, rdb)
+		if err != nil {
+			return cur, err
+		}
+		if d := cur.memory - prev.memory; d < 4<<10 && d > -4<<10 {
+			return cur, nil
+		}
+		prev = cur
+	}
+	return prev, nil
 }
