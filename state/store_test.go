@@ -170,6 +170,9 @@ func setupStore(tb testing.TB, mods ...func(*Config)) *storeBundle {
 	for _, m := range mods {
 		m(&cfg)
 	}
+	if c, ok := cfg.Client.(*redis.Client); ok {
+		rdb = c // a mod's own server
+	}
 	s, err := New(cfg)
 	require.NoError(tb, err)
 	return &storeBundle{store: s, rdb: rdb, clock: clock, keys: keys, keySpec: spec, cfg: cfg}

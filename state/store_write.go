@@ -102,32 +102,14 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 			// replacement of the credentials may go on (checked below).
 			cur, unreadable = ue.Connection, err
 		}
-		now := s.now()
-		next, h, err := fn(cur.clone(), now)
+		pw, err := s.prepareWrite(ctx, k, ref, in, cur, unreadable, f, fn)
 		if err != nil {
 			return Change{}, err
 		}
-		if unreadable != nil && next != nil && !h.replaceCreds {
-			return Change{}, unreadable
-		}
-		if h.noop {
-			if f != nil && !s.acked(ctx) {
-				// Stored by our own earlier attempt, but on a master
-				// whose replicas have not confirmed it (maybe one about to
-				// be demoted): not stored yet as far as a failover goes.
-				return Change{}, fmt.Errorf("%w: %s (%d needed)", ErrNotReplicated, ref, s.cfg.AckReplicas)
-			}
+		if pw.noop {
 			return Change{Before: cur, After: cur}, nil
 		}
-		if next != nil {
-			s.finish(cur, next, in, ref, now)
-		}
-		events := s.deriveEvents(cur, next, h, now)
-
-		ks, args, lean, err := s.scriptArgs(k, ref, in, cur, next, h, events, now, f)
-		if err != nil {
-			return Change{}, err
-		}
+		ks, args, lean, next, events := pw.ks, pw.args, pw.lean, pw.next, pw.events
 		var res []any
 		acked := true
 		if lean {
@@ -154,6 +136,49 @@ func (s *Store) writeFenced(ctx context.Context, ref Ref, in *catalog.Integratio
 		return Change{Before: cur, After: next, Events: events}, nil
 	}
 	return Change{}, fmt.Errorf("%w: %s after %d attempts", ErrContention, ref, maxAttempts)
+}
+
+// preparedWrite is one attempt of a write, ready to send: the keys and
+// arguments of write.lua, or of touch.lua when lean.
+type preparedWrite struct {
+	ks     []string
+	args   []any
+	lean   bool
+	noop   bool
+	next   *Connection
+	events []Event
+}
+
+// prepareWrite applies fn to cur (as read; unreadable is the error of
+// credentials that could not be opened) and lays out the write.
+func (s *Store) prepareWrite(ctx context.Context, k keys, ref Ref, in *catalog.Integration, cur *Connection, unreadable error,
+	f *fence, fn mutation) (preparedWrite, error) {
+	now := s.now()
+	next, h, err := fn(cur.clone(), now)
+	if err != nil {
+		return preparedWrite{}, err
+	}
+	if unreadable != nil && next != nil && !h.replaceCreds {
+		return preparedWrite{}, unreadable
+	}
+	if h.noop {
+		if f != nil && !s.acked(ctx) {
+			// Stored by our own earlier attempt, but on a master whose
+			// replicas have not confirmed it (maybe one about to be
+			// demoted): not stored yet as far as a failover goes.
+			return preparedWrite{}, fmt.Errorf("%w: %s (%d needed)", ErrNotReplicated, ref, s.cfg.AckReplicas)
+		}
+		return preparedWrite{noop: true}, nil
+	}
+	if next != nil {
+		s.finish(cur, next, in, ref, now)
+	}
+	events := s.deriveEvents(cur, next, h, now)
+	ks, args, lean, err := s.scriptArgs(k, ref, in, cur, next, h, events, now, f)
+	if err != nil {
+		return preparedWrite{}, err
+	}
+	return preparedWrite{ks: ks, args: args, lean: lean, next: next, events: events}, nil
 }
 
 // runWrite runs write.lua. A fenced write (refreshed tokens, a

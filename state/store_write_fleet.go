@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/redact"
 )
@@ -51,7 +53,12 @@ func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connectio
 	if v.Outcome != OutcomeValid && v.Outcome != OutcomeInvalid {
 		return Change{}, &FieldError{Field: "verdict.outcome", Msg: `must be "valid" or "invalid"`}
 	}
-	return s.fleetWriteFenced(ctx, ref, seen, f, func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return s.fleetWriteFenced(ctx, ref, seen, f, verdictMutation(rev, v, f))
+}
+
+// verdictMutation is the change ApplyVerdict makes: v for revision rev.
+func verdictMutation(rev int64, v Verdict, f *fence) func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
+	return func(c *Connection, in *catalog.Integration, now time.Time) (hints, error) {
 		if c.Revision != rev {
 			return hints{}, ErrStale
 		}
@@ -70,7 +77,71 @@ func (s *Store) applyVerdictFenced(ctx context.Context, ref Ref, seen *Connectio
 		h := hints{reason: v.Reason, verdict: true}
 		h.confirm = foldVerdict(c, in, v, now)
 		return h, nil
-	})
+	}
+}
+
+// ApplyVerdictsFrom is ApplyVerdictFrom for many connections (seen[i] gets
+// vs[i]), each with its own compare-and-set: the verdicts that change
+// nothing but the check's time (the lean write, touch.lua) go to Redis in
+// one pipeline; any other, and any whose record moved since it was read,
+// is applied on its own as ApplyVerdictFrom does. out[i] and errs[i] are
+// seen[i]'s.
+func (s *Store) ApplyVerdictsFrom(ctx context.Context, seen []*Connection, vs []Verdict) (out []Change, errs []error) {
+	out, errs = make([]Change, len(seen)), make([]error, len(seen))
+	type lean struct {
+		i   int
+		pw  preparedWrite
+		cmd *redis.Cmd
+	}
+	var leans []lean
+	pipe := s.cfg.Client.Pipeline()
+	for i, c := range seen {
+		if c == nil || (vs[i].Outcome != OutcomeValid && vs[i].Outcome != OutcomeInvalid) {
+			out[i], errs[i] = s.ApplyVerdictFrom(ctx, c, vs[i])
+			continue
+		}
+		ref := c.Ref()
+		in, err := s.integration(ref.ConnectionID)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		fn := verdictMutation(c.Revision, vs[i], nil)
+		pw, err := s.prepareWrite(ctx, s.keysOf(ref), ref, in, c, nil, nil, func(cur *Connection, now time.Time) (*Connection, hints, error) {
+			h, err := fn(cur, in, now)
+			return cur, h, err
+		})
+		switch {
+		case err != nil:
+			errs[i] = err
+		case pw.noop:
+			out[i] = Change{Before: c, After: c}
+		case !pw.lean:
+			out[i], errs[i] = s.ApplyVerdictFrom(ctx, c, vs[i])
+		default:
+			leans = append(leans, lean{i: i, pw: pw, cmd: touchScript.EvalSha(ctx, pipe, pw.ks, pw.args...)})
+		}
+	}
+	if len(leans) == 0 {
+		return out, errs
+	}
+	_, _ = pipe.Exec(ctx) // each command's own error is read below
+	for _, l := range leans {
+		c := seen[l.i]
+		res, err := l.cmd.Slice()
+		if ok := len(res) > 0 && res[0] == int64(1); err == nil && ok {
+			out[l.i] = Change{Before: c, After: l.pw.next}
+			continue
+		}
+		if err != nil && !redis.HasErrorPrefix(err, "NOSCRIPT") {
+			errs[l.i] = fmt.Errorf("state: write connection %s: %w", c.Ref(), err)
+			continue
+		}
+		// The script is not loaded yet, or the record moved since it was
+		// read: the write on its own reads again (and loads the script).
+		out[l.i], errs[l.i] = s.ApplyVerdictFrom(ctx, c, vs[l.i])
+	}
+	return out, errs
 }
 
 // foldVerdict applies v (for c's current revision) to c as ApplyVerdict

@@ -24,6 +24,10 @@ const (
 	outcomeAlreadyChecked = "already_checked"
 )
 
+// maxDeferred is how many valid verdicts a batch holds before it writes
+// them (one pipeline).
+const maxDeferred = 100
+
 // BatchResult is what a batch did, member by member in sums, in its
 // Result. It holds ids only.
 type BatchResult struct {
@@ -86,25 +90,8 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 
 	var failed error
 	var after time.Duration
-	for i, m := range members {
-		if err := ctx.Err(); err != nil {
-			r.res.Outcome = taskCanceled
-			br.Waiting = append(br.Waiting, memberRefs(refs[i:])...)
-			return r.finish(ctx, err)
-		}
-		if g := got[i]; g.C != nil && settledSince(g.C, time.Unix(m.Due, 0)) {
-			br.Outcomes[outcomeAlreadyChecked]++
-			continue
-		}
-		mr := &taskRun{w: w, t: t, start: time.Now(), res: Result{Task: tasks.TypeValidate},
-			taskID: r.taskID, queue: r.queue, consumerID: m.ConsumerID, connectionID: m.ConnectionID,
-			integration: p.ServiceID}
-		v := validation{w: w, r: mr, ref: refs[i], pre: &got[i]}
-		err := v.run(ctx)
-		if errors.Is(err, state.ErrUnreadable) && !errors.Is(err, asynq.SkipRetry) {
-			mr.res.Outcome, mr.res.Skipped, mr.res.Error = outcomeSkipped, skipUnreadable, err.Error()
-			err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
-		}
+	// done counts a member's result and logs its line.
+	done := func(i int, mr *taskRun, err error) {
 		mr.res.At, mr.res.DurationMS = w.now().UTC(), time.Since(mr.start).Milliseconds()
 		mr.log(ctx, err, true)
 		outcome := mr.res.Outcome
@@ -117,6 +104,91 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 				StateBefore: mr.res.StateBefore, StateAfter: mr.res.StateAfter,
 				HealthBefore: mr.res.HealthBefore, HealthAfter: mr.res.HealthAfter})
 		}
+	}
+	// Valid verdicts wait here and go to the store together.
+	type validOne struct {
+		i       int
+		mr      *taskRun
+		v       *validation
+		verdict state.Verdict
+	}
+	var valid []validOne
+	// flush writes the waiting valid verdicts; an error means Redis is
+	// away (the batch is retried; what was written is not checked again).
+	flush := func() error {
+		if len(valid) == 0 {
+			return nil
+		}
+		seen, vs := make([]*state.Connection, len(valid)), make([]state.Verdict, len(valid))
+		for k, o := range valid {
+			seen[k], vs[k] = o.v.c, o.verdict
+		}
+		sctx, cancel := storeCtx(ctx)
+		chs, errs := w.store.ApplyVerdictsFrom(sctx, seen, vs)
+		cancel()
+		var first error
+		for k, o := range valid {
+			err := errs[k]
+			switch {
+			case o.v.dropped(err):
+				err = nil
+			case err != nil:
+				err = storeErr("apply verdict", err)
+				if first == nil {
+					first = err
+				}
+				br.Waiting = append(br.Waiting, refs[o.i].String())
+			default:
+				w.metrics.transition(p.ServiceID, chs[k])
+				o.mr.after(chs[k].After)
+			}
+			done(o.i, o.mr, err)
+		}
+		valid = valid[:0]
+		return first
+	}
+	fail := func(err error) error {
+		if ferr := flush(); ferr != nil && !errors.Is(err, errStoreUnavailable) {
+			err = ferr
+		}
+		r.res.Outcome, r.res.Error = outcomeTransient, err.Error()
+		return r.finish(ctx, err)
+	}
+	for i, m := range members {
+		if err := ctx.Err(); err != nil {
+			br.Waiting = append(br.Waiting, memberRefs(refs[i:])...)
+			_ = flush()
+			r.res.Outcome = taskCanceled
+			return r.finish(ctx, err)
+		}
+		if g := got[i]; g.C != nil && settledSince(g.C, time.Unix(m.Due, 0)) {
+			br.Outcomes[outcomeAlreadyChecked]++
+			continue
+		}
+		mr := &taskRun{w: w, t: t, start: time.Now(), res: Result{Task: tasks.TypeValidate},
+			taskID: r.taskID, queue: r.queue, consumerID: m.ConsumerID, connectionID: m.ConnectionID,
+			integration: p.ServiceID}
+		deferred := false
+		v := &validation{w: w, r: mr, ref: refs[i], pre: &got[i],
+			deferValid: func(v *validation, verdict state.Verdict) {
+				deferred = true
+				valid = append(valid, validOne{i: i, mr: mr, v: v, verdict: verdict})
+			}}
+		err := v.run(ctx)
+		if deferred {
+			if len(valid) >= maxDeferred {
+				if err := flush(); err != nil {
+					br.Waiting = append(br.Waiting, memberRefs(refs[i+1:])...)
+					return fail(err)
+				}
+			}
+			continue
+		}
+		if errors.Is(err, state.ErrUnreadable) && !errors.Is(err, asynq.SkipRetry) {
+			mr.res.Outcome, mr.res.Skipped, mr.res.Error = outcomeSkipped, skipUnreadable, err.Error()
+			err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
+		}
+		done(i, mr, err)
 		switch {
 		case err == nil, errors.Is(err, asynq.SkipRetry):
 			// A result, or one no retry can change (unreadable credentials).
@@ -126,8 +198,7 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 			// Redis is away, or the integration holds every check back:
 			// the rest would fare the same. Retry them all.
 			br.Waiting = append(br.Waiting, memberRefs(refs[i:])...)
-			r.res.Outcome, r.res.Error = outcomeTransient, err.Error()
-			return r.finish(ctx, err)
+			return fail(err)
 		}
 		// This member's provider trouble: the others go on.
 		br.Waiting = append(br.Waiting, refs[i].String())
@@ -138,6 +209,9 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 		if errors.As(err, &ra) {
 			after = max(after, ra.After)
 		}
+	}
+	if err := flush(); err != nil {
+		return fail(err)
 	}
 	if failed != nil {
 		r.res.Outcome = outcomeTransient

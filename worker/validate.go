@@ -41,6 +41,9 @@ type validation struct {
 	// pre is the connection as a batch read it (GetMany), used by the
 	// first load instead of a read of its own.
 	pre *state.Got
+	// deferValid, if set (a batch), takes a valid verdict instead of the
+	// store: the batch writes them together (Store.ApplyVerdictsFrom).
+	deferValid func(v *validation, verdict state.Verdict)
 }
 
 func (v *validation) integration() string {
@@ -343,6 +346,10 @@ func (v *validation) apply(ctx context.Context, res checkResult) error {
 		}
 	}
 	r.res.Verdict, r.res.Reason = string(verdict.Outcome), verdict.Reason
+	if v.deferValid != nil && verdict.Outcome == state.OutcomeValid {
+		v.deferValid(v, verdict)
+		return nil
+	}
 	ch, err := w.store.ApplyVerdictFrom(sctx, v.c, verdict)
 	switch {
 	case v.dropped(err):

@@ -59,6 +59,9 @@ type Store interface {
 	// credentials revision of seen, the copy the handler read (state.ErrStale
 	// if the revision moved since).
 	ApplyVerdictFrom(ctx context.Context, seen *state.Connection, v state.Verdict) (state.Change, error)
+	// ApplyVerdictsFrom is ApplyVerdictFrom for many connections, each
+	// with its own compare-and-set, the lean writes in one round trip.
+	ApplyVerdictsFrom(ctx context.Context, seen []*state.Connection, vs []state.Verdict) ([]state.Change, []error)
 	// RecordTransient notes provider trouble for rev without changing the
 	// state.
 	RecordTransient(ctx context.Context, ref state.Ref, rev int64, msg string) (state.Change, error)
