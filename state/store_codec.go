@@ -13,11 +13,14 @@ import (
 )
 
 // The record is kept compact (memory per connection is a design goal):
-// short JSON names, times as unix milliseconds, zero values omitted, and
-// nothing that the key already says (consumer id, connection id, unified
-// API) or that has a field of its own (version, state, service id).
+// times as unix milliseconds, zero values omitted, and nothing that the
+// key already says (consumer id, connection id, unified API) or that has a
+// field of its own (version, state, service id). Field d is written packed
+// (store_codec_bin.go); records written before that hold it as JSON
+// (recData), which is still read.
 
-// recData is the field d of a record: the non-secret facts.
+// recData is the JSON form of field d, the non-secret facts, written by
+// earlier versions and still read.
 type recData struct {
 	Disabled     bool              `json:"x,omitempty"`
 	Settings     map[string]string `json:"s,omitempty"`
@@ -93,7 +96,12 @@ func fromMS(v int64) time.Time {
 	return time.UnixMilli(v).UTC()
 }
 
-func encodeData(c *Connection) ([]byte, error) {
+// encodeData is the field d of a record: the packed form.
+func encodeData(c *Connection) ([]byte, error) { return encodeDataPacked(c), nil }
+
+// encodeDataJSON is the JSON form of field d that earlier versions wrote
+// (kept to test that such records still read).
+func encodeDataJSON(c *Connection) ([]byte, error) {
 	d := recData{
 		Disabled:  !c.Enabled,
 		Revision:  c.Revision,
@@ -132,7 +140,12 @@ func encodeData(c *Connection) ([]byte, error) {
 	return json.Marshal(d)
 }
 
+// decodeData reads field d in either form: JSON (from earlier versions,
+// always an object, so it starts with '{') or packed.
 func decodeData(b []byte, c *Connection) error {
+	if len(b) == 0 || b[0] != '{' {
+		return decodeDataPacked(b, c)
+	}
 	var d recData
 	if err := json.Unmarshal(b, &d); err != nil {
 		return err

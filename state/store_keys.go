@@ -24,9 +24,10 @@ import (
 // consumer ids never contain '|', so one consumer's connections are the
 // contiguous lex range ["<consumer>|", "<consumer>}").
 //
-// Record fields: v (version), st (state), svc (service id), d (compact JSON
-// of the non-secret facts, see recData) and c (the credentials, compact
-// JSON sealed with the keyring, the record key as additional data).
+// Record fields: v (version), st (state), svc (service id), d (the
+// non-secret facts, packed: see store_codec_bin.go; JSON in records written
+// before, still read) and c (the credentials, compact JSON sealed with the
+// keyring, the record key as additional data).
 const (
 	fieldVersion = "v"
 	fieldState   = "st"
