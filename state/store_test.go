@@ -243,10 +243,10 @@ func TestNewConfig(t *testing.T) {
 	s, err := New(ok)
 	require.NoError(t, err)
 	require.Equal(t, DefaultShards, s.Shards())
-	require.Equal(t, "vf:{s07}:all", s.shardKeys(7).all())
+	require.Equal(t, "vf:{s07}:counts", s.shardKeys(7).counts())
 	s, err = New(Config{Client: rdb, Catalog: cat, Keys: keys, Shards: 1000})
 	require.NoError(t, err)
-	require.Equal(t, "vf:{s007}:all", s.shardKeys(7).all())
+	require.Equal(t, "vf:{s007}:counts", s.shardKeys(7).counts())
 }
 
 func TestPutGetRoundTrip(t *testing.T) {
