@@ -68,7 +68,8 @@ type recRefresh struct {
 	RefreshedAt int64 `json:"ra,omitempty"`
 }
 
-// recCreds is the plaintext of field c before sealing.
+// recCreds is the JSON plaintext of field c that earlier versions sealed,
+// still read (the packed form is in store_codec_bin.go).
 type recCreds struct {
 	AccessToken  string            `json:"a,omitempty"`
 	RefreshToken string            `json:"r,omitempty"`
@@ -185,7 +186,12 @@ func decodeData(b []byte, c *Connection) error {
 // hasAny reports whether any credential is set.
 func (c Credentials) hasAny() bool { return !c.Equal(Credentials{}) }
 
-func encodeCreds(c Credentials) ([]byte, error) {
+// encodeCreds is the plaintext of field c: the packed form.
+func encodeCreds(c Credentials) ([]byte, error) { return encodeCredsPacked(c), nil }
+
+// encodeCredsJSON is the JSON plaintext of field c that earlier versions
+// sealed (kept to test that such records still open).
+func encodeCredsJSON(c Credentials) ([]byte, error) {
 	rc := recCreds{AccessToken: c.AccessToken, RefreshToken: c.RefreshToken, ExpiresAt: ms(c.ExpiresAt),
 		IssuedAt: ms(c.IssuedAt), APIKey: c.APIKey, Username: c.Username, Password: c.Password}
 	if len(c.Extra) > 0 {
@@ -194,7 +200,12 @@ func encodeCreds(c Credentials) ([]byte, error) {
 	return json.Marshal(rc)
 }
 
+// decodeCreds reads the plaintext of field c in either form: JSON (from
+// earlier versions, an object) or packed.
 func decodeCreds(b []byte) (Credentials, error) {
+	if len(b) == 0 || b[0] != '{' {
+		return decodeCredsPacked(b)
+	}
 	var rc recCreds
 	if err := json.Unmarshal(b, &rc); err != nil {
 		return Credentials{}, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"math"
+	"strings"
 	"testing"
 	"time"
 
@@ -181,4 +182,100 @@ func TestStoreReadsJSONRecord(t *testing.T) {
 	d, err := b.rdb.HGet(ctx, key, fieldData).Bytes()
 	require.NoError(t, err)
 	require.Equal(t, byte(dataFormatV1), d[0])
+}
+
+func credsCases() map[string]Credentials {
+	at := storeT0.Add(1234 * time.Millisecond)
+	return map[string]Credentials{
+		"Empty":        {},
+		"OAuth":        {AccessToken: "00D" + strings.Repeat("a", 197), RefreshToken: "5Aep" + strings.Repeat("r", 96), ExpiresAt: at.Add(time.Hour), IssuedAt: at},
+		"IssuedOnly":   {AccessToken: "a", IssuedAt: at},
+		"ExpiresOnly":  {AccessToken: "a", ExpiresAt: at},
+		"APIKey":       {APIKey: "k"},
+		"Basic":        {Username: "u", Password: "p:\x00\"{"},
+		"Extra":        {APIKey: "k", Extra: map[string]string{"client_code": "x", "": "", "tenant": "t"}},
+		"Everything":   {AccessToken: "a", RefreshToken: "r", ExpiresAt: at, IssuedAt: storeT0, APIKey: "k", Username: "u", Password: "p", Extra: map[string]string{"x": "y"}},
+		"FarTimes":     {AccessToken: "a", ExpiresAt: time.UnixMilli(math.MinInt64 / 3).UTC(), IssuedAt: time.UnixMilli(math.MaxInt64 / 3).UTC()},
+		"IssuedBefore": {RefreshToken: "r", ExpiresAt: time.UnixMilli(1).UTC(), IssuedAt: time.UnixMilli(-1).UTC()},
+	}
+}
+
+func TestCredsCodecPacked(t *testing.T) {
+	t.Parallel()
+	for name, c := range credsCases() {
+		t.Run(name, func(t *testing.T) {
+			b, err := encodeCreds(c)
+			require.NoError(t, err)
+			require.Equal(t, byte(credsFormatV1), b[0])
+			got, err := decodeCreds(b)
+			require.NoError(t, err)
+			require.Equal(t, c, got)
+			for i := range len(b) {
+				_, err := decodeCreds(b[:i])
+				require.Error(t, err, "prefix of %d bytes", i)
+			}
+			_, err = decodeCreds(append(b[:len(b):len(b)], 0))
+			require.Error(t, err, "trailing byte")
+			// Earlier versions sealed JSON: it still reads, to the same.
+			j, err := encodeCredsJSON(c)
+			require.NoError(t, err)
+			got, err = decodeCreds(j)
+			require.NoError(t, err)
+			require.Equal(t, c, got)
+		})
+	}
+	// The plaintext of the bench's OAuth connection, before and after.
+	oauth := credsCases()["OAuth"]
+	j, _ := encodeCredsJSON(oauth)
+	p, _ := encodeCreds(oauth)
+	t.Logf("credentials plaintext: JSON %d bytes, packed %d bytes", len(j), len(p))
+	require.LessOrEqual(t, len(p), len(j)-30)
+}
+
+func TestCredsCodecPackedProperty(t *testing.T) {
+	t.Parallel()
+	tm := rapid.Custom(func(t *rapid.T) time.Time {
+		if v := rapid.Int64().Draw(t, "ms"); v != 0 && rapid.Bool().Draw(t, "set") {
+			return time.UnixMilli(v).UTC()
+		}
+		return time.Time{}
+	})
+	rapid.Check(t, func(t *rapid.T) {
+		c := Credentials{AccessToken: rapid.String().Draw(t, "a"), RefreshToken: rapid.String().Draw(t, "r"),
+			ExpiresAt: tm.Draw(t, "e"), IssuedAt: tm.Draw(t, "i"), APIKey: rapid.String().Draw(t, "k"),
+			Username: rapid.String().Draw(t, "u"), Password: rapid.String().Draw(t, "p")}
+		if x := rapid.MapOf(rapid.String(), rapid.String()).Draw(t, "x"); len(x) > 0 {
+			c.Extra = x
+		}
+		b, err := encodeCreds(c)
+		require.NoError(t, err)
+		got, err := decodeCreds(b)
+		require.NoError(t, err)
+		require.Equal(t, c, got)
+	})
+}
+
+// TestStoreOpensJSONCredentials: a record whose credentials an earlier
+// version sealed as JSON opens; the next change of credentials seals the
+// packed form.
+func TestStoreOpensJSONCredentials(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t)
+	ctx := context.Background()
+	ch, err := b.store.Put(ctx, refSF, sfInput("at", "rt", storeT0.Add(time.Hour)), 0)
+	require.NoError(t, err)
+	key := b.store.keysOf(refSF).record(refSF.String())
+	j, err := encodeCredsJSON(ch.After.Credentials)
+	require.NoError(t, err)
+	require.NoError(t, b.rdb.HSet(ctx, key, fieldCreds, b.keys.Seal(j, []byte(key))).Err())
+	got, err := b.store.Get(ctx, refSF)
+	require.NoError(t, err)
+	require.Equal(t, ch.After.Credentials, got.Credentials)
+	_, err = b.store.Patch(ctx, refSF, Input{Credentials: map[string]string{"access_token": "at2"}}, 0)
+	require.NoError(t, err)
+	sealed, err := b.rdb.HGet(ctx, key, fieldCreds).Bytes()
+	require.NoError(t, err)
+	pt, err := b.keys.Open(sealed, []byte(key))
+	require.NoError(t, err)
+	require.Equal(t, byte(credsFormatV1), pt[0])
 }
