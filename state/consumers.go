@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -250,10 +251,19 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 				return nil, err
 			}
 		}
-		conns, err := s.ListConsumer(ctx, id)
+		svcs, err := s.shardServices(ctx, k)
+		if err != nil {
+			return nil, fmt.Errorf("state: delete consumer: %w", err)
+		}
+		members, err := s.consumerMembers(ctx, k, id, svcs)
+		if err != nil {
+			return nil, fmt.Errorf("state: delete consumer: %w", err)
+		}
+		conns, err := s.fetch(ctx, k, members)
 		if err != nil {
 			return nil, err
 		}
+		conns = slices.DeleteFunc(conns, func(c *Connection) bool { return c == nil })
 		if len(conns) == 0 {
 			n, err := s.cfg.Client.Exists(ctx, k.consumer(id)).Result()
 			if err != nil {
@@ -264,8 +274,14 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 			}
 		}
 		now := s.now()
-		ks := []string{k.consumer(id), k.consumers(), k.all(), k.counts(), k.due(IndexCheck), k.due(IndexRefresh)}
-		args := []any{id, len(conns)}
+		// The script checks that the shard holds no service beyond svcs
+		// and no connection of the consumer beyond conns.
+		ks := []string{k.consumer(id), k.consumers(), k.counts(), k.due(IndexCheck), k.due(IndexRefresh)}
+		args := []any{id, len(conns), len(svcs)}
+		for _, svc := range svcs {
+			ks = append(ks, k.service(svc))
+			args = append(args, svc)
+		}
 		var events []Event
 		changes := make([]Change, 0, len(conns))
 		for _, c := range conns {

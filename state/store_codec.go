@@ -13,11 +13,14 @@ import (
 )
 
 // The record is kept compact (memory per connection is a design goal):
-// short JSON names, times as unix milliseconds, zero values omitted, and
-// nothing that the key already says (consumer id, connection id, unified
-// API) or that has a field of its own (version, state, service id).
+// times as unix milliseconds, zero values omitted, and nothing that the
+// key already says (consumer id, connection id, unified API) or that has a
+// field of its own (version, state, service id). Field d is written packed
+// (store_codec_bin.go); records written before that hold it as JSON
+// (recData), which is still read.
 
-// recData is the field d of a record: the non-secret facts.
+// recData is the JSON form of field d, the non-secret facts, written by
+// earlier versions and still read.
 type recData struct {
 	Disabled     bool              `json:"x,omitempty"`
 	Settings     map[string]string `json:"s,omitempty"`
@@ -65,7 +68,8 @@ type recRefresh struct {
 	RefreshedAt int64 `json:"ra,omitempty"`
 }
 
-// recCreds is the plaintext of field c before sealing.
+// recCreds is the JSON plaintext of field c that earlier versions sealed,
+// still read (the packed form is in store_codec_bin.go).
 type recCreds struct {
 	AccessToken  string            `json:"a,omitempty"`
 	RefreshToken string            `json:"r,omitempty"`
@@ -93,7 +97,12 @@ func fromMS(v int64) time.Time {
 	return time.UnixMilli(v).UTC()
 }
 
-func encodeData(c *Connection) ([]byte, error) {
+// encodeData is the field d of a record: the packed form.
+func encodeData(c *Connection) ([]byte, error) { return encodeDataPacked(c), nil }
+
+// encodeDataJSON is the JSON form of field d that earlier versions wrote
+// (kept to test that such records still read).
+func encodeDataJSON(c *Connection) ([]byte, error) {
 	d := recData{
 		Disabled:  !c.Enabled,
 		Revision:  c.Revision,
@@ -132,7 +141,12 @@ func encodeData(c *Connection) ([]byte, error) {
 	return json.Marshal(d)
 }
 
+// decodeData reads field d in either form: JSON (from earlier versions,
+// always an object, so it starts with '{') or packed.
 func decodeData(b []byte, c *Connection) error {
+	if len(b) == 0 || b[0] != '{' {
+		return decodeDataPacked(b, c)
+	}
 	var d recData
 	if err := json.Unmarshal(b, &d); err != nil {
 		return err
@@ -172,7 +186,12 @@ func decodeData(b []byte, c *Connection) error {
 // hasAny reports whether any credential is set.
 func (c Credentials) hasAny() bool { return !c.Equal(Credentials{}) }
 
-func encodeCreds(c Credentials) ([]byte, error) {
+// encodeCreds is the plaintext of field c: the packed form.
+func encodeCreds(c Credentials) ([]byte, error) { return encodeCredsPacked(c), nil }
+
+// encodeCredsJSON is the JSON plaintext of field c that earlier versions
+// sealed (kept to test that such records still open).
+func encodeCredsJSON(c Credentials) ([]byte, error) {
 	rc := recCreds{AccessToken: c.AccessToken, RefreshToken: c.RefreshToken, ExpiresAt: ms(c.ExpiresAt),
 		IssuedAt: ms(c.IssuedAt), APIKey: c.APIKey, Username: c.Username, Password: c.Password}
 	if len(c.Extra) > 0 {
@@ -181,7 +200,12 @@ func encodeCreds(c Credentials) ([]byte, error) {
 	return json.Marshal(rc)
 }
 
+// decodeCreds reads the plaintext of field c in either form: JSON (from
+// earlier versions, an object) or packed.
 func decodeCreds(b []byte) (Credentials, error) {
+	if len(b) == 0 || b[0] != '{' {
+		return decodeCredsPacked(b)
+	}
 	var rc recCreds
 	if err := json.Unmarshal(b, &rc); err != nil {
 		return Credentials{}, err

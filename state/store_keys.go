@@ -13,7 +13,6 @@ import (
 // all of its index entries atomically, also on Redis Cluster:
 //
 //	<prefix>:{sNN}:conn:<consumer>|<connection>   hash: the record
-//	<prefix>:{sNN}:all                              lex zset of every member
 //	<prefix>:{sNN}:st:<state>                       lex zset per state
 //	<prefix>:{sNN}:svc:<service_id>                 lex zset per integration
 //	<prefix>:{sNN}:due:check                        zset scored by unix ms
@@ -22,11 +21,23 @@ import (
 //
 // The member of every index is Ref.String(), "<consumer>|<connection>";
 // consumer ids never contain '|', so one consumer's connections are the
-// contiguous lex range ["<consumer>|", "<consumer>}").
+// contiguous lex range ["<consumer>|", "<consumer>}") of each index.
 //
-// Record fields: v (version), st (state), svc (service id), d (compact JSON
-// of the non-secret facts, see recData) and c (the credentials, compact
-// JSON sealed with the keyring, the record key as additional data).
+// There is no index of all connections: every connection is in exactly
+// one service index, and the services of a shard are the fields of its
+// counts hash, so "all" is the union of those service indexes (List,
+// ListConsumer, ResealAll and DeleteConsumer walk them). Releases before
+// this layout kept a lex zset <prefix>:{sNN}:all of every member (about
+// 120 bytes per connection); nothing reads or writes it now, so in a store
+// written by them it is a harmless leftover that only holds memory. Once
+// no process of an older release runs against the store, remove it with
+// UNLINK <prefix>:{sNN}:all for each shard (an older release would not
+// list connections written without it).
+//
+// Record fields: v (version), st (state), svc (service id), d (the
+// non-secret facts, packed: see store_codec_bin.go; JSON in records written
+// before, still read) and c (the credentials, compact JSON sealed with the
+// keyring, the record key as additional data).
 const (
 	fieldVersion = "v"
 	fieldState   = "st"
@@ -61,7 +72,6 @@ func shardTags(prefix string, shards int) []string {
 }
 
 func (k keys) record(member string) string { return k.tag + "conn:" + member }
-func (k keys) all() string                 { return k.tag + "all" }
 func (k keys) state(st State) string       { return k.tag + "st:" + string(st) }
 func (k keys) service(id string) string    { return k.tag + "svc:" + id }
 func (k keys) counts() string              { return k.tag + "counts" }

@@ -3,10 +3,12 @@ package state
 import (
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
@@ -210,4 +212,165 @@ func TestListV1CursorResumes(t *testing.T) {
 		got = append(got, c.Ref().String())
 	}
 	require.ElementsMatch(t, members[4:], got)
+
+	// Small pages: the walks of both services resume after the v1
+	// position, page after page, each connection once.
+	got = nil
+	for cur := v1; cur != ""; {
+		page, cur, err = b.store.List(ctx, Filter{UnifiedAPI: "crm"}, cur, 2)
+		require.NoError(t, err)
+		for _, c := range page {
+			got = append(got, c.Ref().String())
+		}
+	}
+	require.Equal(t, members[4:], got, "in lex order")
+}
+
+// TestListAllWalksEveryServiceOnce: without a filter, List walks the index
+// of every service of each shard (there is no index of all connections);
+// under concurrent writes, in services seeded and in one that appears
+// during the walk, every connection present throughout is returned
+// exactly once, and a cursor of the former walk of the all index (v2,
+// no service) resumes in lex order across the service indexes.
+func TestListAllWalksEveryServiceOnce(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t, func(c *Config) { c.Shards = 4 })
+	ctx := context.Background()
+	conns := []string{"crm+hubspot", "hris+bamboohr", "ticketing+zendesk"}
+	inputs := map[string]Input{"crm+hubspot": {}, "hris+bamboohr": bambooInput("k"),
+		"ticketing+zendesk": {Settings: map[string]string{"subdomain": "acme"}}}
+	const n = 600
+	want := map[string]bool{}
+	for i := range n {
+		ref := Ref{ConsumerID: fmt.Sprintf("p%04d", i), ConnectionID: conns[i%len(conns)]}
+		_, err := b.store.Put(ctx, ref, inputs[ref.ConnectionID], 0)
+		require.NoError(t, err)
+		want[ref.String()] = true
+	}
+
+	stop := make(chan struct{})
+	var writer errgroup.Group
+	writer.Go(func() error {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			// Another service (xero) comes and goes between the pages.
+			ref := Ref{ConsumerID: fmt.Sprintf("o%04d", i%200), ConnectionID: "accounting+xero"}
+			if i%3 == 1 {
+				ref.ConnectionID = conns[i%len(conns)]
+			}
+			var err error
+			if i%2 == 0 {
+				_, err = b.store.Put(ctx, ref, inputs[ref.ConnectionID], 0)
+			} else {
+				_, err = b.store.Delete(ctx, ref, 0)
+			}
+			if err != nil && !errors.Is(err, ErrNotFound) {
+				return err
+			}
+		}
+	})
+	seen := map[string]int{}
+	cursor := ""
+	for {
+		page, next, err := b.store.List(ctx, Filter{}, cursor, 23)
+		require.NoError(t, err)
+		for _, c := range page {
+			if want[c.Ref().String()] {
+				seen[c.Ref().String()]++
+			}
+		}
+		if next == "" {
+			break
+		}
+		cursor = next
+	}
+	close(stop)
+	require.NoError(t, writer.Wait())
+	require.Len(t, seen, n)
+	for m, k := range seen {
+		require.Equal(t, 1, k, m)
+	}
+
+	// A cursor of the all index: "2:<shard>:<no service>:<member>".
+	sh := b.store.ShardOf("p0100")
+	after := Ref{ConsumerID: "p0100", ConnectionID: conns[100%len(conns)]}.String()
+	old := base64.RawURLEncoding.EncodeToString([]byte("2:" + fmt.Sprint(sh) + "::" + after))
+	var got []string
+	cursor = old
+	for {
+		page, next, err := b.store.List(ctx, Filter{}, cursor, 50)
+		require.NoError(t, err)
+		for _, c := range page {
+			if m := c.Ref().String(); want[m] {
+				got = append(got, m)
+			}
+		}
+		if next == "" {
+			break
+		}
+		cursor = next
+	}
+	var expect []string
+	for m := range want {
+		ref, _ := parseMember(m)
+		if s := b.store.ShardOf(ref.ConsumerID); s > sh || s == sh && m > after {
+			expect = append(expect, m)
+		}
+	}
+	require.ElementsMatch(t, expect, got)
+}
+
+// TestListScanBudgetEndsAtAWalksStart: a page whose scan budget runs out
+// exactly where the next walk (service index) begins gives a cursor that
+// resumes there (it once carried "-" as the member and was refused as
+// malformed).
+func TestListScanBudgetEndsAtAWalksStart(t *testing.T) {
+	t.Parallel()
+	b := setupStore(t, func(c *Config) { c.Shards = 1 })
+	ctx := context.Background()
+	tokens := Input{Credentials: map[string]string{"access_token": "a", "refresh_token": "r",
+		"expires_at": storeT0.Add(time.Hour).Format(time.RFC3339)}}
+	// hubspot: 1,010 connections, one callable (batches of 150: the walk
+	// ends on a short batch with 1,010 >= listScanBudget examined).
+	pipe := make(chan int)
+	var g errgroup.Group
+	for range 8 {
+		g.Go(func() error {
+			for i := range pipe {
+				in := Input{}
+				if i == 0 {
+					in = tokens
+				}
+				if _, err := b.store.Put(ctx, Ref{ConsumerID: fmt.Sprintf("h%04d", i), ConnectionID: "crm+hubspot"}, in, 0); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	for i := range 1010 {
+		pipe <- i
+	}
+	close(pipe)
+	require.NoError(t, g.Wait())
+	sfIn := sfInput("a", "r", storeT0.Add(time.Hour))
+	for i := range 5 {
+		ch, err := b.store.Put(ctx, Ref{ConsumerID: fmt.Sprintf("s%d", i), ConnectionID: "crm+salesforce"}, sfIn, 0)
+		require.NoError(t, err)
+		require.Equal(t, Callable, ch.After.State)
+	}
+	f := Filter{UnifiedAPI: "crm", State: Callable}
+	page, next, err := b.store.List(ctx, f, "", 150)
+	require.NoError(t, err)
+	require.Len(t, page, 1)
+	require.Equal(t, "h0000", page[0].ConsumerID)
+	require.NotEmpty(t, next)
+	page, next, err = b.store.List(ctx, f, next, 150)
+	require.NoError(t, err)
+	require.Len(t, page, 5)
+	require.Empty(t, next)
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -98,9 +97,11 @@ func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connect
 		return nil, validateRef(Ref{ConsumerID: consumerID})
 	}
 	k := s.keysOf(Ref{ConsumerID: consumerID})
-	// '}' follows '|': the range holds exactly the members "<consumer>|...".
-	members, err := s.cfg.Client.ZRangeByLex(ctx, k.all(), &redis.ZRangeBy{
-		Min: "[" + consumerID + "|", Max: "(" + consumerID + "}"}).Result()
+	svcs, err := s.shardServices(ctx, k)
+	if err != nil {
+		return nil, fmt.Errorf("state: list connections of a consumer: %w", err)
+	}
+	members, err := s.consumerMembers(ctx, k, consumerID, svcs)
 	if err != nil {
 		return nil, fmt.Errorf("state: list connections of a consumer: %w", err)
 	}
@@ -109,6 +110,55 @@ func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connect
 		return nil, err
 	}
 	return slices.DeleteFunc(conns, func(c *Connection) bool { return c == nil }), nil
+}
+
+// consumerMembers returns the index members of one consumer's
+// connections, sorted: its lex range in the index of each of svcs, the
+// services of the shard (every connection is in exactly one).
+func (s *Store) consumerMembers(ctx context.Context, k keys, consumerID string, svcs []string) ([]string, error) {
+	if len(svcs) == 0 {
+		return nil, nil
+	}
+	pipe := s.cfg.Client.Pipeline()
+	cmds := make([]*redis.StringSliceCmd, len(svcs))
+	for i, svc := range svcs {
+		// '}' follows '|': the range holds exactly the members "<consumer>|...".
+		cmds[i] = pipe.ZRangeByLex(ctx, k.service(svc), &redis.ZRangeBy{
+			Min: "[" + consumerID + "|", Max: "(" + consumerID + "}"})
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return nil, err
+	}
+	var members []string
+	for _, cmd := range cmds {
+		members = append(members, cmd.Val()...)
+	}
+	slices.Sort(members)
+	return members, nil
+}
+
+// shardServices returns the services that have connections in a shard,
+// sorted: the services named by the fields "<service_id>|<state>" of its
+// counts hash, which every write keeps in the same script as the indexes.
+func (s *Store) shardServices(ctx context.Context, k keys) ([]string, error) {
+	counts, err := s.cfg.Client.HGetAll(ctx, k.counts()).Result()
+	if err != nil {
+		return nil, err
+	}
+	return servicesIn(counts), nil
+}
+
+// servicesIn returns the services named by the fields of a counts hash,
+// sorted.
+func servicesIn(counts map[string]string) []string {
+	svcs := make([]string, 0, len(counts))
+	for field := range counts {
+		if svc, _, ok := strings.Cut(field, "|"); ok && !slices.Contains(svcs, svc) {
+			svcs = append(svcs, svc)
+		}
+	}
+	slices.Sort(svcs)
+	return svcs
 }
 
 // cursor is a position in the walk of List: in shard, in the walk of the
@@ -189,25 +239,23 @@ const (
 // walk is one index a shard's listing walks.
 type walk struct {
 	key string
-	svc string // the service whose index this is; "" for the all and state indexes
+	svc string // the service whose index this is; "" for a state index
 	// exact: every member of the index matches the filter.
 	exact bool
 }
 
 // listPlan says which indexes List walks in each shard, narrowest first:
-// the all index or a state index without a service filter; the smaller
-// of a service's index and the state index for service_id with state; the
-// indexes of the unified API's services (from the catalog, plus any
-// service stored but no longer in the catalog) for unified_api. Shards
-// and services whose counters hold no match are skipped without a read.
+// the state index for a state alone; the index of every service stored in
+// the shard, one after the other in service order, without a filter (there
+// is no index of all connections); the smaller of a service's index and
+// the state index for service_id with state; the indexes of the unified
+// API's services (from the catalog, plus any service stored but no longer
+// in the catalog) for unified_api. Shards and services whose counters hold
+// no match are skipped without a read.
 func (s *Store) listPlan(ctx context.Context, f Filter) (func(sh int) []walk, error) {
-	if f.ServiceID == "" && f.UnifiedAPI == "" {
+	if f.ServiceID == "" && f.UnifiedAPI == "" && f.State != "" {
 		return func(sh int) []walk {
-			k := s.shardKeys(sh)
-			if f.State != "" {
-				return []walk{{key: k.state(f.State), exact: true}}
-			}
-			return []walk{{key: k.all(), exact: true}}
+			return []walk{{key: s.shardKeys(sh).state(f.State), exact: true}}
 		}, nil
 	}
 	// The per-shard counters (kept in the same script as every write)
@@ -236,7 +284,7 @@ func (s *Store) listPlan(ctx context.Context, f Filter) (func(sh int) []walk, er
 		return n
 	}
 	var inAPI map[string]bool
-	if f.ServiceID == "" {
+	if f.UnifiedAPI != "" {
 		inAPI = map[string]bool{}
 		for _, in := range s.cfg.Catalog.ByUnifiedAPI(f.UnifiedAPI) {
 			inAPI[in.ID] = true
@@ -254,22 +302,18 @@ func (s *Store) listPlan(ctx context.Context, f Filter) (func(sh int) []walk, er
 			}
 			return []walk{w}
 		}
-		// unified_api: the catalog's services of that API, and any stored
-		// service the catalog no longer knows (its API is unknown here).
-		svcs := map[string]bool{}
-		for field := range counts[sh] {
-			svc, _, ok := strings.Cut(field, "|")
-			if !ok {
-				continue
-			}
-			if _, known := s.cfg.Catalog.Get(svc); inAPI[svc] || !known {
-				svcs[svc] = true
-			}
-		}
+		// No filter: every service of the shard. unified_api: the
+		// catalog's services of that API, and any stored service the
+		// catalog no longer knows (its API is unknown here).
 		var out []walk
-		for _, svc := range slices.Sorted(maps.Keys(svcs)) {
+		for _, svc := range servicesIn(counts[sh]) {
+			if inAPI != nil {
+				if _, known := s.cfg.Catalog.Get(svc); !inAPI[svc] && known {
+					continue
+				}
+			}
 			if count(sh, svc, f.State) > 0 {
-				out = append(out, walk{key: k.service(svc), svc: svc})
+				out = append(out, walk{key: k.service(svc), svc: svc, exact: inAPI == nil})
 			}
 		}
 		return out
@@ -301,67 +345,167 @@ func (s *Store) List(ctx context.Context, f Filter, cur string, limit int) ([]*C
 	if err != nil {
 		return nil, "", err
 	}
-	out := make([]*Connection, 0, limit)
-	examined := 0
+	l := lister{s: s, f: f, limit: limit, out: make([]*Connection, 0, limit)}
 	for sh := start.shard; sh < s.cfg.Shards; sh++ {
-		k := s.shardKeys(sh)
-		for _, w := range plan(sh) {
+		walks := plan(sh)
+		if sh == start.shard && start.svc == "" && start.member != "" {
+			// A position in the shard's lex order (a walk through one
+			// index, or a cursor of a release that walked the index of
+			// all connections): the rest of the shard in that order.
+			next, done, err := l.merged(ctx, sh, walks, start.member)
+			switch {
+			case err != nil:
+				return nil, "", err
+			case done:
+				return l.out, next, nil
+			}
+			continue
+		}
+		for _, w := range walks {
 			lo := "-"
 			if sh == start.shard && cur != "" {
 				switch {
-				case start.svc == "" && start.member != "":
-					// One walk through the shard's lex order (or a v1
-					// cursor, which walked it that way): every index
-					// resumes after the member.
-					lo = "(" + start.member
 				case w.svc < start.svc:
 					continue // walked on an earlier page
 				case w.svc == start.svc && start.member != "":
 					lo = "(" + start.member
 				}
 			}
-			batch := limit
-			if !w.exact {
-				batch = max(limit, listMinBatch)
-			}
-			for {
-				if examined >= listScanBudget {
-					// Enough work for one page: the caller continues here.
-					return out, cursor{shard: sh, svc: w.svc, member: strings.TrimPrefix(lo, "(")}.encode(), nil
-				}
-				// Walking the lex order of a zset member by member from the
-				// last one seen is what keeps the walk exact under
-				// concurrent writes: positions do not shift when other
-				// members come and go.
-				members, err := s.cfg.Client.ZRangeByLex(ctx, w.key, &redis.ZRangeBy{Min: lo, Max: "+",
-					Count: int64(batch)}).Result()
-				if err != nil {
-					return nil, "", fmt.Errorf("state: list connections: %w", err)
-				}
-				if len(members) == 0 {
-					break
-				}
-				conns, err := s.fetch(ctx, k, members)
-				if err != nil {
-					return nil, "", err
-				}
-				examined += len(members)
-				for i, c := range conns {
-					if c != nil && f.matches(c) {
-						out = append(out, c)
-						if len(out) == limit {
-							return out, cursor{shard: sh, svc: w.svc, member: members[i]}.encode(), nil
-						}
-					}
-				}
-				if len(members) < batch {
-					break
-				}
-				lo = "(" + members[len(members)-1]
+			next, done, err := l.walk(ctx, sh, w, lo)
+			switch {
+			case err != nil:
+				return nil, "", err
+			case done:
+				return l.out, next, nil
 			}
 		}
 	}
-	return out, "", nil
+	return l.out, "", nil
+}
+
+// lister is one page of List.
+type lister struct {
+	s        *Store
+	f        Filter
+	limit    int
+	out      []*Connection
+	examined int
+}
+
+// cursorAt is the cursor of a page that ends in walk w of shard sh after
+// the index range lo ("-" for the walk's start).
+func cursorAt(sh int, svc, lo string) string {
+	after := ""
+	if lo != "-" {
+		after = strings.TrimPrefix(lo, "(")
+	}
+	return cursor{shard: sh, svc: svc, member: after}.encode()
+}
+
+// add reads the records of members and keeps the matches; the page is
+// full (cursor after the last one kept) when it returns a cursor.
+func (l *lister) add(ctx context.Context, sh int, svc string, members []string) (string, error) {
+	conns, err := l.s.fetch(ctx, l.s.shardKeys(sh), members)
+	if err != nil {
+		return "", err
+	}
+	l.examined += len(members)
+	for i, c := range conns {
+		if c != nil && l.f.matches(c) {
+			l.out = append(l.out, c)
+			if len(l.out) == l.limit {
+				return cursor{shard: sh, svc: svc, member: members[i]}.encode(), nil
+			}
+		}
+	}
+	return "", nil
+}
+
+// batch is how many index members one read asks for.
+func (l *lister) batch(exact bool) int {
+	if exact {
+		return l.limit
+	}
+	return max(l.limit, listMinBatch)
+}
+
+// walk reads index w of shard sh from lo on; done when the page is full
+// or its budget spent (next is then its cursor) or on an error.
+func (l *lister) walk(ctx context.Context, sh int, w walk, lo string) (next string, done bool, err error) {
+	batch := l.batch(w.exact)
+	for {
+		if l.examined >= listScanBudget {
+			// Enough work for one page: the caller continues here.
+			return cursorAt(sh, w.svc, lo), true, nil
+		}
+		// Walking the lex order of a zset member by member from the last
+		// one seen is what keeps the walk exact under concurrent writes:
+		// positions do not shift when other members come and go.
+		members, err := l.s.cfg.Client.ZRangeByLex(ctx, w.key, &redis.ZRangeBy{Min: lo, Max: "+",
+			Count: int64(batch)}).Result()
+		if err != nil {
+			return "", true, fmt.Errorf("state: list connections: %w", err)
+		}
+		if len(members) == 0 {
+			return "", false, nil
+		}
+		if next, err := l.add(ctx, sh, w.svc, members); err != nil || next != "" {
+			return next, true, err
+		}
+		if len(members) < batch {
+			return "", false, nil
+		}
+		lo = "(" + members[len(members)-1]
+	}
+}
+
+// merged reads the rest of shard sh after member in lex order, merging
+// its walks (their indexes are disjoint, or the one walk a position in
+// lex order came from); its cursors are positions in that order too.
+func (l *lister) merged(ctx context.Context, sh int, walks []walk, after string) (next string, done bool, err error) {
+	exact := true
+	for _, w := range walks {
+		exact = exact && w.exact
+	}
+	batch := l.batch(exact)
+	lo := "(" + after
+	for len(walks) > 0 {
+		if l.examined >= listScanBudget {
+			return cursorAt(sh, "", lo), true, nil
+		}
+		// The first batch members of the union are among the first batch
+		// of each index.
+		pipe := l.s.cfg.Client.Pipeline()
+		cmds := make([]*redis.StringSliceCmd, len(walks))
+		for i, w := range walks {
+			cmds[i] = pipe.ZRangeByLex(ctx, w.key, &redis.ZRangeBy{Min: lo, Max: "+", Count: int64(batch)})
+		}
+		if _, err := pipe.Exec(ctx); err != nil {
+			return "", true, fmt.Errorf("state: list connections: %w", err)
+		}
+		var members []string
+		full := false
+		for _, cmd := range cmds {
+			members = append(members, cmd.Val()...)
+			full = full || len(cmd.Val()) == batch
+		}
+		if len(members) == 0 {
+			return "", false, nil
+		}
+		slices.Sort(members)
+		members = slices.Compact(members)
+		if len(members) > batch {
+			members = members[:batch]
+		}
+		if next, err := l.add(ctx, sh, "", members); err != nil || next != "" {
+			return next, true, err
+		}
+		if !full {
+			return "", false, nil
+		}
+		lo = "(" + members[len(members)-1]
+	}
+	return "", false, nil
 }
 
 // matches applies the filter to a record read after its index entry.

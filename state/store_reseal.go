@@ -43,7 +43,7 @@ type ResealProgress struct {
 	Failed []Ref
 }
 
-// ResealAll walks every shard's index of all connections (never a SCAN) and
+// ResealAll walks every shard's service indexes (never a SCAN) and
 // seals again, under the keyring's primary key, the credentials of every
 // record another key sealed (Reseal). It is safe while the fleet runs
 // (each record is a compare-and-set write; a concurrent write wins and is
@@ -59,38 +59,56 @@ func (s *Store) ResealAll(ctx context.Context, progress func(ResealProgress)) (R
 	for sh := range s.cfg.Shards {
 		p.Shard = sh
 		k := s.shardKeys(sh)
-		lo := "-"
-		for {
-			members, err := s.cfg.Client.ZRangeByLex(ctx, k.all(), &redis.ZRangeBy{Min: lo, Max: "+", Count: resealPage}).Result()
-			if err != nil {
-				return p, fmt.Errorf("state: reseal: walk shard %d: %w", sh, err)
-			}
-			if len(members) == 0 {
-				break
-			}
-			todo, err := s.needReseal(ctx, k, members, primary)
-			if err != nil {
+		// Every connection is in exactly one service index. A service that
+		// appears after this read holds only connections written since,
+		// sealed under the primary key.
+		svcs, err := s.shardServices(ctx, k)
+		if err != nil {
+			return p, fmt.Errorf("state: reseal: walk shard %d: %w", sh, err)
+		}
+		for _, svc := range svcs {
+			if err := s.resealIndex(ctx, sh, k.service(svc), primary, &p, progress); err != nil {
 				return p, err
 			}
-			p.Scanned += len(members)
-			p.Current += len(members) - len(todo)
-			s.resealPage(ctx, todo, &p)
-			if err := ctx.Err(); err != nil {
-				return p, err
-			}
-			if progress != nil {
-				progress(p)
-			}
-			if len(members) < resealPage {
-				break
-			}
-			lo = "(" + members[len(members)-1]
 		}
 	}
 	if progress != nil {
 		progress(p)
 	}
 	return p, nil
+}
+
+// resealIndex walks one lex index of shard sh and reseals what needs it.
+func (s *Store) resealIndex(ctx context.Context, sh int, index, primary string, p *ResealProgress,
+	progress func(ResealProgress)) error {
+	k := s.shardKeys(sh)
+	lo := "-"
+	for {
+		members, err := s.cfg.Client.ZRangeByLex(ctx, index, &redis.ZRangeBy{Min: lo, Max: "+", Count: resealPage}).Result()
+		if err != nil {
+			return fmt.Errorf("state: reseal: walk shard %d: %w", sh, err)
+		}
+		if len(members) == 0 {
+			return nil
+		}
+		todo, err := s.needReseal(ctx, k, members, primary)
+		if err != nil {
+			return err
+		}
+		p.Scanned += len(members)
+		p.Current += len(members) - len(todo)
+		s.resealPage(ctx, todo, p)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if progress != nil {
+			progress(*p)
+		}
+		if len(members) < resealPage {
+			return nil
+		}
+		lo = "(" + members[len(members)-1]
+	}
 }
 
 // needReseal reads the key id of each member's sealed credentials in one

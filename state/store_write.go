@@ -245,22 +245,22 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 	member := ref.String()
 	recKey := k.record(member)
 	lock, intent := s.fenceKeys(ref)
-	ks = []string{recKey, k.all(), "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
+	ks = []string{recKey, "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
 	args = make([]any, 0, 16+len(events)*25)
 	expected := "0"
 	if cur != nil {
 		expected = strconv.FormatInt(cur.Version, 10)
 	}
 	if next == nil {
-		ks[2], ks[3], ks[4] = k.service(cur.ServiceID), k.state(cur.State), k.state(cur.State)
+		ks[1], ks[2], ks[3] = k.service(cur.ServiceID), k.state(cur.State), k.state(cur.State)
 		args = append(args, expected, "d", member, "", "", string(cur.State), cur.ServiceID, "", "k", "",
 			dueRemove, 0, dueRemove, 0)
 	} else {
 		oldState := ""
-		ks[2], ks[3], ks[4] = k.service(next.ServiceID), k.state(next.State), k.state(next.State)
+		ks[1], ks[2], ks[3] = k.service(next.ServiceID), k.state(next.State), k.state(next.State)
 		if cur != nil {
 			oldState = string(cur.State)
-			ks[3] = k.state(cur.State)
+			ks[2] = k.state(cur.State)
 		}
 		data, err := encodeData(next)
 		if err != nil {

@@ -1,10 +1,10 @@
 -- write.lua: compare-and-set one connection record and every index entry
 -- of it in one atomic step.
 --
--- KEYS: 1 record, 2 all index, 3 service index, 4 old state index,
---       5 new state index, 6 counts, 7 due:check, 8 due:refresh,
---       9 refresh lease, 10 refresh intent,
---       11 event stream (optional: absent on Redis Cluster)
+-- KEYS: 1 record, 2 service index, 3 old state index, 4 new state index,
+--       5 counts, 6 due:check, 7 due:refresh, 8 refresh lease,
+--       9 refresh intent, 10 event stream (optional: absent on Redis
+--       Cluster)
 -- ARGV: 1 expected version ("0": must not exist), 2 op ("s" set, "d" delete),
 --       3 member, 4 new version, 5 new state, 6 old state ("" when created),
 --       7 service id, 8 data, 9 credentials mode ("k" keep, "s" set, "d" drop),
@@ -24,14 +24,14 @@ end
 
 local fence, token = ARGV[17], ARGV[18]
 if fence ~= '' then
-  if redis.call('HGET', KEYS[10], 'o') ~= token then
+  if redis.call('HGET', KEYS[9], 'o') ~= token then
     return {-1}
   end
-  if fence == 'L' and redis.call('GET', KEYS[9]) ~= token then
+  if fence == 'L' and redis.call('GET', KEYS[8]) ~= token then
     return {-1}
   end
   if ARGV[19] == '1' then
-    redis.call('DEL', KEYS[10])
+    redis.call('DEL', KEYS[9])
   end
 end
 
@@ -40,8 +40,8 @@ local newst, oldst = ARGV[5], ARGV[6]
 
 local function count(st, by)
   local f = svc .. '|' .. st
-  if redis.call('HINCRBY', KEYS[6], f, by) <= 0 then
-    redis.call('HDEL', KEYS[6], f)
+  if redis.call('HINCRBY', KEYS[5], f, by) <= 0 then
+    redis.call('HDEL', KEYS[5], f)
   end
 end
 
@@ -59,9 +59,8 @@ if ARGV[2] == 'd' then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
-  redis.call('ZREM', KEYS[4], member)
+  redis.call('ZREM', KEYS[6], member)
   redis.call('ZREM', KEYS[7], member)
-  redis.call('ZREM', KEYS[8], member)
   count(oldst, -1)
 else
   redis.call('HSET', KEYS[1], 'v', ARGV[4], 'st', newst, 'svc', svc, 'd', ARGV[8])
@@ -72,22 +71,21 @@ else
   end
   if oldst == '' then
     redis.call('ZADD', KEYS[2], 0, member)
-    redis.call('ZADD', KEYS[3], 0, member)
-    redis.call('ZADD', KEYS[5], 0, member)
+    redis.call('ZADD', KEYS[4], 0, member)
     count(newst, 1)
   elseif oldst ~= newst then
-    redis.call('ZREM', KEYS[4], member)
-    redis.call('ZADD', KEYS[5], 0, member)
+    redis.call('ZREM', KEYS[3], member)
+    redis.call('ZADD', KEYS[4], 0, member)
     count(oldst, -1)
     count(newst, 1)
   end
-  due(KEYS[7], ARGV[11], ARGV[12])
-  due(KEYS[8], ARGV[13], ARGV[14])
+  due(KEYS[6], ARGV[11], ARGV[12])
+  due(KEYS[7], ARGV[13], ARGV[14])
 end
 
 local out = {1}
 local n = tonumber(ARGV[16])
-if n > 0 and KEYS[11] then
+if n > 0 and KEYS[10] then
   local i = 20
   for _ = 1, n do
     local k = tonumber(ARGV[i])
@@ -96,7 +94,7 @@ if n > 0 and KEYS[11] then
       fields[j] = ARGV[i + j]
     end
     i = i + k + 1
-    out[#out + 1] = redis.call('XADD', KEYS[11], 'MAXLEN', '~', ARGV[15], '*', unpack(fields))
+    out[#out + 1] = redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[15], '*', unpack(fields))
   end
 end
 return out
