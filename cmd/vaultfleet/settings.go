@@ -119,7 +119,7 @@ var settings = []setting{
 		help: "spread of the next check time: ±jitter × the interval; 0 means none"},
 	{env: envSchedMaxLowPending, flag: "max-low-pending", kind: kindInt, cmds: []string{cmdScheduler},
 		def: strconv.Itoa(scheduler.DefaultMaxLowPending), min: "0",
-		help: "pause periodic checks while the low queue holds this many pending tasks; 0 means no limit"},
+		help: "pause periodic checks while the low queue holds this many pending tasks (a batch counts as one); 0 means no limit"},
 	{env: envSchedEnqueueConcurrency, flag: "enqueue-concurrency", kind: kindInt, cmds: []string{cmdScheduler},
 		def: strconv.Itoa(scheduler.DefaultEnqueueConcurrency), min: "1", max: "1024", help: "parallel enqueues"},
 	{env: envSchedCheckBatch, flag: "check-batch", kind: kindInt, cmds: []string{cmdScheduler},
