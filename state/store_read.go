@@ -545,11 +545,33 @@ func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
 	return out, nil
 }
 
-// Got is one connection of GetMany: C, or Err exactly as Get would return
-// it (ErrNotFound, an *UnreadableError, a bad ref).
+// Got is one connection of GetMany, read but not yet decoded: Open
+// decodes it (and opens its credentials) when the caller gets to it, so a
+// batch holds its members' stored bytes, not their decoded credentials.
 type Got struct {
-	C   *Connection
-	Err error
+	s    *Store
+	ref  Ref
+	vals []any
+	err  error
+}
+
+// Open returns the connection exactly as Get would: the connection,
+// ErrNotFound, an *UnreadableError or a bad ref's error.
+func (g Got) Open() (*Connection, error) {
+	if g.err != nil {
+		return nil, g.err
+	}
+	if g.s == nil {
+		return nil, ErrNotFound
+	}
+	c, err := g.s.decodeFields(g.ref, g.s.keysOf(g.ref).record(g.ref.String()), g.vals)
+	switch {
+	case err != nil:
+		return nil, err
+	case c == nil:
+		return nil, ErrNotFound
+	}
+	return c, nil
 }
 
 // GetMany reads the connections of refs, of any shards, in one pipeline:
@@ -562,7 +584,7 @@ func (s *Store) GetMany(ctx context.Context, refs []Ref) ([]Got, error) {
 	cmds := make([]*redis.SliceCmd, len(refs))
 	for i, ref := range refs {
 		if err := validateRef(ref); err != nil {
-			out[i].Err = err
+			out[i].err = err
 			continue
 		}
 		cmds[i] = pipe.HMGet(ctx, s.keysOf(ref).record(ref.String()), recordFields...)
@@ -573,17 +595,8 @@ func (s *Store) GetMany(ctx context.Context, refs []Ref) ([]Got, error) {
 		}
 	}
 	for i, ref := range refs {
-		if cmds[i] == nil {
-			continue
-		}
-		c, err := s.decodeFields(ref, s.keysOf(ref).record(ref.String()), cmds[i].Val())
-		switch {
-		case err != nil:
-			out[i].Err = err
-		case c == nil:
-			out[i].Err = ErrNotFound
-		default:
-			out[i].C = c
+		if cmds[i] != nil {
+			out[i] = Got{s: s, ref: ref, vals: cmds[i].Val()}
 		}
 	}
 	return out, nil

@@ -25,8 +25,18 @@ const (
 )
 
 // maxDeferred is how many valid verdicts a batch holds before it writes
-// them (one pipeline).
-const maxDeferred = 100
+// them (one pipeline): enough to share a round trip, few enough that a
+// batch at a slow provider does not hold all its members' connections.
+const maxDeferred = 16
+
+// maxDeferredAge bounds how long a valid verdict waits for others: at a
+// fast provider a batch's verdicts share round trips; at a slow one
+// (100 ms a check) each is written when it is known, and a batch holds
+// one member's connection at a time, not many.
+const maxDeferredAge = 20 * time.Millisecond
+
+// readChunk is how many members a batch reads in one round trip.
+const readChunk = 25
 
 // BatchResult is what a batch did, member by member in sums, in its
 // Result. It holds ids only.
@@ -80,12 +90,19 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 	}
 	br := &BatchResult{Members: len(members), Outcomes: map[string]int{}}
 	r.res.Batch = br
-	sctx, cancel := storeCtx(ctx)
-	got, err := w.store.GetMany(sctx, refs)
-	cancel()
-	if err != nil {
-		r.res.Outcome, r.res.Error = outcomeTransient, "store unavailable"
-		return r.finish(ctx, storeErr("read connections", err))
+	// The members are read readChunk at a time, in one round trip each:
+	// a batch at a slow provider holds a few dozen members' records, not
+	// all of them.
+	var got []state.Got
+	read := func(i int) error {
+		if i%readChunk != 0 {
+			return nil
+		}
+		sctx, cancel := storeCtx(ctx)
+		defer cancel()
+		var err error
+		got, err = w.store.GetMany(sctx, refs[i:min(i+readChunk, len(refs))])
+		return err
 	}
 
 	var failed error
@@ -161,7 +178,13 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 			r.res.Outcome = taskCanceled
 			return r.finish(ctx, err)
 		}
-		if g := got[i]; g.C != nil && settledSince(g.C, time.Unix(m.Due, 0)) {
+		if err := read(i); err != nil {
+			br.Waiting = append(br.Waiting, memberRefs(refs[i:])...)
+			return fail(storeErr("read connections", err))
+		}
+		c, cerr := got[i%readChunk].Open()
+		got[i%readChunk] = state.Got{} // the stored bytes are not needed any more
+		if c != nil && settledSince(c, time.Unix(m.Due, 0)) {
 			br.Outcomes[outcomeAlreadyChecked]++
 			continue
 		}
@@ -169,14 +192,14 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 			taskID: r.taskID, queue: r.queue, consumerID: m.ConsumerID, connectionID: m.ConnectionID,
 			integration: p.ServiceID}
 		deferred := false
-		v := &validation{w: w, r: mr, ref: refs[i], pre: &got[i],
+		v := &validation{w: w, r: mr, ref: refs[i], pre: &loaded{c: c, err: cerr},
 			deferValid: func(v *validation, verdict state.Verdict) {
 				deferred = true
 				valid = append(valid, validOne{i: i, mr: mr, v: v, verdict: verdict})
 			}}
 		err := v.run(ctx)
 		if deferred {
-			if len(valid) >= maxDeferred {
+			if len(valid) >= maxDeferred || time.Since(valid[0].mr.start) >= maxDeferredAge {
 				if err := flush(); err != nil {
 					br.Waiting = append(br.Waiting, memberRefs(refs[i+1:])...)
 					return fail(err)

@@ -26,6 +26,12 @@ func (w *Worker) handleValidate(ctx context.Context, t *asynq.Task) error {
 	return r.finish(ctx, v.run(ctx))
 }
 
+// loaded is a connection as read, or the error of reading it.
+type loaded struct {
+	c   *state.Connection
+	err error
+}
+
 // validation is one run of the validation handler.
 type validation struct {
 	w   *Worker
@@ -40,7 +46,7 @@ type validation struct {
 	refreshed bool
 	// pre is the connection as a batch read it (GetMany), used by the
 	// first load instead of a read of its own.
-	pre *state.Got
+	pre *loaded
 	// deferValid, if set (a batch), takes a valid verdict instead of the
 	// store: the batch writes them together (Store.ApplyVerdictsFrom).
 	deferValid func(v *validation, verdict state.Verdict)
@@ -64,7 +70,7 @@ func (v *validation) skip(why string) error {
 func (v *validation) load(ctx context.Context) (skip string, err error) {
 	var c *state.Connection
 	if v.pre != nil {
-		c, err = v.pre.C, v.pre.Err
+		c, err = v.pre.c, v.pre.err
 		v.pre = nil
 	} else {
 		c, err = v.w.store.Get(ctx, v.ref)

@@ -229,11 +229,14 @@ func (e *env) runWorkerChecks(ctx context.Context, scenario string, st *state.St
 	}
 	done := func() int { return total(processedBy(reg)) }
 	if nChecks != nTasks {
+		// One Gather per poll (every 10 ms): the bench's own allocations
+		// count in the process's CPU and RSS.
 		done = func() int {
-			if total(processedBy(reg)) < nTasks {
-				return min(checksBy(reg), nChecks-1)
+			tasks, checks := tasksAndChecks(reg)
+			if tasks < nTasks {
+				return min(checks, nChecks-1)
 			}
-			return checksBy(reg)
+			return checks
 		}
 	}
 	r, err := e.measure(ctx, scenario, nChecks, w.Run, done)
@@ -247,6 +250,28 @@ func (e *env) runWorkerChecks(ctx context.Context, scenario string, st *state.St
 		return r, fmt.Errorf("the worker made %d checks, want %d", n, nChecks)
 	}
 	return r, nil
+}
+
+// tasksAndChecks counts the tasks a worker finished and the checks it made
+// (every outcome), from one Gather.
+func tasksAndChecks(reg *prometheus.Registry) (tasks, checks int) {
+	mfs, err := reg.Gather()
+	if err != nil {
+		return 0, 0
+	}
+	for _, mf := range mfs {
+		switch mf.GetName() {
+		case "vaultfleet_tasks_processed_total":
+			for _, m := range mf.GetMetric() {
+				tasks += int(m.GetCounter().GetValue())
+			}
+		case "vaultfleet_checks_total":
+			for _, m := range mf.GetMetric() {
+				checks += int(m.GetCounter().GetValue())
+			}
+		}
+	}
+	return tasks, checks
 }
 
 // checksBy counts the checks a worker made (every outcome).
