@@ -611,6 +611,7 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 		return err
 	}
 	var rawTime, sweepTime, rawCPU, sweepCPU time.Duration
+	rawCmds := taskRun{n: m, byName: map[string]int64{}}
 	raw := func(from, to int) error {
 		s0, err := snapshot(ctx, e.rdb)
 		if err != nil {
@@ -628,6 +629,9 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 		rawTime += time.Since(start)
 		s1, serr := snapshot(ctx, e.rdb)
 		rawCPU += s1.cpu - s0.cpu
+		for k, v := range commandDeltas(s0, s1) {
+			rawCmds.byName[k] += v
+		}
 		return errors.Join(err, serr)
 	}
 	e.logf("sweep: %d due connections, raw enqueue beside it", m)
@@ -651,6 +655,7 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 		return err
 	}
 	sweepCPU = s1.cpu - s0.cpu
+	sweepCmds := taskRun{n: m, byName: commandDeltas(s0, s1)}
 	if err := raw(m/2, m); err != nil {
 		return fmt.Errorf("raw enqueue: %w", err)
 	}
@@ -711,6 +716,7 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 		BaselineWhat: "raw Enqueue, 1 task per check"})
 	e.report.add(Row{Scenario: bname, What: "Redis CPU per claim", Value: float64(batchCPU.Nanoseconds()) / 1e3 / float64(m), Unit: "µs",
 		Baseline: float64(rawCPU.Nanoseconds()) / 1e3 / float64(m), BaselineWhat: "raw Enqueue"})
+	e.report.note("sweep (1 task per claim), Redis commands per claim: %s", perCommandVs(sweepCmds, rawCmds, true, "raw"))
 	e.report.note("sweep: the judged row enqueues one connection:validate per claim (--check-batch 1), the same task ids as the raw baseline; the batched row is the same connections due again, swept as production does (%d tasks for %d claims).", batches, m)
 	return nil
 }
@@ -959,6 +965,11 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 // perCommand lists the commands per task of run by name, most first, with
 // the difference to the baseline's where there is one.
 func perCommand(run, base taskRun, withBase bool) string {
+	return perCommandVs(run, base, withBase, "no-op")
+}
+
+// perCommandVs is perCommand with the baseline named label.
+func perCommandVs(run, base taskRun, withBase bool, label string) string {
 	names := make([]string, 0, len(run.byName))
 	for k := range run.byName {
 		names = append(names, k)
@@ -972,7 +983,7 @@ func perCommand(run, base taskRun, withBase bool) string {
 		}
 		s := fmt.Sprintf("%s %.2f", strings.ToLower(k), v)
 		if withBase && base.n > 0 {
-			s += fmt.Sprintf(" (no-op %.2f)", base.perCount(base.byName[k]))
+			s += fmt.Sprintf(" (%s %.2f)", label, base.perCount(base.byName[k]))
 		}
 		parts = append(parts, s)
 	}
