@@ -56,6 +56,16 @@ func (k *keyedProvider) count(i int) int {
 	return k.calls[i]
 }
 
+// putBatchMembers stores n acme connections, member i with batchKey(i).
+func (b *bundle) putBatchMembers(n int) {
+	b.t.Helper()
+	for i := range n {
+		_, err := b.store.Put(context.Background(), state.Ref{ConsumerID: batchConsumer(i), ConnectionID: "crm+acme"},
+			state.Input{Credentials: map[string]string{"api_key": batchKey(i)}}, 0)
+		require.NoError(b.t, err)
+	}
+}
+
 func batchMembers(n int, due time.Time) []tasks.BatchMember {
 	out := make([]tasks.BatchMember, n)
 	for i := range out {
@@ -85,11 +95,7 @@ func TestBatchChecksEachMemberOnItsOwn(t *testing.T) {
 	}}
 	b.p.handle("/acme/me", kp.handler)
 	ctx := context.Background()
-	for i := range n {
-		_, err := b.store.Put(ctx, state.Ref{ConsumerID: batchConsumer(i), ConnectionID: "crm+acme"},
-			state.Input{Credentials: map[string]string{"api_key": batchKey(i)}}, 0)
-		require.NoError(t, err)
-	}
+	b.putBatchMembers(n)
 	w := b.worker()
 	b.start(w)
 
@@ -174,11 +180,7 @@ func TestBatchStopsWhenTheBreakerOpens(t *testing.T) {
 	kp := &keyedProvider{calls: map[int]int{}, answer: func(int, int) (int, int) { return http.StatusServiceUnavailable, 0 }}
 	b.p.handle("/acme/me", kp.handler)
 	ctx := context.Background()
-	for i := range n {
-		_, err := b.store.Put(ctx, state.Ref{ConsumerID: batchConsumer(i), ConnectionID: "crm+acme"},
-			state.Input{Credentials: map[string]string{"api_key": batchKey(i)}}, 0)
-		require.NoError(t, err)
-	}
+	b.putBatchMembers(n)
 	w := b.worker(func(c *Config) { c.BreakerMinRequests = 3 })
 	task, err := tasks.NewValidateBatchTask("acme", batchMembers(n, time.Now().Add(-time.Minute)))
 	require.NoError(t, err)
