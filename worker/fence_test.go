@@ -281,3 +281,45 @@ func TestCheck401AfterUnknownExchange(t *testing.T) {
 	require.EqualValues(t, 1, o.calls.Load(), "the token endpoint decided")
 	require.Equal(t, 1.0, testutil.ToFloat64(w.metrics.rotationsLost.WithLabelValues("oco")))
 }
+
+// lostReplyStore records the exchange intent for real, then answers as if
+// Redis had stalled past the client's timeout: the script ran, its reply
+// never came.
+type lostReplyStore struct {
+	*state.Store
+	lost atomic.Bool
+}
+
+func (s *lostReplyStore) BeginExchange(ctx context.Context, l *state.RefreshLease, lineage string, maxAge time.Duration) (state.Prior, error) {
+	p, err := s.Store.BeginExchange(ctx, l, lineage, maxAge)
+	if err == nil && s.lost.CompareAndSwap(false, true) {
+		return state.Prior{}, &net.OpError{Op: "read", Net: "tcp", Err: errors.New("i/o timeout")}
+	}
+	return p, err
+}
+
+// TestIntentWithLostReplyDoesNotHoldRefreshesBack: BeginExchange's reply is
+// lost (a stalled Redis) though the intent was recorded. The provider is
+// not called, and the intent is marked unknown rather than left in flight,
+// so the next refresh goes on at once instead of waiting out the intent's
+// maximum age (135 s by default).
+func TestIntentWithLostReplyDoesNotHoldRefreshesBack(t *testing.T) {
+	b := setup(t)
+	o := newOAuthAPI(b)
+	b.putOAuth(-time.Minute)
+	st := &lostReplyStore{Store: b.store}
+	w := b.worker(func(c *Config) { c.Store = st })
+
+	require.Error(t, process(t, w, refreshTask(t, ocoID, tasks.ReasonExpired, "1")))
+	require.Zero(t, o.calls.Load(), "no exchange without a recorded intent")
+	owner, _, status, _, err := b.store.Intent(context.Background(), state.Ref{ConsumerID: consumer, ConnectionID: ocoID})
+	require.NoError(t, err)
+	require.Empty(t, owner)
+	require.Equal(t, "u", status, "the intent is settled as unknown, not left in flight")
+
+	require.NoError(t, process(t, w, refreshTask(t, ocoID, tasks.ReasonExpired, "1")))
+	require.EqualValues(t, 1, o.calls.Load())
+	c := b.get(ocoID)
+	require.Equal(t, state.Callable, c.State)
+	require.Equal(t, state.HealthOK, c.Health)
+}

@@ -373,7 +373,14 @@ func TestSlowRedis(t *testing.T) {
 	if err := <-done; err != nil {
 		g.note("DEBUG SLEEP: %v", err)
 	}
-	f.audit(g, auditOpts{since: time.Now(), consumers: append(append([]string{}, oauth...), keys...), healthOK: true})
+	// An exchange whose intent the stall caught before its provider call
+	// (BeginExchange sent, its reply lost to the client's timeout) leaves
+	// an intent nobody can settle: the fleet waits the intent's maximum
+	// age (token timeout + persist timeout + 30 s, 135 s by default)
+	// before exchanging that refresh token again, by design. The deadline
+	// covers that worst case.
+	f.audit(g, auditOpts{since: time.Now(), consumers: append(append([]string{}, oauth...), keys...), healthOK: true,
+		deadline: pick(160*time.Second, 180*time.Second)})
 	report(t, "5 slow redis", g)
 }
 
