@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -251,19 +250,10 @@ func (s *Store) DeleteConsumer(ctx context.Context, id string) ([]Change, error)
 				return nil, err
 			}
 		}
-		svcs, err := s.shardServices(ctx, k)
-		if err != nil {
-			return nil, fmt.Errorf("state: delete consumer: %w", err)
-		}
-		members, err := s.consumerMembers(ctx, k, id, svcs)
-		if err != nil {
-			return nil, fmt.Errorf("state: delete consumer: %w", err)
-		}
-		conns, err := s.fetch(ctx, k, members)
+		svcs, conns, err := s.consumerConnections(ctx, k, id, "delete consumer")
 		if err != nil {
 			return nil, err
 		}
-		conns = slices.DeleteFunc(conns, func(c *Connection) bool { return c == nil })
 		if len(conns) == 0 {
 			n, err := s.cfg.Client.Exists(ctx, k.consumer(id)).Result()
 			if err != nil {

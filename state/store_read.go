@@ -51,13 +51,13 @@ func (s *Store) fetch(ctx context.Context, k keys, members []string) ([]*Connect
 	if len(members) == 0 {
 		return nil, nil
 	}
-	pipe := s.cfg.Client.Pipeline()
-	cmds := make([]*redis.SliceCmd, len(members))
+	keys := make([]string, len(members))
 	for i, m := range members {
-		cmds[i] = pipe.HMGet(ctx, k.record(m), recordFields...)
+		keys[i] = k.record(m)
 	}
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		return nil, fmt.Errorf("state: read connections: %w", err)
+	vals, err := s.readRecords(ctx, keys)
+	if err != nil {
+		return nil, err
 	}
 	out := make([]*Connection, len(members))
 	for i, m := range members {
@@ -65,7 +65,7 @@ func (s *Store) fetch(ctx context.Context, k keys, members []string) ([]*Connect
 		if !ok {
 			continue
 		}
-		c, err := s.decodeFields(ref, k.record(m), cmds[i].Val())
+		c, err := s.decodeFields(ref, keys[i], vals[i])
 		var ue *UnreadableError
 		switch {
 		case errors.As(err, &ue):
@@ -78,6 +78,30 @@ func (s *Store) fetch(ctx context.Context, k keys, members []string) ([]*Connect
 			return nil, err
 		}
 		out[i] = c
+	}
+	return out, nil
+}
+
+// readRecords reads the records at keys (of any shards) in one pipeline:
+// each one's recordFields, as HMGET gives them ("" keys are skipped).
+func (s *Store) readRecords(ctx context.Context, keys []string) ([][]any, error) {
+	pipe := s.cfg.Client.Pipeline()
+	cmds := make([]*redis.SliceCmd, len(keys))
+	for i, key := range keys {
+		if key != "" {
+			cmds[i] = pipe.HMGet(ctx, key, recordFields...)
+		}
+	}
+	if pipe.Len() > 0 {
+		if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("state: read connections: %w", err)
+		}
+	}
+	out := make([][]any, len(keys))
+	for i, cmd := range cmds {
+		if cmd != nil {
+			out[i] = cmd.Val()
+		}
 	}
 	return out, nil
 }
@@ -96,20 +120,28 @@ func (s *Store) ListConsumer(ctx context.Context, consumerID string) ([]*Connect
 	if !tasks.ValidConsumerID(consumerID) {
 		return nil, validateRef(Ref{ConsumerID: consumerID})
 	}
-	k := s.keysOf(Ref{ConsumerID: consumerID})
+	_, conns, err := s.consumerConnections(ctx, s.keysOf(Ref{ConsumerID: consumerID}), consumerID,
+		"list connections of a consumer")
+	return conns, err
+}
+
+// consumerConnections reads every stored connection of one consumer,
+// sorted by id, and the services of its shard they were looked for in
+// (see consumerMembers); what names the caller's step in errors.
+func (s *Store) consumerConnections(ctx context.Context, k keys, consumerID, what string) ([]string, []*Connection, error) {
 	svcs, err := s.shardServices(ctx, k)
 	if err != nil {
-		return nil, fmt.Errorf("state: list connections of a consumer: %w", err)
+		return nil, nil, fmt.Errorf("state: %s: %w", what, err)
 	}
 	members, err := s.consumerMembers(ctx, k, consumerID, svcs)
 	if err != nil {
-		return nil, fmt.Errorf("state: list connections of a consumer: %w", err)
+		return nil, nil, fmt.Errorf("state: %s: %w", what, err)
 	}
 	conns, err := s.fetch(ctx, k, members)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return slices.DeleteFunc(conns, func(c *Connection) bool { return c == nil }), nil
+	return svcs, slices.DeleteFunc(conns, func(c *Connection) bool { return c == nil }), nil
 }
 
 // consumerMembers returns the index members of one consumer's
@@ -551,6 +583,7 @@ func (s *Store) Counts(ctx context.Context) (map[CountKey]int64, error) {
 type Got struct {
 	s    *Store
 	ref  Ref
+	key  string
 	vals []any
 	err  error
 }
@@ -564,7 +597,7 @@ func (g Got) Open() (*Connection, error) {
 	if g.s == nil {
 		return nil, ErrNotFound
 	}
-	c, err := g.s.decodeFields(g.ref, g.s.keysOf(g.ref).record(g.ref.String()), g.vals)
+	c, err := g.s.decodeFields(g.ref, g.key, g.vals)
 	switch {
 	case err != nil:
 		return nil, err
@@ -580,23 +613,21 @@ func (g Got) Open() (*Connection, error) {
 // be read.
 func (s *Store) GetMany(ctx context.Context, refs []Ref) ([]Got, error) {
 	out := make([]Got, len(refs))
-	pipe := s.cfg.Client.Pipeline()
-	cmds := make([]*redis.SliceCmd, len(refs))
+	keys := make([]string, len(refs))
 	for i, ref := range refs {
 		if err := validateRef(ref); err != nil {
 			out[i].err = err
 			continue
 		}
-		cmds[i] = pipe.HMGet(ctx, s.keysOf(ref).record(ref.String()), recordFields...)
+		keys[i] = s.keysOf(ref).record(ref.String())
 	}
-	if pipe.Len() > 0 {
-		if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-			return nil, fmt.Errorf("state: read connections: %w", err)
-		}
+	vals, err := s.readRecords(ctx, keys)
+	if err != nil {
+		return nil, err
 	}
 	for i, ref := range refs {
-		if cmds[i] != nil {
-			out[i] = Got{s: s, ref: ref, vals: cmds[i].Val()}
+		if keys[i] != "" {
+			out[i] = Got{s: s, ref: ref, key: keys[i], vals: vals[i]}
 		}
 	}
 	return out, nil
