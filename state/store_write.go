@@ -244,55 +244,60 @@ func (s *Store) scriptArgs(k keys, ref Ref, in *catalog.Integration, cur, next *
 	events []Event, now time.Time, f *fence) (ks []string, args []any, lean bool, err error) {
 	member := ref.String()
 	recKey := k.record(member)
-	lock, intent := s.fenceKeys(ref)
-	ks = []string{recKey, "", "", "", k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent}
-	args = make([]any, 0, 16+len(events)*25)
 	expected := "0"
 	if cur != nil {
 		expected = strconv.FormatInt(cur.Version, 10)
 	}
 	if next == nil {
-		ks[1], ks[2], ks[3] = k.service(cur.ServiceID), k.state(cur.State), k.state(cur.State)
-		args = append(args, expected, "d", member, "", "", string(cur.State), cur.ServiceID, "", "k", "",
-			dueRemove, 0, dueRemove, 0)
-	} else {
-		oldState := ""
-		ks[1], ks[2], ks[3] = k.service(next.ServiceID), k.state(next.State), k.state(next.State)
-		if cur != nil {
-			oldState = string(cur.State)
-			ks[2] = k.state(cur.State)
-		}
-		data, err := encodeData(next)
-		if err != nil {
-			return nil, nil, false, fmt.Errorf("state: connection %s: encode: %v", ref, err)
-		}
-		credMode, sealed := "k", []byte(nil)
-		if cur == nil || h.reseal || cur.Unreadable || !sameCredentials(cur.Credentials, next.Credentials) {
-			// An unreadable value is always replaced or dropped: the
-			// mutation set the credentials in full.
-			next.Unreadable = false
-			switch {
-			case next.Credentials.hasAny():
-				if sealed, err = sealCreds(s.cfg.Keys, recKey, next.Credentials); err != nil {
-					return nil, nil, false, fmt.Errorf("state: connection %s: encode credentials", ref)
-				}
-				credMode, next.CredentialsKeyID = "s", s.cfg.Keys.PrimaryID()
-			case cur != nil:
-				credMode, next.CredentialsKeyID = "d", ""
-			}
-		}
-		checkMode, checkAt := dueCheck(cur, next, in, h, now)
-		refreshMode, refreshAt := dueRefresh(cur, next, in)
-		if f == nil && cur != nil && len(events) == 0 && credMode == "k" &&
-			cur.State == next.State && cur.ServiceID == next.ServiceID {
-			return []string{recKey, k.due(IndexCheck), k.due(IndexRefresh)},
-				[]any{expected, strconv.FormatInt(next.Version, 10), data, member,
-					checkMode, ms(checkAt), refreshMode, ms(refreshAt)}, true, nil
-		}
-		args = append(args, expected, "s", member, strconv.FormatInt(next.Version, 10), string(next.State),
-			oldState, next.ServiceID, data, credMode, sealed,
-			checkMode, ms(checkAt), refreshMode, ms(refreshAt))
+		ks = []string{recKey, k.service(cur.ServiceID), k.state(cur.State), k.state(cur.State)}
+		args = append(make([]any, 0, 16+len(events)*25), expected, "d", member, "", "", string(cur.State),
+			cur.ServiceID, "", "k", "", dueRemove, 0, dueRemove, 0)
+		return s.writeScriptArgs(k, ref, ks, args, events, f)
 	}
+	data, err := encodeData(next)
+	if err != nil {
+		return nil, nil, false, fmt.Errorf("state: connection %s: encode: %v", ref, err)
+	}
+	credMode, sealed := "k", []byte(nil)
+	if cur == nil || h.reseal || cur.Unreadable || !sameCredentials(cur.Credentials, next.Credentials) {
+		// An unreadable value is always replaced or dropped: the mutation
+		// set the credentials in full.
+		next.Unreadable = false
+		switch {
+		case next.Credentials.hasAny():
+			if sealed, err = sealCreds(s.cfg.Keys, recKey, next.Credentials); err != nil {
+				return nil, nil, false, fmt.Errorf("state: connection %s: encode credentials", ref)
+			}
+			credMode, next.CredentialsKeyID = "s", s.cfg.Keys.PrimaryID()
+		case cur != nil:
+			credMode, next.CredentialsKeyID = "d", ""
+		}
+	}
+	checkMode, checkAt := dueCheck(cur, next, in, h, now)
+	refreshMode, refreshAt := dueRefresh(cur, next, in)
+	if f == nil && cur != nil && len(events) == 0 && credMode == "k" &&
+		cur.State == next.State && cur.ServiceID == next.ServiceID {
+		return []string{recKey, k.due(IndexCheck), k.due(IndexRefresh)},
+			[]any{expected, strconv.FormatInt(next.Version, 10), data, member,
+				checkMode, ms(checkAt), refreshMode, ms(refreshAt)}, true, nil
+	}
+	oldState, oldStateKey := "", k.state(next.State)
+	if cur != nil {
+		oldState, oldStateKey = string(cur.State), k.state(cur.State)
+	}
+	ks = []string{recKey, k.service(next.ServiceID), oldStateKey, k.state(next.State)}
+	args = append(make([]any, 0, 16+len(events)*25), expected, "s", member, strconv.FormatInt(next.Version, 10),
+		string(next.State), oldState, next.ServiceID, data, credMode, sealed,
+		checkMode, ms(checkAt), refreshMode, ms(refreshAt))
+	return s.writeScriptArgs(k, ref, ks, args, events, f)
+}
+
+// writeScriptArgs completes the keys (record and the service and state
+// indexes given) and arguments of write.lua: the shard's counts, due sets
+// and the refresh fence's keys, the fence, and the events.
+func (s *Store) writeScriptArgs(k keys, ref Ref, ks []string, args []any, events []Event, f *fence) ([]string, []any, bool, error) {
+	lock, intent := s.fenceKeys(ref)
+	ks = append(ks, k.counts(), k.due(IndexCheck), k.due(IndexRefresh), lock, intent)
 	args = append(args, s.cfg.EventMaxLen, len(events))
 	switch {
 	case f == nil:
