@@ -207,10 +207,7 @@ func (w *Worker) handleValidateBatch(ctx context.Context, t *asynq.Task) error {
 			}
 			continue
 		}
-		if errors.Is(err, state.ErrUnreadable) && !errors.Is(err, asynq.SkipRetry) {
-			mr.res.Outcome, mr.res.Skipped, mr.res.Error = outcomeSkipped, skipUnreadable, err.Error()
-			err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
-		}
+		err = mr.unreadable(err)
 		done(i, mr, err)
 		switch {
 		case err == nil, errors.Is(err, asynq.SkipRetry):

@@ -131,15 +131,7 @@ func (r *taskRun) after(c *state.Connection) {
 
 // finish writes the result and the task line and returns err.
 func (r *taskRun) finish(ctx context.Context, err error) error {
-	if errors.Is(err, state.ErrUnreadable) {
-		// Credentials sealed with a retired key never open on a retry:
-		// archive the task and say why (the error names the key id, never
-		// a secret), whichever handler met it.
-		r.res.Outcome, r.res.Skipped, r.res.Error = outcomeSkipped, skipUnreadable, err.Error()
-		if !errors.Is(err, asynq.SkipRetry) {
-			err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
-		}
-	}
+	err = r.unreadable(err)
 	r.res.At = r.w.now().UTC()
 	r.res.DurationMS = time.Since(r.start).Milliseconds()
 	if rw := r.t.ResultWriter(); rw != nil {
@@ -150,6 +142,21 @@ func (r *taskRun) finish(ctx context.Context, err error) error {
 		}
 	}
 	r.log(ctx, err, false)
+	return err
+}
+
+// unreadable marks a run that met credentials sealed with a retired key:
+// they never open on a retry, so the task (or batch member) is skipped and
+// not retried, and its result says why (the error names the key id, never
+// a secret), whichever handler met it. Other errors pass unchanged.
+func (r *taskRun) unreadable(err error) error {
+	if !errors.Is(err, state.ErrUnreadable) {
+		return err
+	}
+	r.res.Outcome, r.res.Skipped, r.res.Error = outcomeSkipped, skipUnreadable, err.Error()
+	if !errors.Is(err, asynq.SkipRetry) {
+		err = fmt.Errorf("%w: %w", err, asynq.SkipRetry)
+	}
 	return err
 }
 
