@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
+	"github.com/vaultfleet/vaultfleet/internal/secrets"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -202,4 +203,45 @@ func touchLuaForTest(t testing.TB) string {
 	b, err := os.ReadFile(filepath.Join("..", "state", "lua", "touch.lua"))
 	require.NoError(t, err)
 	return string(b)
+}
+
+// TestBatchAcrossReadsSkipsUnreadableMember: a batch of more members than
+// one read (readChunk) and than one write of held verdicts (maxDeferred)
+// checks each member exactly once; a member whose credentials were sealed
+// with a key the worker does not hold is skipped, as connection:validate
+// skips it, and does not make the batch retry.
+func TestBatchAcrossReadsSkipsUnreadableMember(t *testing.T) {
+	leakCheck(t)
+	b := setup(t)
+	const n, unreadable = 3*readChunk + 5, 2*readChunk + 3
+	require.Greater(t, n, 2*maxDeferred)
+	kp := &keyedProvider{calls: map[int]int{}, answer: func(int, int) (int, int) { return http.StatusOK, 0 }}
+	b.p.handle("/acme/me", kp.handler)
+	b.putBatchMembers(n)
+	keys, err := secrets.ParseKeyring(secrets.NewKey("k9"))
+	require.NoError(t, err)
+	other, err := state.New(state.Config{Client: b.rdb, Catalog: b.cat, Keys: keys})
+	require.NoError(t, err)
+	_, err = other.Put(context.Background(), state.Ref{ConsumerID: batchConsumer(unreadable), ConnectionID: "crm+acme"},
+		state.Input{Credentials: map[string]string{"api_key": batchKey(unreadable)}}, 0)
+	require.NoError(t, err) // sealed under k9, which the worker's store does not hold
+	w := b.worker()
+	task, err := tasks.NewValidateBatchTask("acme", batchMembers(n, time.Now().Add(-time.Minute)))
+	require.NoError(t, err)
+
+	require.NoError(t, process(t, w, task), "an unreadable member does not fail the batch")
+	for i := range n {
+		want := 1
+		if i == unreadable {
+			want = 0
+		}
+		require.Equal(t, want, kp.count(i), "checks of member %d", i)
+		if i != unreadable {
+			c, err := b.store.Get(context.Background(), state.Ref{ConsumerID: batchConsumer(i), ConnectionID: "crm+acme"})
+			require.NoError(t, err)
+			require.Equal(t, state.Callable, c.State, "member %d", i)
+		}
+	}
+	require.Contains(t, b.logs.String(), `"skipped":"`+skipUnreadable+`"`)
+	requireNoSecrets(t, b.logs.String())
 }
