@@ -34,9 +34,7 @@ func runScheduler(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	c := commonFrom(conf)
-	f := schedulerFlags{tick: conf.duration("tick"), lease: conf.duration("lease"), batch: conf.int("batch"),
-		jitter: conf.float("jitter"), maxLowPending: conf.int("max-low-pending"), concurrency: conf.int("enqueue-concurrency"),
-		checkBatch: conf.int("check-batch")}
+	f := schedulerFlagsFrom(conf)
 	cfg := f.config()
 	a, err := c.setup(env.Stderr)
 	if err != nil {
@@ -89,6 +87,13 @@ func runScheduler(ctx context.Context, args []string, env Env) error {
 	}
 	a.Logger.Info("scheduler: stopped")
 	return err
+}
+
+// schedulerFlagsFrom reads the scheduler's settings from a parsed config.
+func schedulerFlagsFrom(conf *config) schedulerFlags {
+	return schedulerFlags{tick: conf.duration("tick"), lease: conf.duration("lease"), batch: conf.int("batch"),
+		jitter: conf.float("jitter"), maxLowPending: conf.int("max-low-pending"), concurrency: conf.int("enqueue-concurrency"),
+		checkBatch: conf.int("check-batch")}
 }
 
 // config maps the settings (bounds checked by the table) onto

@@ -16,6 +16,7 @@ import (
 	"github.com/vaultfleet/vaultfleet/catalog"
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
 	"github.com/vaultfleet/vaultfleet/internal/secrets"
+	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -29,13 +30,13 @@ func TestSchedulerHelp(t *testing.T) {
 	require.Equal(t, 0, run(context.Background(), []string{"scheduler", "--help"}, env))
 	help := errOut.String()
 	for _, want := range []string{"usage: vaultfleet scheduler", "-tick", "-batch", "-lease", "-jitter",
-		"-max-low-pending", "-enqueue-concurrency", "-addr", "-redis", ":9102",
+		"-max-low-pending", "-enqueue-concurrency", "-check-batch", "-addr", "-redis", ":9102",
 		envSchedTick, envSchedBatch, envSchedLease, envSchedJitter, envSchedMaxLowPending,
-		envSchedEnqueueConcurrency, envRedisURL, secrets.EnvKeys} {
+		envSchedEnqueueConcurrency, envSchedCheckBatch, envRedisURL, secrets.EnvKeys} {
 		require.Contains(t, help, want)
 	}
 	for _, e := range []string{envSchedTick, envSchedBatch, envSchedLease, envSchedJitter,
-		envSchedMaxLowPending, envSchedEnqueueConcurrency} {
+		envSchedMaxLowPending, envSchedEnqueueConcurrency, envSchedCheckBatch} {
 		require.True(t, knownEnv(e), "%s registered in knownEnv", e)
 	}
 }
@@ -52,6 +53,8 @@ func TestSchedulerBadConfig(t *testing.T) {
 		"Batch":         {args: []string{"--batch", "0"}, wantErr: "--batch must be between 1 and 100000"},
 		"Tick":          {args: []string{"--tick", "0s"}, wantErr: "--tick must be positive"},
 		"MaxLowPending": {args: []string{"--max-low-pending", "-1"}, wantErr: "--max-low-pending must not be negative"},
+		"CheckBatch":    {args: []string{"--check-batch", "0"}, wantErr: "--check-batch must be between 1 and 500"},
+		"EnvCheckBatch": {env: map[string]string{envSchedCheckBatch: "501"}, wantErr: envSchedCheckBatch + " (--check-batch) must be between 1 and 500, got 501"},
 		"EnvTick":       {env: map[string]string{envSchedTick: "soon"}, wantErr: envSchedTick + ` (--tick): "soon" is not a duration`},
 		"EnvBatch":      {env: map[string]string{envSchedBatch: "many"}, wantErr: envSchedBatch + ` (--batch): "many" is not a whole number`},
 		"EnvJitter":     {env: map[string]string{envSchedJitter: "lots"}, wantErr: envSchedJitter + ` (--jitter): "lots" is not a number`},
@@ -136,4 +139,24 @@ func TestSchedulerCommand(t *testing.T) {
 	}
 	require.Contains(t, errOut.String(), "scheduler: stopped")
 	require.NotContains(t, errOut.String(), "secret-key")
+}
+
+// TestSchedulerCheckBatchReachesTheScheduler: --check-batch and
+// VAULTFLEET_CHECK_BATCH set scheduler.Config.CheckBatch; unset, the
+// scheduler's default.
+func TestSchedulerCheckBatchReachesTheScheduler(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		vars map[string]string
+		args []string
+		want int
+	}{
+		{nil, nil, scheduler.DefaultCheckBatch},
+		{nil, []string{"--check-batch", "7"}, 7},
+		{map[string]string{envSchedCheckBatch: "1"}, nil, 1},
+	} {
+		conf, err := parseWith(cmdScheduler, tc.vars, tc.args...)
+		require.NoError(t, err)
+		require.Equal(t, tc.want, schedulerFlagsFrom(conf).config().CheckBatch, "%v %v", tc.vars, tc.args)
+	}
 }
