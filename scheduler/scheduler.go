@@ -142,9 +142,10 @@ type Config struct {
 	// CheckBatch is how many periodic checks of one integration, claimed
 	// together, go into one connection:validate_batch task (the worker
 	// checks each member on its own): asynq's cost per task is paid once
-	// per batch. A claim of one shard is grouped by integration, so a
-	// batch may be smaller. 1 enqueues one connection:validate per
-	// check. If zero, DefaultCheckBatch; at most tasks.MaxBatch.
+	// per batch. The claims of one pass over the shards are grouped by
+	// integration, so a batch may be smaller. 1 enqueues one
+	// connection:validate per check. If zero, DefaultCheckBatch; at most
+	// tasks.MaxBatch.
 	CheckBatch int
 	// Logger, if nil, discards.
 	Logger *slog.Logger
@@ -640,8 +641,12 @@ func (s *Scheduler) handleBatch(ctx context.Context, ss *sweepState, j job) {
 	if len(claims) == 0 {
 		return
 	}
-	task, err := tasks.NewValidateBatchTask(svc, members)
-	if len(claims) == 1 || err != nil {
+	var task *asynq.Task
+	var err error
+	if len(claims) > 1 {
+		task, err = tasks.NewValidateBatchTask(svc, members)
+	}
+	if task == nil || err != nil {
 		for _, c := range claims {
 			s.handle(ctx, ss, job{idx: j.idx, claim: c})
 		}
