@@ -6,10 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/vaultfleet/vaultfleet/internal/procstat"
 	"github.com/vaultfleet/vaultfleet/internal/redistest"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
@@ -104,7 +103,7 @@ func benchSweep(b *testing.B, batched bool) {
 			EnqueueConcurrency: benchParallel, MaxLowPending: -1, NowFunc: clk.Now, Batch: benchBatch(b), CheckBatch: 1})
 		require.NoError(b, err)
 		var sweepTime, rawTime time.Duration
-		peak := sampleMemory()
+		peak := procstat.Sample(20 * time.Millisecond)
 		for r := range rounds {
 			from, to := r*n/rounds, (r+1)*n/rounds
 			sweep := func() {
@@ -126,7 +125,8 @@ func benchSweep(b *testing.B, batched bool) {
 				raw()
 			}
 		}
-		rss, heap := peak()
+		mem := peak()
+		rss, heap := mem.RSS, mem.HeapInuse
 		pending, err := rdb.LLen(ctx, "asynq:{"+tasks.QueueLow+"}:pending").Result()
 		require.NoError(b, err)
 		require.EqualValues(b, 2*n, pending, "every due connection enqueued once by the sweeps, once raw")
@@ -248,56 +248,4 @@ func usedMemory(b *testing.B, rdb *redis.Client) int64 {
 	}
 	b.Fatal("no used_memory in INFO memory")
 	return 0
-}
-
-// sampleMemory samples this process's RSS (/proc/self/statm) and Go heap in
-// use every 20ms until the returned function is called, which returns the
-// peaks.
-func sampleMemory() func() (rss, heap uint64) {
-	var mu sync.Mutex
-	var peakRSS, peakHeap uint64
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	sample := func() {
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		r := readRSS()
-		mu.Lock()
-		peakRSS, peakHeap = max(peakRSS, r), max(peakHeap, ms.HeapInuse)
-		mu.Unlock()
-	}
-	go func() {
-		defer close(done)
-		t := time.NewTicker(20 * time.Millisecond)
-		defer t.Stop()
-		for {
-			sample()
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-		}
-	}()
-	return func() (uint64, uint64) {
-		close(stop)
-		<-done
-		sample()
-		mu.Lock()
-		defer mu.Unlock()
-		return peakRSS, peakHeap
-	}
-}
-
-func readRSS() uint64 {
-	b, err := os.ReadFile("/proc/self/statm")
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 2 {
-		return 0
-	}
-	pages, _ := strconv.ParseUint(f[1], 10, 64)
-	return pages * uint64(os.Getpagesize())
 }

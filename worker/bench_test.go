@@ -1,17 +1,13 @@
 package worker
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"net/http"
-	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vaultfleet/vaultfleet/internal/procstat"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
 )
@@ -130,10 +127,11 @@ func benchRunWith(b *testing.B, n, concurrency int, latency time.Duration, noop 
 
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
-		var mem memSampler
-		stopMem := mem.start()
+		// The process also holds the benchmark's provider and Redis
+		// clients: the memory peaks are an upper bound for the worker alone.
+		stopMem := procstat.Sample(100 * time.Millisecond)
 		redisCPU0 := redisCPU(env)
-		cpu0 := processCPU()
+		cpu0 := procstat.CPU()
 		b.StartTimer()
 		start := time.Now()
 		go func() { done <- run(ctx) }()
@@ -142,9 +140,9 @@ func benchRunWith(b *testing.B, n, concurrency int, latency time.Duration, noop 
 		}
 		elapsed := time.Since(start)
 		b.StopTimer()
-		cpu := processCPU() - cpu0
+		cpu := procstat.CPU() - cpu0
 		rcpu := redisCPU(env) - redisCPU0
-		stopMem()
+		mem := stopMem()
 		cancel()
 		require.NoError(b, <-done)
 
@@ -155,9 +153,9 @@ func benchRunWith(b *testing.B, n, concurrency int, latency time.Duration, noop 
 		// machine: the process (worker, asynq, the provider) and Redis.
 		b.ReportMetric(float64(cpu.Microseconds())/float64(n), "proc-cpu-us/task")
 		b.ReportMetric(float64(rcpu.Microseconds())/float64(n), "redis-cpu-us/task")
-		b.ReportMetric(float64(mem.heapInuse.Load())/(1<<20), "peak-heap-inuse-MiB")
-		b.ReportMetric(float64(mem.sys.Load())/(1<<20), "peak-go-sys-MiB")
-		if rss := mem.rss.Load(); rss > 0 {
+		b.ReportMetric(float64(mem.HeapInuse)/(1<<20), "peak-heap-inuse-MiB")
+		b.ReportMetric(float64(mem.Sys)/(1<<20), "peak-go-sys-MiB")
+		if rss := mem.RSS; rss > 0 {
 			b.ReportMetric(float64(rss)/(1<<20), "peak-rss-MiB")
 		}
 		if !noop {
@@ -206,74 +204,6 @@ func seedTB(b testing.TB, env *bundle, n int) {
 	if b.Failed() {
 		b.FailNow()
 	}
-}
-
-// memSampler keeps the peak Go heap, Go sys memory and process RSS while
-// it runs. The process also holds the benchmark's provider and Redis
-// clients: the figures are an upper bound for the worker alone.
-type memSampler struct {
-	heapInuse, sys, rss atomic.Uint64
-}
-
-func (m *memSampler) start() (stop func()) {
-	quit := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		for {
-			var ms runtime.MemStats
-			runtime.ReadMemStats(&ms)
-			storeMax(&m.heapInuse, ms.HeapInuse)
-			storeMax(&m.sys, ms.Sys)
-			storeMax(&m.rss, readRSS())
-			select {
-			case <-quit:
-				return
-			case <-t.C:
-			}
-		}
-	}()
-	return func() { close(quit); <-done }
-}
-
-func storeMax(a *atomic.Uint64, v uint64) {
-	for {
-		cur := a.Load()
-		if v <= cur || a.CompareAndSwap(cur, v) {
-			return
-		}
-	}
-}
-
-// readRSS returns VmRSS from /proc/self/status (Linux), or 0.
-func readRSS() uint64 {
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if rest, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
-			kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-			if err != nil {
-				return 0
-			}
-			return kb << 10
-		}
-	}
-	return 0
-}
-
-// processCPU is the user and system CPU time of this process so far.
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // redisCPU is the CPU time the Redis server has used so far.

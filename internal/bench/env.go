@@ -1,20 +1,17 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -296,62 +293,6 @@ func deletePrefix(ctx context.Context, rdb redis.UniversalClient, prefix string)
 		return rdb.Unlink(ctx, batch...).Err()
 	}
 	return nil
-}
-
-// processCPU is the user and system CPU time of this process so far.
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// readRSS returns VmRSS from /proc/self/status (Linux), or 0.
-func readRSS() uint64 {
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if rest, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
-			kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-			if err != nil {
-				return 0
-			}
-			return kb << 10
-		}
-	}
-	return 0
-}
-
-// peakRSS samples the process RSS every 50ms until stop is called, which
-// returns the peak.
-func peakRSS() (stop func() uint64) {
-	var peak atomic.Uint64
-	quit := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		t := time.NewTicker(50 * time.Millisecond)
-		defer t.Stop()
-		for {
-			if r := readRSS(); r > peak.Load() {
-				peak.Store(r)
-			}
-			select {
-			case <-quit:
-				return
-			case <-t.C:
-			}
-		}
-	})
-	return func() uint64 {
-		close(quit)
-		wg.Wait()
-		return peak.Load()
-	}
 }
 
 // settle returns memory to the OS before a memory figure is taken.

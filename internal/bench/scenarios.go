@@ -17,6 +17,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vaultfleet/vaultfleet/catalog"
+	"github.com/vaultfleet/vaultfleet/internal/procstat"
 	"github.com/vaultfleet/vaultfleet/scheduler"
 	"github.com/vaultfleet/vaultfleet/state"
 	"github.com/vaultfleet/vaultfleet/tasks"
@@ -99,13 +100,13 @@ func (e *env) measure(ctx context.Context, scenario string, n int, run func(cont
 	r := taskRun{n: n}
 	settle()
 	debug.FreeOSMemory()
-	r.idleRSS = readRSS()
+	r.idleRSS = procstat.RSS()
 	s0, err := snapshot(ctx, e.rdb)
 	if err != nil {
 		return r, err
 	}
-	rt0, cpu0 := e.rt.n.Load(), processCPU()
-	stopRSS := peakRSS()
+	rt0, cpu0 := e.rt.n.Load(), procstat.CPU()
+	stopRSS := procstat.Sample(50 * time.Millisecond)
 	stopProfile := e.profile(scenario)
 	defer stopProfile()
 	rctx, cancel := context.WithCancel(ctx)
@@ -142,9 +143,9 @@ func (e *env) measure(ctx context.Context, scenario string, n int, run func(cont
 	}
 	r.elapsed = time.Since(start)
 	stopProfile()
-	r.procCPU = processCPU() - cpu0
+	r.procCPU = procstat.CPU() - cpu0
 	r.trips = e.rt.n.Load() - rt0
-	r.peakRSS = stopRSS()
+	r.peakRSS = stopRSS().RSS
 	s1, err := snapshot(ctx, e.rdb)
 	cancel()
 	if rerr := <-done; err == nil {
@@ -882,7 +883,7 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	f.start, f.measured = time.Now(), true
 	f.mu.Unlock()
 	e.logf("freshness: running for %s", o.Duration)
-	cpu0 := processCPU()
+	cpu0 := procstat.CPU()
 	stopProfile := e.profile(ScenarioFreshness)
 	defer stopProfile()
 	r0, err := snapshot(ctx, e.rdb)
@@ -902,7 +903,7 @@ func (e *env) freshnessScenario(ctx context.Context) error {
 	}
 	end := time.Now()
 	stopProfile()
-	cpu := processCPU() - cpu0
+	cpu := procstat.CPU() - cpu0
 	r1, serr := snapshot(ctx, e.rdb)
 	stop()
 	wg.Wait()
