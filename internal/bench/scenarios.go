@@ -247,7 +247,7 @@ func (e *env) runWorkerChecks(ctx context.Context, scenario string, st *state.St
 	if by := processedBy(reg); by["success"] != nTasks {
 		return r, fmt.Errorf("the worker processed %d tasks, %d of them successfully (%v): the provider or Redis failed", total(by), by["success"], by)
 	}
-	if n := checksBy(reg); n != nChecks {
+	if _, n := tasksAndChecks(reg); n != nChecks {
 		return r, fmt.Errorf("the worker made %d checks, want %d", n, nChecks)
 	}
 	return r, nil
@@ -273,23 +273,6 @@ func tasksAndChecks(reg *prometheus.Registry) (tasks, checks int) {
 		}
 	}
 	return tasks, checks
-}
-
-// checksBy counts the checks a worker made (every outcome).
-func checksBy(reg *prometheus.Registry) int {
-	n := 0
-	mfs, err := reg.Gather()
-	if err != nil {
-		return 0
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == "vaultfleet_checks_total" {
-			for _, m := range mf.GetMetric() {
-				n += int(m.GetCounter().GetValue())
-			}
-		}
-	}
-	return n
 }
 
 type throughput struct{ noop, validate, revalidate, revalidateSingle taskRun }
@@ -605,58 +588,43 @@ func (e *env) memoryAndSweep(ctx context.Context) error {
 func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, m int) error {
 	const par = scheduler.DefaultEnqueueConcurrency
 	client := e.asynqClient()
+	// sweeper is a scheduler whose clock is at, enqueueing batch checks
+	// per task.
+	sweeper := func(at time.Time, batch int) (*scheduler.Scheduler, error) {
+		return scheduler.New(scheduler.Config{Store: st, Catalog: cat, Client: client, EnqueueConcurrency: par,
+			MaxLowPending: -1, NowFunc: func() time.Time { return at }, CheckBatch: batch})
+	}
 	clock := time.Now().Add(2 * time.Hour)
-	s, err := scheduler.New(scheduler.Config{Store: st, Catalog: cat, Client: client, EnqueueConcurrency: par,
-		MaxLowPending: -1, NowFunc: func() time.Time { return clock }, CheckBatch: 1})
+	s, err := sweeper(clock, 1)
 	if err != nil {
 		return err
 	}
-	var rawTime, sweepTime, rawCPU, sweepCPU time.Duration
-	rawCmds := taskRun{n: m, byName: map[string]int64{}}
+	var rawSpent spent
 	raw := func(from, to int) error {
-		s0, err := snapshot(ctx, e.rdb)
-		if err != nil {
-			return err
-		}
-		start := time.Now()
-		err = forEach(ctx, to-from, par, func(i int) error {
-			t, err := validateTask("m", oauthConn, from+i, tasks.ReasonScheduled, "raw")
-			if err != nil {
+		sp, err := e.redisTimed(ctx, func() error {
+			return forEach(ctx, to-from, par, func(i int) error {
+				t, err := validateTask("m", oauthConn, from+i, tasks.ReasonScheduled, "raw")
+				if err != nil {
+					return err
+				}
+				_, err = client.EnqueueContext(ctx, t)
 				return err
-			}
-			_, err = client.EnqueueContext(ctx, t)
-			return err
+			})
 		})
-		rawTime += time.Since(start)
-		s1, serr := snapshot(ctx, e.rdb)
-		rawCPU += s1.cpu - s0.cpu
-		for k, v := range commandDeltas(s0, s1) {
-			rawCmds.byName[k] += v
-		}
-		return errors.Join(err, serr)
+		rawSpent.add(sp)
+		return err
 	}
 	e.logf("sweep: %d due connections, raw enqueue beside it", m)
 	if err := raw(0, m/2); err != nil {
 		return fmt.Errorf("raw enqueue: %w", err)
 	}
-	s0, err := snapshot(ctx, e.rdb)
-	if err != nil {
-		return err
-	}
-	start := time.Now()
-	stopProfile := e.profile(ScenarioSweep)
-	err = s.Sweep(ctx)
-	sweepTime = time.Since(start)
-	stopProfile()
+	sweepSpent, err := e.redisTimed(ctx, func() error {
+		defer e.profile(ScenarioSweep)()
+		return s.Sweep(ctx)
+	})
 	if err != nil {
 		return fmt.Errorf("sweep: %w", err)
 	}
-	s1, err := snapshot(ctx, e.rdb)
-	if err != nil {
-		return err
-	}
-	sweepCPU = s1.cpu - s0.cpu
-	sweepCmds := taskRun{n: m, byName: commandDeltas(s0, s1)}
 	if err := raw(m/2, m); err != nil {
 		return fmt.Errorf("raw enqueue: %w", err)
 	}
@@ -670,27 +638,15 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 	}
 
 	// The same connections due again, swept as production does: batches.
-	bclock := clock.Add(4 * time.Hour)
-	bs, err := scheduler.New(scheduler.Config{Store: st, Catalog: cat, Client: client, EnqueueConcurrency: par,
-		MaxLowPending: -1, NowFunc: func() time.Time { return bclock }, CheckBatch: e.o.CheckBatch})
+	bs, err := sweeper(clock.Add(4*time.Hour), e.o.CheckBatch)
 	if err != nil {
 		return err
 	}
 	e.logf("sweep in batches of %d: %d due connections", e.o.CheckBatch, m)
-	s0, err = snapshot(ctx, e.rdb)
+	batchSpent, err := e.redisTimed(ctx, func() error { return bs.Sweep(ctx) })
 	if err != nil {
-		return err
-	}
-	start = time.Now()
-	if err := bs.Sweep(ctx); err != nil {
 		return fmt.Errorf("batched sweep: %w", err)
 	}
-	batchTime := time.Since(start)
-	s1, err = snapshot(ctx, e.rdb)
-	if err != nil {
-		return err
-	}
-	batchCPU := s1.cpu - s0.cpu
 	qb, err := insp.GetQueueInfo(tasks.QueueLow)
 	if err != nil {
 		return err
@@ -706,18 +662,19 @@ func (e *env) sweep(ctx context.Context, st *state.Store, cat *catalog.Catalog, 
 			return err
 		}
 	}
-	rate, rawRate := float64(m)/sweepTime.Seconds(), float64(m)/rawTime.Seconds()
+	rate, rawRate := float64(m)/sweepSpent.elapsed.Seconds(), float64(m)/rawSpent.elapsed.Seconds()
+	perClaim := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 / float64(m) }
 	name := fmt.Sprintf("sweep, %s due connections", thousands(int64(m)))
 	e.report.add(Row{Scenario: name, What: "claims+enqueues/s", Value: rate, Unit: "/s", Baseline: rawRate,
 		BaselineWhat: fmt.Sprintf("raw Enqueue, %d goroutines", par), Goal: "≥ 0.85 × raw", Pass: rate >= 0.85*rawRate})
-	e.report.add(Row{Scenario: name, What: "Redis CPU per claim", Value: float64(sweepCPU.Nanoseconds()) / 1e3 / float64(m), Unit: "µs",
-		Baseline: float64(rawCPU.Nanoseconds()) / 1e3 / float64(m), BaselineWhat: "raw Enqueue"})
+	e.report.add(Row{Scenario: name, What: "Redis CPU per claim", Value: perClaim(sweepSpent.cpu), Unit: "µs",
+		Baseline: perClaim(rawSpent.cpu), BaselineWhat: "raw Enqueue"})
 	bname := fmt.Sprintf("sweep in batches of %d, %s due", e.o.CheckBatch, thousands(int64(m)))
-	e.report.add(Row{Scenario: bname, What: "claims/s", Value: float64(m) / batchTime.Seconds(), Unit: "/s", Baseline: rawRate,
+	e.report.add(Row{Scenario: bname, What: "claims/s", Value: float64(m) / batchSpent.elapsed.Seconds(), Unit: "/s", Baseline: rawRate,
 		BaselineWhat: "raw Enqueue, 1 task per check"})
-	e.report.add(Row{Scenario: bname, What: "Redis CPU per claim", Value: float64(batchCPU.Nanoseconds()) / 1e3 / float64(m), Unit: "µs",
-		Baseline: float64(rawCPU.Nanoseconds()) / 1e3 / float64(m), BaselineWhat: "raw Enqueue"})
-	e.report.note("sweep (1 task per claim), Redis commands per claim: %s", perCommandVs(sweepCmds, rawCmds, true, "raw"))
+	e.report.add(Row{Scenario: bname, What: "Redis CPU per claim", Value: perClaim(batchSpent.cpu), Unit: "µs",
+		Baseline: perClaim(rawSpent.cpu), BaselineWhat: "raw Enqueue"})
+	e.report.note("sweep (1 task per claim), Redis commands per claim: %s", perCommandVs(taskRun{n: m, byName: sweepSpent.cmds}, taskRun{n: m, byName: rawSpent.cmds}, true, "raw"))
 	e.report.note("sweep: the judged row enqueues one connection:validate per claim (--check-batch 1), the same task ids as the raw baseline; the batched row is the same connections due again, swept as production does (%d tasks for %d claims).", batches, m)
 	return nil
 }
@@ -1012,4 +969,39 @@ func stableMemory(ctx context.Context, rdb redis.UniversalClient) (redisStats, e
 		prev = cur
 	}
 	return prev, nil
+}
+
+// spent is what a timed section took: wall time, Redis CPU and Redis
+// commands by name.
+type spent struct {
+	elapsed, cpu time.Duration
+	cmds         map[string]int64
+}
+
+func (s *spent) add(o spent) {
+	s.elapsed += o.elapsed
+	s.cpu += o.cpu
+	if s.cmds == nil {
+		s.cmds = map[string]int64{}
+	}
+	for k, v := range o.cmds {
+		s.cmds[k] += v
+	}
+}
+
+// redisTimed runs f and says what it took, Redis snapshots taken just
+// before and after it.
+func (e *env) redisTimed(ctx context.Context, f func() error) (spent, error) {
+	s0, err := snapshot(ctx, e.rdb)
+	if err != nil {
+		return spent{}, err
+	}
+	start := time.Now()
+	err = f()
+	elapsed := time.Since(start)
+	s1, serr := snapshot(ctx, e.rdb)
+	if err = errors.Join(err, serr); err != nil {
+		return spent{}, err
+	}
+	return spent{elapsed: elapsed, cpu: s1.cpu - s0.cpu, cmds: commandDeltas(s0, s1)}, nil
 }
