@@ -199,18 +199,8 @@ func TestCheckVerdictCannotReplaceDeadRefreshToken(t *testing.T) {
 // replica acknowledges.
 func TestRefreshedTokensWaitForReplicas(t *testing.T) {
 	t.Parallel()
-	master := redistest.New(t)
-	if !master.Real {
-		t.Skip("needs redis-server: miniredis has no replication")
-	}
-	rdb := master.Client(t)
-	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
-	require.NoError(t, err)
-	st, err := New(Config{Client: rdb, Catalog: storeCatalog(t), Keys: keys, AckReplicas: 1, AckTimeout: 500 * time.Millisecond})
-	require.NoError(t, err)
+	master, st, _ := ackedStore(t, 500*time.Millisecond)
 	ctx := context.Background()
-	_, err = st.Put(ctx, refSF, sfInput("at", "rt", time.Now().Add(time.Hour)), 0)
-	require.NoError(t, err)
 	store := func() error {
 		l, err := st.AcquireRefresh(ctx, refSF, time.Minute)
 		require.NoError(t, err)
@@ -221,20 +211,12 @@ func TestRefreshedTokensWaitForReplicas(t *testing.T) {
 		_, err = st.StoreRefreshedTokens(ctx, l, "rt", Tokens{AccessToken: "at2", RefreshToken: "rt2", ExpiresAt: time.Now().Add(time.Hour)})
 		return err
 	}
-	err = store()
+	err := store()
 	require.ErrorIs(t, err, ErrNotReplicated, "no replica: not acknowledged")
 	require.True(t, Unavailable(err), "retried like Redis being away")
 
 	// A replica joins and catches up: the retry is acknowledged.
-	replica := redistest.New(t)
-	host, port, _ := strings.Cut(master.Addr, ":")
-	rc := redis.NewClient(&redis.Options{Addr: replica.Addr})
-	t.Cleanup(func() { _ = rc.Close() })
-	require.NoError(t, rc.Do(ctx, "replicaof", host, port).Err())
-	require.Eventually(t, func() bool {
-		info, err := rc.Info(ctx, "replication").Result()
-		return err == nil && strings.Contains(info, "master_link_status:up")
-	}, 20*time.Second, 50*time.Millisecond)
+	attachReplica(t, master)
 	// The worker retries an unacknowledged write; so does the test, until
 	// the replica has acknowledged what the first attempt stored.
 	require.Eventually(t, func() bool { return store() == nil }, 20*time.Second, 100*time.Millisecond,
@@ -251,18 +233,8 @@ func TestRefreshedTokensWaitForReplicas(t *testing.T) {
 // BeginExchange refuses with ErrNotReplicated and leaves no intent.
 func TestExchangeIntentWaitsForReplicas(t *testing.T) {
 	t.Parallel()
-	master := redistest.New(t)
-	if !master.Real {
-		t.Skip("needs redis-server: miniredis has no replication")
-	}
-	rdb := master.Client(t)
-	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
-	require.NoError(t, err)
-	st, err := New(Config{Client: rdb, Catalog: storeCatalog(t), Keys: keys, AckReplicas: 1, AckTimeout: 300 * time.Millisecond})
-	require.NoError(t, err)
+	master, st, keys := ackedStore(t, 300*time.Millisecond)
 	ctx := context.Background()
-	_, err = st.Put(ctx, refSF, sfInput("at", "rt", time.Now().Add(time.Hour)), 0)
-	require.NoError(t, err)
 
 	l, err := st.AcquireRefresh(ctx, refSF, time.Minute)
 	require.NoError(t, err)
@@ -273,15 +245,7 @@ func TestExchangeIntentWaitsForReplicas(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, owner, "no intent left behind: nothing was sent")
 
-	replica := redistest.New(t)
-	host, port, _ := strings.Cut(master.Addr, ":")
-	rc := redis.NewClient(&redis.Options{Addr: replica.Addr})
-	t.Cleanup(func() { _ = rc.Close() })
-	require.NoError(t, rc.Do(ctx, "replicaof", host, port).Err())
-	require.Eventually(t, func() bool {
-		info, err := rc.Info(ctx, "replication").Result()
-		return err == nil && strings.Contains(info, "master_link_status:up")
-	}, 20*time.Second, 50*time.Millisecond)
+	rc := attachReplica(t, master)
 	require.Eventually(t, func() bool {
 		_, err := st.BeginExchange(ctx, l, Lineage("rt"), time.Minute)
 		return err == nil
@@ -293,4 +257,38 @@ func TestExchangeIntentWaitsForReplicas(t *testing.T) {
 	require.NoError(t, err)
 	require.NotEmpty(t, owner)
 	require.Equal(t, Lineage("rt"), lineage)
+}
+
+// ackedStore is a store on a master of its own that asks one replica to
+// acknowledge fenced writes within timeout, holding refSF; the master has
+// no replica yet.
+func ackedStore(t *testing.T, timeout time.Duration) (*redistest.Server, *Store, *secrets.Keyring) {
+	t.Helper()
+	master := redistest.New(t)
+	if !master.Real {
+		t.Skip("needs redis-server: miniredis has no replication")
+	}
+	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
+	require.NoError(t, err)
+	st, err := New(Config{Client: master.Client(t), Catalog: storeCatalog(t), Keys: keys, AckReplicas: 1, AckTimeout: timeout})
+	require.NoError(t, err)
+	_, err = st.Put(context.Background(), refSF, sfInput("at", "rt", time.Now().Add(time.Hour)), 0)
+	require.NoError(t, err)
+	return master, st, keys
+}
+
+// attachReplica starts a replica of master and waits until its link is up.
+func attachReplica(t *testing.T, master *redistest.Server) *redis.Client {
+	t.Helper()
+	ctx := context.Background()
+	replica := redistest.New(t)
+	host, port, _ := strings.Cut(master.Addr, ":")
+	rc := redis.NewClient(&redis.Options{Addr: replica.Addr})
+	t.Cleanup(func() { _ = rc.Close() })
+	require.NoError(t, rc.Do(ctx, "replicaof", host, port).Err())
+	require.Eventually(t, func() bool {
+		info, err := rc.Info(ctx, "replication").Result()
+		return err == nil && strings.Contains(info, "master_link_status:up")
+	}, 20*time.Second, 50*time.Millisecond)
+	return rc
 }
