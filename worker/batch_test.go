@@ -102,13 +102,7 @@ func TestBatchChecksEachMemberOnItsOwn(t *testing.T) {
 
 	task, err := tasks.NewValidateBatchTask("acme", batchMembers(n, time.Now().Add(-time.Minute)))
 	require.NoError(t, err)
-	info := b.enqueue(task)
-	ins := b.inspector()
-	var ti *asynq.TaskInfo
-	eventually(t, 20*time.Second, func() bool {
-		ti, err = ins.GetTaskInfo(info.Queue, info.ID)
-		return err == nil && ti.State == asynq.TaskStateCompleted
-	}, "batch completed")
+	ti := b.awaitTask(b.enqueue(task), asynq.TaskStateCompleted, 20*time.Second)
 	require.Equal(t, 1, ti.Retried, "retried once, for the throttled member")
 	res := decodeResult(t, ti.Result)
 	require.Equal(t, outcomeChecked, res.Outcome)
@@ -135,11 +129,7 @@ func TestBatchChecksEachMemberOnItsOwn(t *testing.T) {
 	task, err = tasks.NewValidateBatchTask("acme", batchMembers(n, time.Now().Add(time.Second)))
 	require.NoError(t, err)
 	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(1100 * time.Millisecond))) // checks come after the due second
-	info = b.enqueue(task)
-	eventually(t, 20*time.Second, func() bool {
-		ti, err = ins.GetTaskInfo(info.Queue, info.ID)
-		return err == nil && ti.State == asynq.TaskStateCompleted
-	}, "second batch completed")
+	ti = b.awaitTask(b.enqueue(task), asynq.TaskStateCompleted, 20*time.Second)
 	res = decodeResult(t, ti.Result)
 	require.Equal(t, map[string]int{outcomeValid: n - 1, outcomeInvalid: 1}, res.Batch.Outcomes)
 	require.Empty(t, res.Batch.Changed)
@@ -159,13 +149,7 @@ func TestBatchMalformedArchivedAtOnce(t *testing.T) {
 	info := b.enqueue(asynq.NewTask(tasks.TypeValidateBatch,
 		[]byte(`{"v":1,"service_id":"acme","reason":"scheduled","refs":["bc-1|crm+acme"],"due":[]}`),
 		asynq.Queue(tasks.QueueLow), asynq.MaxRetry(12)))
-	ins := b.inspector()
-	var ti *asynq.TaskInfo
-	eventually(t, 10*time.Second, func() bool {
-		var err error
-		ti, err = ins.GetTaskInfo(info.Queue, info.ID)
-		return err == nil && ti.State == asynq.TaskStateArchived
-	}, "archived")
+	ti := b.awaitTask(info, asynq.TaskStateArchived, 10*time.Second)
 	require.Zero(t, ti.Retried)
 	require.Contains(t, ti.LastErr, "malformed payload")
 	require.Equal(t, "malformed", decodeResult(t, ti.Result).Outcome)

@@ -437,6 +437,20 @@ func (b *bundle) enqueue(task *asynq.Task, opts ...asynq.Option) *asynq.TaskInfo
 	return info
 }
 
+// awaitTask waits up to d for the task of info to reach state st and
+// returns it as the inspector shows it.
+func (b *bundle) awaitTask(info *asynq.TaskInfo, st asynq.TaskState, d time.Duration) *asynq.TaskInfo {
+	b.t.Helper()
+	ins := b.inspector()
+	var ti *asynq.TaskInfo
+	eventually(b.t, d, func() bool {
+		var err error
+		ti, err = ins.GetTaskInfo(info.Queue, info.ID)
+		return err == nil && ti.State == st
+	}, "task %s %s", info.ID, st)
+	return ti
+}
+
 func (b *bundle) inspector() *asynq.Inspector {
 	return asynq.NewInspectorFromRedisClient(b.rdb)
 }

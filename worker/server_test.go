@@ -66,13 +66,7 @@ func TestServerMalformedArchivedAtOnce(t *testing.T) {
 	b.start(w)
 	info := b.enqueue(asynq.NewTask(tasks.TypeValidate, []byte(`{"v":1,"consumer_id":"c1"}`),
 		asynq.Queue(tasks.QueueCritical), asynq.MaxRetry(12)))
-	ins := b.inspector()
-	var ti *asynq.TaskInfo
-	eventually(t, 10*time.Second, func() bool {
-		var err error
-		ti, err = ins.GetTaskInfo(info.Queue, info.ID)
-		return err == nil && ti.State == asynq.TaskStateArchived
-	}, "archived")
+	ti := b.awaitTask(info, asynq.TaskStateArchived, 10*time.Second)
 	require.Zero(t, ti.Retried)
 	require.Contains(t, ti.LastErr, "malformed payload")
 	require.Contains(t, ti.LastErr, "connection_id")
