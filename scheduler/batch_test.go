@@ -111,17 +111,7 @@ func TestSweepGivesBackUntriedBatches(t *testing.T) {
 	require.ErrorContains(t, s.Sweep(context.Background()), "injected enqueue failure")
 	require.EqualValues(t, 3, counter.failed.Load())
 
-	leased, back := 0, 0
-	for m, at := range dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck) {
-		switch {
-		case at.Equal(now.Add(lease)):
-			leased++
-		case at.Equal(due):
-			back++
-		default:
-			t.Errorf("%s due at %v", m, at)
-		}
-	}
+	leased, back := b.leasedAndBack(t, now.Add(lease), due)
 	require.Equal(t, 3*20, leased, "the members of the three tried batches wait for their lease")
 	require.Equal(t, n-3*20, back, "the others are given back")
 

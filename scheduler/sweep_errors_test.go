@@ -123,17 +123,7 @@ func TestSweepGivesBackUntriedClaims(t *testing.T) {
 	require.ErrorContains(t, err, "injected enqueue failure")
 	require.EqualValues(t, 3, counter.failed.Load(), "the sweep gives up after three failures in a row")
 
-	leased, back := 0, 0
-	for m, at := range dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck) {
-		switch {
-		case at.Equal(now.Add(lease)):
-			leased++
-		case at.Equal(due):
-			back++
-		default:
-			t.Errorf("%s due at %v", m, at)
-		}
-	}
+	leased, back := b.leasedAndBack(t, now.Add(lease), due)
 	require.Equal(t, 3, leased, "the tried claims wait for their lease")
 	require.Equal(t, n-3, back, "the untried claims are given back")
 
@@ -141,4 +131,22 @@ func TestSweepGivesBackUntriedClaims(t *testing.T) {
 	counter.failUntil.Store(false)
 	require.NoError(t, s.Sweep(context.Background()))
 	require.EqualValues(t, n-3, counter.ok.Load())
+}
+
+// leasedAndBack counts the check index's members that wait for their
+// lease (at lease) and those given back (at due); any other due time is an
+// error.
+func (b *bundle) leasedAndBack(t *testing.T, lease, due time.Time) (leased, back int) {
+	t.Helper()
+	for m, at := range dueScores(t, b.rdb, b.store.Shards(), state.IndexCheck) {
+		switch {
+		case at.Equal(lease):
+			leased++
+		case at.Equal(due):
+			back++
+		default:
+			t.Errorf("%s due at %v", m, at)
+		}
+	}
+	return leased, back
 }
