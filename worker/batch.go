@@ -64,7 +64,7 @@ type BatchChange struct {
 
 // handleValidateBatch processes connection:validate_batch: the periodic
 // checks of one integration's connections in one task. The members are
-// read in one round trip; each is then checked and its result applied
+// read readChunk per round trip; each is then checked and its result applied
 // exactly as connection:validate would (the same code: refresh first,
 // breaker, rate limit, wave guard, confirmation, compare-and-set on the
 // revision it read), one after another, so the worker's concurrency still
