@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/vaultfleet/vaultfleet/internal/retry"
 )
 
 // The refresh fence: the one mechanism that keeps a rotated refresh token
@@ -40,12 +42,20 @@ var (
 	fenceReleaseLua string
 	//go:embed lua/fence_settle.lua
 	fenceSettleLua string
+	//go:embed lua/fence_abandon.lua
+	fenceAbandonLua string
 
 	fenceBeginScript = redis.NewScript(fenceBeginLua)
 	fenceExtend      = redis.NewScript(fenceExtendLua)
 	fenceRelease     = redis.NewScript(fenceReleaseLua)
 	fenceSettle      = redis.NewScript(fenceSettleLua)
 )
+
+// abandonTimeout bounds the attempts to abandon an exchange whose intent's
+// reply was lost: long enough for a stall such as a Sentinel failover or
+// a long DEBUG SLEEP (an outage that outlasts it lost the stalled command
+// too, unless Redis kept it; the intent then ages out).
+const abandonTimeout = 45 * time.Second
 
 // intentRetention keeps an unknown-outcome intent long enough to explain
 // an invalid_grant at the next refresh of that lineage.
@@ -171,6 +181,13 @@ func (s *Store) BeginExchange(ctx context.Context, l *RefreshLease, lineage stri
 		return p.Eval(ctx, fenceBeginLua, ks, args...)
 	})
 	if err != nil {
+		if !ReplyError(err) {
+			// No reply (a timeout, a cancelled call, a dropped
+			// connection): the script may still run when a stalled Redis
+			// wakes, recording an intent nobody would settle, which holds
+			// every exchange of this connection back until it ages out.
+			s.abandonExchange(ctx, l)
+		}
 		return Prior{}, fmt.Errorf("state: record exchange intent %s: %w", l.ref, err)
 	}
 	code, _ := res[0].(int64)
@@ -196,6 +213,26 @@ func (s *Store) BeginExchange(ctx context.Context, l *RefreshLease, lineage stri
 		return Prior{}, fmt.Errorf("%w: exchange intent of %s", ErrNotReplicated, l.ref)
 	}
 	return p, nil
+}
+
+// abandonExchange runs fence_abandon.lua for l, detached from ctx's
+// cancellation (a task whose lease lapsed in the stall still abandons its
+// exchange), until Redis answers or abandonTimeout passes: while Redis is
+// stalled even a new connection's handshake goes unanswered, so one try
+// would be lost. The script is atomic, so it may run before or after the
+// stalled BeginExchange. It is sent as EVAL, with its source, so that a
+// server whose script cache is empty runs it too.
+func (s *Store) abandonExchange(ctx context.Context, l *RefreshLease) {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abandonTimeout)
+	defer cancel()
+	for attempt := 0; ; attempt++ {
+		if s.cfg.Client.Eval(actx, fenceAbandonLua, []string{l.lock, l.intent}, l.token).Err() == nil {
+			return
+		}
+		if retry.Sleep(actx, retry.Exp(attempt, 100*time.Millisecond, time.Second)) != nil {
+			return
+		}
+	}
 }
 
 // SettleExchange ends an intent the lease owns without a store write:

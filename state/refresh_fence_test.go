@@ -292,3 +292,59 @@ func attachReplica(t *testing.T, master *redistest.Server) *redis.Client {
 	}, 20*time.Second, 50*time.Millisecond)
 	return rc
 }
+
+// TestExchangeIntentWithLostReplyIsAbandoned: BeginExchange is sent while
+// Redis stalls (SIGSTOP) and its client gives up before the reply; the
+// script still runs when Redis wakes. The abandon BeginExchange sends
+// (fence_abandon.lua) leaves no intent of ours in flight and no lease,
+// whichever of the two Redis runs first, so the next holder takes the
+// lease and begins its exchange at once instead of waiting for the intent
+// to age out.
+func TestExchangeIntentWithLostReplyIsAbandoned(t *testing.T) {
+	t.Parallel()
+	srv := redistest.New(t)
+	if !srv.Real {
+		t.Skip("needs redis-server (a process to stop)")
+	}
+	keys, err := secrets.ParseKeyring(secrets.NewKey("k1"))
+	require.NoError(t, err)
+	impatient := redis.NewClient(&redis.Options{Addr: srv.Addr, ReadTimeout: 300 * time.Millisecond, MaxRetries: -1})
+	t.Cleanup(func() { _ = impatient.Close() })
+	st, err := New(Config{Client: impatient, Catalog: storeCatalog(t), Keys: keys})
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, err = st.Put(ctx, refSF, sfInput("at", "rt", time.Now().Add(time.Hour)), 0)
+	require.NoError(t, err)
+	// A running fleet has the fence's scripts loaded: the stalled
+	// BeginExchange is an EVALSHA that runs when Redis wakes.
+	l0, err := st.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	_, err = st.BeginExchange(ctx, l0, Lineage("rt"), time.Minute)
+	require.NoError(t, err)
+	require.NoError(t, st.SettleExchange(ctx, l0, true))
+	require.NoError(t, st.ReleaseRefresh(ctx, l0))
+	l, err := st.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+
+	srv.Pause(t) // SIGSTOP: commands wait in the socket until it resumes
+	time.AfterFunc(time.Second, srv.Resume)
+	_, err = st.BeginExchange(ctx, l, Lineage("rt"), time.Minute)
+	require.Error(t, err, "no reply within the client's timeout")
+	require.False(t, ReplyError(err))
+
+	pc := redis.NewClient(&redis.Options{Addr: srv.Addr}) // the same database as impatient's
+	t.Cleanup(func() { _ = pc.Close() })
+	patient, err := New(Config{Client: pc, Catalog: storeCatalog(t), Keys: keys})
+	require.NoError(t, err)
+	// The lease is free once Redis has run the abandon (the stalled
+	// commands run in any order after it resumes); without it the lease
+	// is held for its whole minute.
+	var l2 *RefreshLease
+	require.Eventually(t, func() bool {
+		var aerr error
+		l2, aerr = patient.AcquireRefresh(ctx, refSF, time.Minute)
+		return aerr == nil
+	}, 5*time.Second, 20*time.Millisecond, "the abandoned lease is free")
+	_, err = patient.BeginExchange(ctx, l2, Lineage("rt"), time.Minute)
+	require.NoError(t, err, "no intent of ours in flight: the next holder begins at once")
+}

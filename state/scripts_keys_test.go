@@ -207,6 +207,9 @@ func TestEveryScriptDeclaresItsKeys(t *testing.T) {
 	_, err = st.RevokeRefresh(ctx, l, seen, Verdict{Reason: ReasonRefreshTokenRevoked})
 	require.NoError(t, err)
 	require.NoError(t, st.ReleaseRefresh(ctx, l))
+	l, err = st.AcquireRefresh(ctx, refSF, time.Minute)
+	require.NoError(t, err)
+	st.abandonExchange(ctx, l) // what BeginExchange sends when its reply is lost
 	_, err = st.Put(ctx, refXero, Input{Credentials: map[string]string{"access_token": "a", "refresh_token": "r",
 		"expires_at": storeT0.Add(time.Hour).Format(time.RFC3339)}}, 0)
 	require.NoError(t, err)

@@ -265,16 +265,8 @@ func (w *Worker) refreshLeased(ctx context.Context, in *catalog.Integration, ref
 			err: &RetryAfterError{After: jitter(5 * time.Second), Err: ErrRefreshBusy}}
 	case err != nil:
 		done(errNotCounted)
-		// Redis did not answer: the intent may still be recorded when a
-		// stalled Redis wakes (the reply, not the script, was lost), and
-		// would hold every exchange of this connection back until it ages
-		// out. The provider was not called; mark it unknown if it is ours
-		// (not cleared: an earlier exchange's unknown outcome, which
-		// BeginExchange carried over, must not be forgotten), so the next
-		// holder goes on at once.
-		if state.Unavailable(err) {
-			w.settle(ctx, lease, false)
-		}
+		// Without a reply, BeginExchange has abandoned the exchange
+		// (state.fence_abandon.lua): no intent of ours stays in flight.
 		return refreshOutcome{outcome: refreshTransient, conn: c, msg: "could not record the exchange intent",
 			err: storeErr("refresh lease", err)}
 	}
